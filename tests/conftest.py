@@ -1,0 +1,13 @@
+"""Test setup: 8 fake CPU devices so sharding code runs on a laptop or CI box.
+
+XLA_FLAGS must be set before jax is imported anywhere, hence module level here.
+"""
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _flags:
+  os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+# TensorFlow is only used for tf.data; keep it off any accelerator and quiet.
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
