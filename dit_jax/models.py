@@ -1,0 +1,340 @@
+"""DiT: diffusion transformer with adaLN-Zero blocks (Peebles & Xie, 2023), in flax.linen.
+
+Faithful to the released PyTorch model (facebookresearch/DiT) so that its checkpoints load through
+`dit_jax.convert` and give the same outputs, but NHWC throughout:
+
+  x [N, H, W, C] latents, t [N] timesteps (0..999), y [N] int labels -> [N, H, W, out_channels].
+
+Parameter tree (mirrors the released state_dict names, see `dit_jax.convert`):
+  x_embedder/proj, t_embedder/{mlp_0, mlp_2}, y_embedder/embedding_table,
+  blocks_{i}/{adaLN_modulation, attn/{qkv, proj}, mlp/{fc1, fc2}}, final_layer/{adaLN_modulation, linear}.
+
+Every parameter carries logical axis names (`LOGICAL_AXES`) for sharding rules; params come boxed as
+`nn.LogicallyPartitioned` from `init` (use `flax.linen.meta.unbox` or `nn.get_partition_spec`).
+"""
+
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Logical axis names used by the parameters; a sharding rule table maps them to mesh axes.
+#   'embed'  - the hidden width D (every D-sized dimension that is a Dense input or output).
+#   'hidden' - the output D of a [D, D] kernel whose input is also D (timestep MLP's second layer),
+#              so that a rule table can shard the two sides of a square kernel differently.
+#   'mlp'    - the 4D hidden width of the block MLP.
+#   'qkv'    - the 3D output of the fused q/k/v projection.
+#   'heads'  - the D input of the attention output projection (heads x head_dim).
+#   'adaln'  - the k*D adaLN-modulation outputs (6D in blocks, 2D in the final layer).
+#   'vocab'  - rows of the label table (num_classes [+ 1 null class]).
+#   'freq'   - the 256 timestep frequency features.
+#   'out'    - the p*p*out_channels output of the final linear layer.
+# Convolution input channels and kernel spatial dims are None (replicated).
+LOGICAL_AXES = ('embed', 'hidden', 'mlp', 'qkv', 'heads', 'adaln', 'vocab', 'freq', 'out')
+
+FREQ_DIM = 256  # timestep frequency features, as the release
+MAX_PERIOD = 10000
+
+_xavier = nn.initializers.xavier_uniform()
+_zeros = nn.initializers.zeros_init()
+_normal02 = nn.initializers.normal(stddev=0.02)
+# The release applies xavier to the patch conv weight viewed as [D, C*p*p]: fan_in C*p*p, fan_out D.
+# Flax's kernel is [p, p, C, D]; fold the spatial dims into fan_in instead of the receptive field.
+_patch_init = nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform', in_axis=(0, 1, 2),
+                                               out_axis=-1)
+
+
+def _part(init: Callable, names: tuple) -> Callable:
+  return nn.with_logical_partitioning(init, names)
+
+
+def _dense(features: int, in_name: str | None, out_name: str, dtype: Any, name: str,
+           kernel_init: Callable = _xavier) -> nn.Dense:
+  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, name=name,
+                  kernel_init=_part(kernel_init, (in_name, out_name)),
+                  bias_init=_part(_zeros, (out_name,)))
+
+
+def get_1d_sincos_pos_embed(embed_dim: int, pos: np.ndarray) -> np.ndarray:
+  """MAE-style 1-D table in float64: [M] positions -> [M, embed_dim], sine half first."""
+  omega = np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0)
+  omega = 1.0 / 10000**omega
+  out = np.einsum('m,d->md', pos.reshape(-1).astype(np.float64), omega)
+  return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
+  """Fixed 2-D sin-cos table [grid_size**2, embed_dim] (float64), tokens row-major.
+
+  The first half of the channels encodes the column index, the second half the row index (the
+  release builds its grid as meshgrid(w, h), hence the column first).
+  """
+  if embed_dim % 4:
+    raise ValueError(f'hidden_size must be divisible by 4 for the 2-D sin-cos table, got {embed_dim}')
+  rows, cols = np.meshgrid(np.arange(grid_size), np.arange(grid_size), indexing='ij')
+  emb_col = get_1d_sincos_pos_embed(embed_dim // 2, cols)
+  emb_row = get_1d_sincos_pos_embed(embed_dim // 2, rows)
+  return np.concatenate([emb_col, emb_row], axis=1)
+
+
+def timestep_features(t: jnp.ndarray, dim: int = FREQ_DIM) -> jnp.ndarray:
+  """[N] timesteps -> [N, dim] float32 features [cos(t f), sin(t f)], f = exp(-ln(1e4) k / half)."""
+  half = dim // 2
+  freqs = jnp.exp(-np.log(MAX_PERIOD) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = t.astype(jnp.float32)[:, None] * freqs[None]
+  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  if dim % 2:
+    emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+  return emb
+
+
+def modulate(x: jnp.ndarray, shift: jnp.ndarray, scale: jnp.ndarray) -> jnp.ndarray:
+  """x [N, T, D], shift/scale [N, D] -> x * (1 + scale) + shift."""
+  return x * (1 + scale[:, None]) + shift[:, None]
+
+
+def _layer_norm(dtype: Any, name: str) -> nn.LayerNorm:
+  # No affine; flax computes the statistics in float32 even for bfloat16 inputs.
+  return nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False, dtype=dtype, name=name)
+
+
+class TimestepEmbedder(nn.Module):
+  """[N] timesteps -> [N, D]: frequency features, Linear(256, D), SiLU, Linear(D, D)."""
+  hidden_size: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, t: jnp.ndarray) -> jnp.ndarray:
+    h = timestep_features(t)
+    h = _dense(self.hidden_size, 'freq', 'embed', self.dtype, 'mlp_0', _normal02)(h)
+    h = nn.silu(h)
+    return _dense(self.hidden_size, 'embed', 'hidden', self.dtype, 'mlp_2', _normal02)(h)
+
+
+class LabelEmbedder(nn.Module):
+  """[N] labels -> [N, D], with label dropout to the null class (row num_classes) for guidance."""
+  num_classes: int
+  hidden_size: int
+  dropout_prob: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, y: jnp.ndarray, train: bool, force_drop_ids: jnp.ndarray | None = None):
+    use_cfg = self.dropout_prob > 0
+    table = nn.Embed(self.num_classes + int(use_cfg), self.hidden_size, dtype=self.dtype,
+                     param_dtype=jnp.float32, embedding_init=_part(_normal02, ('vocab', 'embed')),
+                     name='embedding_table')
+    if force_drop_ids is not None:
+      drop = jnp.asarray(force_drop_ids) == 1
+    elif train and use_cfg:
+      drop = jax.random.uniform(self.make_rng('dropout'), y.shape) < self.dropout_prob
+    else:
+      drop = None
+    if drop is not None:
+      y = jnp.where(drop, self.num_classes, y)
+    return table(y)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention, fused qkv (output ordered [q | k | v], each head-major)."""
+  hidden_size: int
+  num_heads: int
+  dtype: Any = jnp.float32
+  attention_impl: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    n, t, d = x.shape
+    qkv = _dense(3 * d, 'embed', 'qkv', self.dtype, 'qkv')(x)
+    qkv = qkv.reshape(n, t, 3, self.num_heads, d // self.num_heads)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [N, T, heads, head_dim]
+    out = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
+    out = out.reshape(n, t, d)
+    return _dense(d, 'heads', 'embed', self.dtype, 'proj')(out)
+
+
+class Mlp(nn.Module):
+  hidden_size: int
+  mlp_dim: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    x = _dense(self.mlp_dim, 'embed', 'mlp', self.dtype, 'fc1')(x)
+    x = nn.gelu(x, approximate=True)
+    return _dense(self.hidden_size, 'mlp', 'embed', self.dtype, 'fc2')(x)
+
+
+class DiTBlock(nn.Module):
+  """adaLN-Zero transformer block: x [N, T, D], c [N, D] -> [N, T, D]."""
+  hidden_size: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+  dtype: Any = jnp.float32
+  attention_impl: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, c: jnp.ndarray) -> jnp.ndarray:
+    d = self.hidden_size
+    mod = _dense(6 * d, 'embed', 'adaln', self.dtype, 'adaLN_modulation', _zeros)(nn.silu(c))
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
+    h = modulate(_layer_norm(self.dtype, 'norm1')(x), shift_msa, scale_msa)
+    h = Attention(d, self.num_heads, self.dtype, self.attention_impl, name='attn')(h)
+    # The residual stream keeps x's dtype (float32): bf16 branch outputs promote on the add.
+    x = x + gate_msa[:, None] * h
+    h = modulate(_layer_norm(self.dtype, 'norm2')(x), shift_mlp, scale_mlp)
+    h = Mlp(d, int(d * self.mlp_ratio), self.dtype, name='mlp')(h)
+    return x + gate_mlp[:, None] * h
+
+
+class FinalLayer(nn.Module):
+  """x [N, T, D], c [N, D] -> [N, T, p*p*out_channels] (zero-initialised)."""
+  hidden_size: int
+  out_dim: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, c: jnp.ndarray) -> jnp.ndarray:
+    mod = _dense(2 * self.hidden_size, 'embed', 'adaln', self.dtype, 'adaLN_modulation',
+                 _zeros)(nn.silu(c))
+    shift, scale = jnp.split(mod, 2, axis=-1)
+    x = modulate(_layer_norm(self.dtype, 'norm_final')(x), shift, scale)
+    return _dense(self.out_dim, 'embed', 'out', self.dtype, 'linear', _zeros)(x)
+
+
+class PatchEmbed(nn.Module):
+  """[N, H, W, C] -> [N, (H/p)*(W/p), D] tokens, row-major over patches."""
+  patch_size: int
+  hidden_size: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    p = self.patch_size
+    x = nn.Conv(self.hidden_size, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
+                param_dtype=jnp.float32, name='proj',
+                kernel_init=_part(_patch_init, (None, None, None, 'embed')),
+                bias_init=_part(_zeros, ('embed',)))(x)
+    return x.reshape(x.shape[0], -1, self.hidden_size)
+
+
+class DiT(nn.Module):
+  """Diffusion transformer with adaLN-Zero conditioning; see the module docstring for layouts."""
+  input_size: int = 32
+  patch_size: int = 2
+  in_channels: int = 4
+  hidden_size: int = 1152
+  depth: int = 28
+  num_heads: int = 16
+  mlp_ratio: float = 4.0
+  class_dropout_prob: float = 0.1
+  num_classes: int = 1000
+  learn_sigma: bool = True
+  dtype: Any = jnp.float32  # activation/compute dtype; params are always float32
+  attention_impl: str | None = None  # jax.nn.dot_product_attention implementation: None/'xla'/'cudnn'
+  remat: bool = False  # rematerialise each block in the backward pass
+
+  @property
+  def out_channels(self) -> int:
+    return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+  @property
+  def grid_size(self) -> int:
+    return self.input_size // self.patch_size
+
+  def validate(self) -> None:
+    """Raises ValueError for inconsistent configuration fields."""
+    if self.input_size % self.patch_size:
+      raise ValueError(f'patch_size={self.patch_size} does not divide input_size={self.input_size}')
+    if self.hidden_size % self.num_heads:
+      raise ValueError(
+          f'hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}')
+    if self.hidden_size % 4:
+      raise ValueError(
+          f'hidden_size={self.hidden_size} must be divisible by 4 for the 2-D sin-cos position table')
+    if self.num_classes < 1:
+      raise ValueError(f'num_classes={self.num_classes} must be >= 1')
+
+  def pos_embed(self) -> np.ndarray:
+    """The fixed position table [grid_size**2, hidden_size], float32 (computed in float64)."""
+    return get_2d_sincos_pos_embed(self.hidden_size, self.grid_size).astype(np.float32)
+
+  def unpatchify(self, x: jnp.ndarray) -> jnp.ndarray:
+    """[N, T, p*p*C] (each token ordered row-in-patch, col-in-patch, channel) -> [N, H, W, C]."""
+    p, g, c = self.patch_size, self.grid_size, self.out_channels
+    x = x.reshape(x.shape[0], g, g, p, p, c)
+    x = jnp.einsum('nhwpqc->nhpwqc', x)
+    return x.reshape(x.shape[0], g * p, g * p, c)
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, t: jnp.ndarray, y: jnp.ndarray, train: bool = False,
+               force_drop_ids: jnp.ndarray | None = None) -> jnp.ndarray:
+    """x [N, H, W, C] float, t [N] int/float timesteps, y [N] int labels -> [N, H, W, out] float32.
+
+    With train=True and class_dropout_prob > 0, labels are dropped to the null class using the
+    'dropout' rng; force_drop_ids [N] (1 = drop) overrides that, as in the release.
+    """
+    self.validate()
+    expected = (self.input_size, self.input_size, self.in_channels)
+    if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+      raise ValueError(f'DiT expects x of shape [N, {expected[0]}, {expected[1]}, {expected[2]}] '
+                       f'(NHWC), got {tuple(x.shape)}')
+    n = x.shape[0]
+    if tuple(jnp.shape(t)) != (n,) or tuple(jnp.shape(y)) != (n,):
+      raise ValueError(f'DiT expects t and y of shape [{n}], got t {tuple(jnp.shape(t))}, '
+                       f'y {tuple(jnp.shape(y))}')
+
+    h = PatchEmbed(self.patch_size, self.hidden_size, self.dtype, name='x_embedder')(x)
+    h = h.astype(jnp.float32) + jnp.asarray(self.pos_embed())[None]
+    c = TimestepEmbedder(self.hidden_size, self.dtype, name='t_embedder')(t)
+    c = c + LabelEmbedder(self.num_classes, self.hidden_size, self.class_dropout_prob, self.dtype,
+                          name='y_embedder')(y, train, force_drop_ids)
+    block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
+    for i in range(self.depth):
+      h = block_cls(self.hidden_size, self.num_heads, self.mlp_ratio, self.dtype,
+                    self.attention_impl, name=f'blocks_{i}')(h, c)
+    h = FinalLayer(self.hidden_size, self.patch_size**2 * self.out_channels, self.dtype,
+                   name='final_layer')(h, c)
+    return self.unpatchify(h.astype(jnp.float32))
+
+  def forward_with_cfg(self, x: jnp.ndarray, t: jnp.ndarray, y: jnp.ndarray, cfg_scale: Any,
+                       guide_all_channels: bool = False) -> jnp.ndarray:
+    """Classifier-free guided forward, the release's semantics.
+
+    x [2N, H, W, C] (only the first half is used, for both halves), t [2N], y [2N] = [labels; null
+    labels]. Returns [2N, H, W, out] with guided eps = uncond + s * (cond - uncond) in both halves.
+    The release guides only the first 3 output channels (kept for exact FID reproduction); with
+    guide_all_channels=True all C eps channels are guided. Variance channels pass through per half.
+    cfg_scale may be a traced scalar.
+    """
+    half = x[: x.shape[0] // 2]
+    out = self(jnp.concatenate([half, half], axis=0), t, y)
+    k = self.in_channels if guide_all_channels else 3
+    eps, rest = out[..., :k], out[..., k:]
+    cond, uncond = jnp.split(eps, 2, axis=0)
+    guided = uncond + jnp.asarray(cfg_scale, out.dtype) * (cond - uncond)
+    return jnp.concatenate([jnp.concatenate([guided, guided], axis=0), rest], axis=-1)
+
+
+_CONFIGS = {
+    'XL': dict(depth=28, hidden_size=1152, num_heads=16),
+    'L': dict(depth=24, hidden_size=1024, num_heads=16),
+    'B': dict(depth=12, hidden_size=768, num_heads=12),
+    'S': dict(depth=12, hidden_size=384, num_heads=6),
+}
+
+# 'DiT-XL/2' -> functools.partial(DiT, ...); keyword arguments override (input_size, num_classes, ...).
+DiT_models: dict[str, Callable[..., DiT]] = {
+    f'DiT-{size}/{p}': functools.partial(DiT, patch_size=p, **cfg)
+    for size, cfg in _CONFIGS.items() for p in (2, 4, 8)
+}
+
+
+def get_model(name: str, **kwargs: Any) -> DiT:
+  """Builds a configured DiT by release name, e.g. get_model('DiT-XL/2', input_size=64)."""
+  if name not in DiT_models:
+    raise ValueError(f'Unknown model {name!r}; valid names: {", ".join(DiT_models)}')
+  return DiT_models[name](**kwargs)
