@@ -1,0 +1,268 @@
+"""Conversion between the released PyTorch DiT checkpoints and dit_jax Flax parameters.
+
+The released state_dict (facebookresearch/DiT, e.g. DiT-XL-2-256x256.pt) uses PyTorch layouts:
+Linear weights [out, in], the patch conv [D, C, p, p], the label table [classes (+1), D], plus the frozen
+`pos_embed` [1, T, D]. Flax kernels are [in, out] and the conv kernel is [p, p, C, D] (NHWC).
+
+  params = from_official(state_dict, model)     # nested dict of float32 numpy arrays ('params' collection)
+  state_dict = to_official(params, model)        # flat dict of numpy arrays, including pos_embed
+
+CLI (torch is needed only here, to read/write .pt files):
+
+  python -m dit_jax.convert --official DiT-XL-2-256x256.pt --model DiT-XL/2 --image_size 256 --out DIR
+  python -m dit_jax.convert --to_official --converted DIR --out DiT-XL-2-256x256.pt
+
+`DIR` holds an orbax checkpoint (`DIR/params`, item {'params': params}) and `DIR/model.json`
+({"model": name, "kwargs": {...}}); `load_converted(DIR)` returns (model, params).
+"""
+
+import json
+import os
+import re
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dit_jax import models
+
+# Flax path component -> released name component.
+_RENAMES = {'mlp_0': 'mlp.0', 'mlp_2': 'mlp.2', 'adaLN_modulation': 'adaLN_modulation.1',
+            'kernel': 'weight', 'embedding': 'weight'}
+# Default head counts by width: heads cannot be read off the weights.
+_HEADS_BY_WIDTH = {384: 6, 768: 12, 1024: 16, 1152: 16}
+
+
+def _official_key(path: tuple[str, ...]) -> str:
+  parts = []
+  for p in path:
+    m = re.fullmatch(r'blocks_(\d+)', p)
+    parts.append(f'blocks.{m.group(1)}' if m else _RENAMES.get(p, p))
+  return '.'.join(parts)
+
+
+def _torch_axes(path: tuple[str, ...], ndim: int) -> tuple[int, ...]:
+  """Axis permutation Flax -> torch layout (its own inverse for 2-D; see _flax_axes for 4-D)."""
+  if path[-1] == 'kernel' and ndim == 2:  # Dense [in, out] -> Linear [out, in]
+    return (1, 0)
+  if path[-1] == 'kernel' and ndim == 4:  # conv [p, p, C, D] -> [D, C, p, p]
+    return (3, 2, 0, 1)
+  return tuple(range(ndim))  # biases and the label table [rows, D] keep their layout
+
+
+def _flax_axes(path: tuple[str, ...], ndim: int) -> tuple[int, ...]:
+  return tuple(int(i) for i in np.argsort(_torch_axes(path, ndim)))
+
+
+def _param_template(model: models.DiT) -> dict:
+  """Abstract 'params' tree (ShapeDtypeStructs) of `model`, unboxed; costs no FLOPs."""
+  model.validate()
+  x = jnp.zeros((1, model.input_size, model.input_size, model.in_channels), jnp.float32)
+  t = jnp.zeros((1,), jnp.int32)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, t, t))
+  return nn.meta.unbox(shapes)['params']
+
+
+def _flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple[str, ...], Any]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      out.update(_flatten(v, prefix + (k,)))
+    else:
+      out[prefix + (k,)] = v
+  return out
+
+
+def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
+  out: dict = {}
+  for path, v in flat.items():
+    node = out
+    for k in path[:-1]:
+      node = node.setdefault(k, {})
+    node[path[-1]] = v
+  return out
+
+
+def _as_numpy(x: Any) -> np.ndarray:
+  if hasattr(x, 'detach'):  # torch tensor, without importing torch
+    x = x.detach().cpu().float().numpy()
+  return np.asarray(x, dtype=np.float32)
+
+
+def official_shapes(model: models.DiT) -> dict[str, tuple[int, ...]]:
+  """Released state_dict key -> shape for `model` (including pos_embed [1, T, D])."""
+  shapes = {'pos_embed': (1, model.grid_size**2, model.hidden_size)}
+  for path, leaf in _flatten(_param_template(model)).items():
+    shapes[_official_key(path)] = tuple(leaf.shape[i] for i in _torch_axes(path, len(leaf.shape)))
+  return shapes
+
+
+def infer_model(state_dict: Mapping[str, Any], **overrides: Any) -> models.DiT:
+  """Reads a DiT configuration off released-layout weight shapes (num_heads from the width).
+
+  Assumes the release's null-class row (class_dropout_prob > 0); pass overrides to change that.
+  """
+  def shape(key):
+    if key not in state_dict:
+      raise ValueError(f'Cannot infer the model: state_dict has no key {key!r}')
+    return tuple(np.shape(state_dict[key]))
+
+  d, c, p, _ = shape('x_embedder.proj.weight')
+  depth = len({k.split('.')[1] for k in state_dict if k.startswith('blocks.')})
+  rows = shape('y_embedder.embedding_table.weight')[0]
+  out_channels = shape('final_layer.linear.weight')[0] // (p * p)
+  kwargs: dict[str, Any] = dict(patch_size=p, in_channels=c, hidden_size=d, depth=depth,
+                                num_classes=rows - 1, learn_sigma=out_channels == 2 * c)
+  if 'pos_embed' in state_dict:
+    kwargs['input_size'] = int(round(np.sqrt(shape('pos_embed')[1]))) * p
+  if d in _HEADS_BY_WIDTH:
+    kwargs['num_heads'] = _HEADS_BY_WIDTH[d]
+  kwargs.update(overrides)
+  if 'num_heads' not in kwargs:
+    raise ValueError(f'Cannot infer num_heads for hidden_size={d}; pass num_heads explicitly')
+  return models.DiT(**kwargs)
+
+
+def from_official(state_dict: Mapping[str, Any], model: models.DiT | None = None) -> dict:
+  """Released-layout state_dict (numpy arrays or torch tensors) -> Flax 'params' (numpy float32).
+
+  `pos_embed`, when present, is checked against the fixed table and otherwise ignored. Raises
+  ValueError naming the key (and expected shape) for unknown, missing or mis-shaped entries.
+  """
+  if model is None:
+    model = infer_model(state_dict)
+  template = _flatten(_param_template(model))
+  by_key = {_official_key(path): path for path in template}
+  unknown = sorted(set(state_dict) - set(by_key) - {'pos_embed'})
+  if unknown:
+    raise ValueError(f'Unknown key {unknown[0]!r} in state_dict for {model.__class__.__name__} '
+                     f'(depth={model.depth}); unknown keys: {unknown[:10]}')
+  expected = official_shapes(model)
+  for key in sorted(expected):
+    if key == 'pos_embed' and key not in state_dict:
+      continue
+    if key not in state_dict:
+      raise ValueError(f'Missing key {key!r} (expected shape {expected[key]})')
+    got = tuple(np.shape(state_dict[key]))
+    if got != expected[key]:
+      raise ValueError(f'Key {key!r} has shape {got}, expected {expected[key]}')
+
+  if 'pos_embed' in state_dict:
+    pos = _as_numpy(state_dict['pos_embed'])[0]
+    if not np.allclose(pos, model.pos_embed(), atol=1e-5):
+      raise ValueError(f"Key 'pos_embed' does not match the fixed 2-D sin-cos table for "
+                       f'input_size={model.input_size}, patch_size={model.patch_size}')
+
+  flat = {}
+  for key, path in by_key.items():
+    value = _as_numpy(state_dict[key])
+    flat[path] = np.ascontiguousarray(value.transpose(_flax_axes(path, value.ndim)))
+  return _unflatten(flat)
+
+
+def to_official(params: Mapping, model: models.DiT) -> dict[str, np.ndarray]:
+  """Flax 'params' (boxed or not, or {'params': ...}) -> released-layout state_dict of numpy arrays."""
+  params = nn.meta.unbox(params)
+  if set(params) == {'params'}:
+    params = params['params']
+  flat = _flatten(params)
+  template = _flatten(_param_template(model))
+  for path, leaf in template.items():
+    if path not in flat:
+      raise ValueError(f'Missing param {"/".join(path)} (expected shape {tuple(leaf.shape)})')
+    if tuple(np.shape(flat[path])) != tuple(leaf.shape):
+      raise ValueError(f'Param {"/".join(path)} has shape {tuple(np.shape(flat[path]))}, '
+                       f'expected {tuple(leaf.shape)}')
+  extra = sorted('/'.join(p) for p in set(flat) - set(template))
+  if extra:
+    raise ValueError(f'Unknown param {extra[0]} for this model; unknown: {extra[:10]}')
+  out = {'pos_embed': model.pos_embed()[None]}
+  for path in template:
+    value = np.asarray(flat[path], dtype=np.float32)
+    out[_official_key(path)] = np.ascontiguousarray(value.transpose(_torch_axes(path, value.ndim)))
+  return out
+
+
+def save_converted(out_dir: str, params: Mapping, model_name: str, **model_kwargs: Any) -> None:
+  """Writes `out_dir/params` (orbax, item {'params': params}) and `out_dir/model.json`."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  out_dir = os.path.abspath(out_dir)
+  model = models.get_model(model_name, **model_kwargs)
+  params = nn.meta.unbox(params)
+  if set(params) == {'params'}:
+    params = params['params']
+  to_official(params, model)  # validates names and shapes before anything is written
+  os.makedirs(out_dir, exist_ok=True)
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(os.path.join(out_dir, 'params'), {'params': params}, force=True)
+  ckptr.wait_until_finished()
+  with open(os.path.join(out_dir, 'model.json'), 'w') as f:
+    json.dump({'model': model_name, 'kwargs': model_kwargs}, f, indent=2)
+
+
+def load_converted(ckpt_dir: str) -> tuple[models.DiT, dict]:
+  """Reads a directory written by save_converted -> (model, params); apply as {'params': params}."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  ckpt_dir = os.path.abspath(ckpt_dir)
+  meta_path = os.path.join(ckpt_dir, 'model.json')
+  if not os.path.exists(meta_path):
+    raise FileNotFoundError(f'{meta_path} not found: not a directory written by dit_jax.convert')
+  with open(meta_path) as f:
+    meta = json.load(f)
+  model = models.get_model(meta['model'], **meta.get('kwargs', {}))
+  target = {'params': _param_template(model)}
+  restored = ocp.StandardCheckpointer().restore(os.path.join(ckpt_dir, 'params'), target)
+  return model, restored['params']
+
+
+def _load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
+  import torch  # pylint: disable=g-import-not-at-top
+  sd = torch.load(path, map_location='cpu', weights_only=True)
+  # Released files are flat state_dicts; training checkpoints hold {'model', 'ema', 'opt', 'args'}.
+  for entry in ('ema', 'model'):
+    if isinstance(sd, Mapping) and entry in sd and isinstance(sd[entry], Mapping):
+      sd = sd[entry]
+      break
+  sd = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in sd.items()}
+  return {k: _as_numpy(v) for k, v in sd.items()}
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  flags = _FLAGS
+  if flags.to_official:
+    import torch  # pylint: disable=g-import-not-at-top
+    if not flags.converted or not flags.out:
+      raise app.UsageError('--to_official needs --converted DIR and --out PATH.pt')
+    model, params = load_converted(flags.converted)
+    sd = {k: torch.from_numpy(np.asarray(v)) for k, v in to_official(params, model).items()}
+    torch.save(sd, flags.out)
+    print(f'wrote {len(sd)} tensors to {flags.out}')
+    return
+  if not flags.official or not flags.out:
+    raise app.UsageError('needs --official PATH.pt and --out DIR')
+  if flags.image_size % 8:
+    raise app.UsageError(f'--image_size={flags.image_size} must be a multiple of 8 (VAE factor)')
+  kwargs = dict(input_size=flags.image_size // 8, num_classes=flags.num_classes)
+  model = models.get_model(flags.model, **kwargs)
+  params = from_official(_load_torch_state_dict(flags.official), model)
+  save_converted(flags.out, params, flags.model, **kwargs)
+  n = sum(int(np.prod(v.shape)) for v in jax.tree_util.tree_leaves(params))
+  print(f'converted {flags.official} -> {flags.out} ({flags.model}, input_size '
+        f'{model.input_size}, {n:,} trainable params)')
+
+
+if __name__ == '__main__':
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
+  absl_flags.DEFINE_string('official', None, 'Released PyTorch checkpoint (.pt) to convert.')
+  absl_flags.DEFINE_string('model', 'DiT-XL/2', f'One of {", ".join(models.DiT_models)}.')
+  absl_flags.DEFINE_integer('image_size', 256, 'Image size in pixels (latent size = image_size / 8).')
+  absl_flags.DEFINE_integer('num_classes', 1000, 'Number of classes (without the null class).')
+  absl_flags.DEFINE_string('out', None, 'Output directory (or .pt file with --to_official).')
+  absl_flags.DEFINE_bool('to_official', False, 'Convert a dit_jax checkpoint back to a .pt file.')
+  absl_flags.DEFINE_string('converted', None, 'dit_jax checkpoint directory for --to_official.')
+  _FLAGS = absl_flags.FLAGS
+  app.run(main)
