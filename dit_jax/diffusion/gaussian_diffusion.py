@@ -237,19 +237,29 @@ class GaussianDiffusion:
     return self.p_mean_variance_from_output(
         self._call_model(model_fn, x, t), x, t, clip_denoised)
 
-  def p_sample(self, model_fn: ModelFn, x: jax.Array, t: jax.Array, key: jax.Array,
-               clip_denoised: bool = False) -> dict:
-    """One ancestral DDPM step x_t -> x_{t-1}: dict(sample, pred_xstart)."""
+  def p_sample(self, model_fn: ModelFn, x: jax.Array, t: jax.Array,
+               key: Optional[jax.Array] = None, clip_denoised: bool = False,
+               noise: Optional[jax.Array] = None) -> dict:
+    """One ancestral DDPM step x_t -> x_{t-1}: dict(sample, pred_xstart).
+
+    The step noise z [N, H, W, C] is `noise` if given, else drawn from `key`;
+    it is not added where t == 0.
+    """
     out = self.p_mean_variance(model_fn, x, t, clip_denoised)
-    noise = jax.random.normal(key, x.shape, x.dtype)
+    noise = self._step_noise(key, noise, x, "p_sample")
     nonzero = (jnp.asarray(t) != 0).astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
     sample = out["mean"] + nonzero * jnp.exp(0.5 * out["log_variance"]) * noise
     return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
   def ddim_sample(self, model_fn: ModelFn, x: jax.Array, t: jax.Array,
                   key: Optional[jax.Array] = None, eta: Union[float, jax.Array] = 0.0,
-                  clip_denoised: bool = False) -> dict:
-    """One DDIM step x_t -> x_{t-1}: dict(sample, pred_xstart). eta may be traced."""
+                  clip_denoised: bool = False,
+                  noise: Optional[jax.Array] = None) -> dict:
+    """One DDIM step x_t -> x_{t-1}: dict(sample, pred_xstart).
+
+    eta may be traced; with a Python eta == 0 no noise is drawn. Otherwise the
+    step noise is `noise` if given, else drawn from `key`.
+    """
     out = self.p_mean_variance(model_fn, x, t, clip_denoised)
     n = x.ndim
     # As ADM: eps re-derived from pred_xstart so clipping (if on) is respected.
@@ -262,11 +272,20 @@ class GaussianDiffusion:
               jnp.sqrt(1.0 - abar_prev - jnp.square(sigma)) * eps)
     deterministic = isinstance(eta, (int, float)) and eta == 0
     if not deterministic:
-      if key is None:
-        raise ValueError("ddim_sample: key is required when eta != 0.")
+      noise = self._step_noise(key, noise, x, "ddim_sample")
       nonzero = (jnp.asarray(t) != 0).astype(x.dtype).reshape((-1,) + (1,) * (n - 1))
-      sample = sample + nonzero * sigma * jax.random.normal(key, x.shape, x.dtype)
+      sample = sample + nonzero * sigma * noise
     return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+
+  @staticmethod
+  def _step_noise(key, noise, x, where):
+    if noise is not None:
+      if noise.shape != x.shape:
+        raise ValueError(f"{where}: noise shape {noise.shape} does not match x {x.shape}.")
+      return noise.astype(x.dtype)
+    if key is None:
+      raise ValueError(f"{where}: pass either key or noise.")
+    return jax.random.normal(key, x.shape, x.dtype)
 
   def _loop(self, step_fn, shape, key, noise, progress, progress_every):
     shape = tuple(shape)
@@ -316,7 +335,7 @@ class GaussianDiffusion:
       x_0 samples, float32 [N, H, W, C].
     """
     def step(x, t, k):
-      return self.p_sample(model_fn, x, t, k, clip_denoised)["sample"]
+      return self.p_sample(model_fn, x, t, k, clip_denoised=clip_denoised)["sample"]
     return self._loop(step, shape, key, noise, progress, progress_every)
 
   def ddim_sample_loop(self, model_fn: ModelFn, shape: Sequence[int], key: jax.Array,
@@ -326,7 +345,8 @@ class GaussianDiffusion:
                        progress_every: Optional[int] = None) -> jax.Array:
     """DDIM sampling over all steps of this process, as one lax.scan (see p_sample_loop)."""
     def step(x, t, k):
-      return self.ddim_sample(model_fn, x, t, k, eta, clip_denoised)["sample"]
+      return self.ddim_sample(model_fn, x, t, k, eta=eta,
+                              clip_denoised=clip_denoised)["sample"]
     return self._loop(step, shape, key, noise, progress, progress_every)
 
   # Training loss.
