@@ -73,6 +73,19 @@ def cfg_model_fn(model_fn_xty: Callable[[jax.Array, jax.Array, jax.Array], jax.A
   return model_fn
 
 
+def kept_half_model_fn(guided_model_fn: ModelFn) -> ModelFn:
+  """model_fn on the N kept samples from a guided model_fn on the doubled batch.
+
+  f(x [N, ...], t [N]) = guided_model_fn([x; x], [t; t])[:N]; use it to drive
+  single steps (p_sample / ddim_sample) the way `sample_with_cfg` does.
+  """
+  def model_fn(x, t):
+    n = x.shape[0]
+    out = guided_model_fn(jnp.concatenate([x, x], axis=0), jnp.concatenate([t, t], axis=0))
+    return out[:n]
+  return model_fn
+
+
 def sample_with_cfg(diffusion: GaussianDiffusion, guided_model_fn: ModelFn,
                     shape: Sequence[int], key: jax.Array,
                     noise: Optional[jax.Array] = None, sampler: str = "ddpm",
@@ -97,12 +110,7 @@ def sample_with_cfg(diffusion: GaussianDiffusion, guided_model_fn: ModelFn,
   Returns:
     float32 [N, H, W, C] samples.
   """
-  n = shape[0]
-
-  def model_fn(x, t):
-    out = guided_model_fn(jnp.concatenate([x, x], axis=0), jnp.concatenate([t, t], axis=0))
-    return out[:n]
-
+  model_fn = kept_half_model_fn(guided_model_fn)
   if sampler == "ddpm":
     return diffusion.p_sample_loop(model_fn, shape, key, noise=noise, progress=progress,
                                    progress_every=progress_every)
