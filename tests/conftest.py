@@ -11,3 +11,10 @@ if "xla_force_host_platform_device_count" not in _flags:
 # TensorFlow is only used for tf.data; keep it off any accelerator and quiet.
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import sys  # noqa: E402
+
+# configs/ is a directory of experiment files next to the package, as in the Flax examples.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+  sys.path.insert(0, _ROOT)

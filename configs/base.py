@@ -1,0 +1,113 @@
+"""Base config: the released DiT training recipe (Peebles & Xie, 2023).
+
+Experiment files import `get_config()` from here and override a few fields. Launch:
+
+  python -m dit_jax.main --config=configs/xl2.py --workdir=DIR --config.data.dir=LATENTS
+"""
+
+import ml_collections
+
+
+def get_config(model: str = "DiT-XL/2", image_size: int = 256) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # Base seed: parameters, class dropout, timesteps, noise, flips and data order are all
+  # derived from it (per step via fold_in), so a step depends only on (seed, step, state).
+  c.seed = 0
+  # Training length in optimizer steps (the paper's grid: 400K; DiT-XL/2 headline: 7M).
+  c.total_steps = 400_000
+
+  c.model = ml_collections.ConfigDict()
+  # A name of dit_jax.models.DiT_models: 'DiT-S/8' ... 'DiT-XL/2'.
+  c.model.name = model
+  # Optional overrides of the named architecture, e.g. for small test models; None keeps the
+  # paper's value (all None for the paper's grid).
+  c.model.overrides = ml_collections.ConfigDict({
+      "hidden_size": ml_collections.config_dict.placeholder(int),
+      "depth": ml_collections.config_dict.placeholder(int),
+      "num_heads": ml_collections.config_dict.placeholder(int),
+      "patch_size": ml_collections.config_dict.placeholder(int),
+      "mlp_ratio": ml_collections.config_dict.placeholder(float),
+  })
+  # Probability of replacing a label by the null class in training (enables guidance).
+  c.model.class_dropout_prob = 0.1
+  # Predict the variance interpolation as well as eps (hybrid loss, 2C output channels).
+  c.model.learn_sigma = True
+  # Activation dtype; parameters and optimizer state stay float32. 'bfloat16' on TPU/GPU.
+  c.model.dtype = "float32"
+  # jax.nn.dot_product_attention implementation: None (XLA picks), 'xla' or 'cudnn'.
+  c.model.attention_impl = None
+  # Rematerialise each block in the backward pass (less memory, ~1/3 more compute).
+  c.model.remat = False
+
+  c.data = ml_collections.ConfigDict()
+  # Directory of latent records and manifest.json written by dit_jax.prepare_latents.
+  c.data.dir = ""
+  # Instead of dir: a dataset built into dit_jax ('digits'), written into WORKDIR/data on first use.
+  c.data.builtin = ""
+  # Image resolution the latents were made from; checked against the manifest (8x VAE).
+  c.data.image_size = image_size
+  # Global batch over all devices and processes (the release: 256).
+  c.data.global_batch_size = 256
+  # Records held in each process's shuffle buffer.
+  c.data.shuffle_buffer = 10_000
+  # Shards read in parallel by each process.
+  c.data.cycle_length = 8
+  # Use the horizontally flipped latent with probability 1/2 (the release's random flip).
+  c.data.random_flip = True
+  # Hash every shard against the manifest at start-up (slow on large datasets; sizes are always checked).
+  c.data.verify_checksums = False
+
+  c.diffusion = ml_collections.ConfigDict()
+  # Training process: 1000 steps, linear betas 1e-4..0.02 (scaled by 1000/T).
+  c.diffusion.steps = 1000
+  c.diffusion.noise_schedule = "linear"
+
+  c.optim = ml_collections.ConfigDict()
+  # AdamW as released: constant lr 1e-4, no weight decay, no warmup, no clipping.
+  c.optim.learning_rate = 1e-4
+  c.optim.weight_decay = 0.0
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  # Linear warmup steps (0 = none, as released).
+  c.optim.warmup_steps = 0
+  # Global-norm gradient clipping threshold (0 = off, as released).
+  c.optim.grad_clip_norm = 0.0
+  # EMA decay of the parameters, updated every step; samples use the EMA.
+  c.ema_decay = 0.9999
+
+  c.mesh = ml_collections.ConfigDict()
+  # Device mesh (data, fsdp); -1 = all remaining devices. Parameters, EMA and optimizer
+  # state are sharded over 'fsdp' by the rules in dit_jax/sharding.py; the batch over both.
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+
+  c.checkpoint = ml_collections.ConfigDict()
+  # Save every N steps (and at the end, and on SIGTERM).
+  c.checkpoint.every_steps = 5_000
+  # Checkpoints kept in WORKDIR/checkpoints.
+  c.checkpoint.keep = 3
+  # Write checkpoints in the background while training continues.
+  c.checkpoint.async_save = True
+
+  # Scalars (loss, mse, vb, grad norm, lr, steps/s, MFU) every N steps.
+  c.log_every_steps = 100
+
+  c.sample = ml_collections.ConfigDict()
+  # A class-conditional grid from the EMA weights every N steps (0 = off) and at the end.
+  c.sample.every_steps = 20_000
+  # Images in the periodic grid.
+  c.sample.num_images = 16
+  # Sampling steps of the grid ('250' is the release default; 'ddim50' for DDIM).
+  c.sample.respacing = "250"
+  # Guidance scale of the grid (1.5 reproduces the paper's FID; 4.0 looks best).
+  c.sample.cfg_scale = 4.0
+  # Guide only the first 3 latent channels as the release does (False: all channels).
+  c.sample.release_cfg = True
+
+  c.vae = ml_collections.ConfigDict()
+  # Decoder for samples: a diffusers AutoencoderKL folder (sd-vae-ft-ema) or 'identity'.
+  c.vae.path = "identity"
+  # Latent scale factor; None takes the manifest's value.
+  c.vae.scale_factor = None
+  return c

@@ -1,0 +1,12 @@
+"""DiT-S/8 at 256x256 (32x32x4 latents), the paper's recipe: 400K steps, batch 256.
+
+  python -m dit_jax.main --config=configs/s8.py --workdir=DIR --config.data.dir=LATENTS_256
+"""
+
+from configs import base
+
+
+def get_config():
+  c = base.get_config("DiT-S/8", image_size=256)
+  c.model.dtype = "bfloat16"
+  return c

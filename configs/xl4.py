@@ -1,0 +1,16 @@
+"""DiT-XL/4 at 256x256 (32x32x4 latents), the paper's recipe: 400K steps, batch 256.
+
+  python -m dit_jax.main --config=configs/xl4.py --workdir=DIR --config.data.dir=LATENTS_256
+"""
+
+from configs import base
+
+
+def get_config():
+  c = base.get_config("DiT-XL/4", image_size=256)
+  c.model.dtype = "bfloat16"
+  # Large model: shard parameters, EMA and Adam state over all devices (FSDP);
+  # on several slices set --config.mesh.data=NUM_SLICES.
+  c.mesh.data = 1
+  c.mesh.fsdp = -1
+  return c

@@ -1,0 +1,101 @@
+"""Orbax checkpoints of the training state, written atomically, restored with fallback.
+
+Layout: WORKDIR/checkpoints/<step>/{train, ema, meta}
+  train: {step, params, opt_state, rng}   everything needed to continue training
+  ema:   the EMA parameters                what the sampler loads (alone, cheaply)
+  meta:  JSON: step, data stream position, model name and kwargs
+
+Orbax writes each checkpoint into a temporary directory and renames it when complete, so
+a run killed at any moment leaves only whole checkpoints. Restoring takes target shardings,
+so a checkpoint can be restored onto a different mesh or number of devices.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def _abspath(path: str) -> str:
+  return path if "://" in path else os.path.abspath(path)
+
+
+def create_manager(workdir: str, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+      cleanup_tmp_directories=True)
+  return ocp.CheckpointManager(_abspath(os.path.join(workdir, "checkpoints")), options=options,
+                               item_names=("train", "ema", "meta"))
+
+
+def save(mngr: ocp.CheckpointManager, step: int, train: Any, ema: Any, meta: dict) -> None:
+  mngr.save(step, args=ocp.args.Composite(
+      train=ocp.args.StandardSave(train), ema=ocp.args.StandardSave(ema),
+      meta=ocp.args.JsonSave(meta)), force=True)
+
+
+def _abstract(tree: Any, shardings: Any) -> Any:
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
+def restore_latest(mngr: ocp.CheckpointManager, abstract_train: Any, train_shardings: Any,
+                   abstract_ema: Any, ema_shardings: Any) -> tuple[Any, Any, dict] | None:
+  """Restores the newest readable checkpoint; falls back to older ones if it is corrupt.
+
+  Returns (train, ema, meta) or None when the directory holds no checkpoint.
+  """
+  steps = sorted(mngr.all_steps(), reverse=True)
+  errors = []
+  for step in steps:
+    try:
+      out = mngr.restore(step, args=ocp.args.Composite(
+          train=ocp.args.StandardRestore(_abstract(abstract_train, train_shardings)),
+          ema=ocp.args.StandardRestore(_abstract(abstract_ema, ema_shardings)),
+          meta=ocp.args.JsonRestore()))
+    except Exception as e:  # pylint: disable=broad-except
+      # A damaged checkpoint must not lose the run: say so loudly and use the previous one.
+      msg = f"{mngr.directory}/{step}: cannot be restored ({type(e).__name__}: {e})"
+      logging.error("%s; falling back to an older checkpoint", msg[:2000])
+      errors.append(msg)
+      continue
+    if errors:
+      logging.warning("Restored step %d after skipping %d unreadable checkpoint(s)", step,
+                      len(errors))
+    return out["train"], out["ema"], out["meta"]
+  if errors:
+    raise RuntimeError("No checkpoint in the workdir could be restored:\n" + "\n".join(errors))
+  return None
+
+
+def restore_ema(workdir: str, abstract_ema: Any, shardings: Any,
+                step: int | None = None) -> tuple[Any, dict]:
+  """Restores only the EMA parameters and meta of a training workdir (for sampling)."""
+  path = _abspath(os.path.join(workdir, "checkpoints"))
+  mngr = ocp.CheckpointManager(path, item_names=("train", "ema", "meta"),
+                               options=ocp.CheckpointManagerOptions(create=False))
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"{path}: no checkpoint found (train first, or pass a converted "
+                            "release checkpoint with --checkpoint)")
+  out = mngr.restore(step, args=ocp.args.Composite(
+      ema=ocp.args.StandardRestore(_abstract(abstract_ema, shardings)),
+      meta=ocp.args.JsonRestore()))
+  mngr.close()
+  return out["ema"], out["meta"]
+
+
+def read_meta(workdir: str, step: int | None = None) -> dict:
+  path = _abspath(os.path.join(workdir, "checkpoints"))
+  mngr = ocp.CheckpointManager(path, item_names=("train", "ema", "meta"),
+                               options=ocp.CheckpointManagerOptions(create=False))
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"{path}: no checkpoint found")
+  meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  mngr.close()
+  return meta

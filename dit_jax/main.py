@@ -1,0 +1,30 @@
+"""Entry point: `python -m dit_jax.main --config=configs/xl2.py --workdir=DIR`.
+
+The same command runs on every host of a TPU VM pod, on GPUs and on a CPU; any config field
+can be overridden, e.g. `--config.data.dir=LATENTS --config.mesh.fsdp=8`. Multi-process
+runs initialise jax.distributed automatically on TPU pods (see dit_jax/runtime.py), or from
+--coordinator_address/--num_processes/--process_id.
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from dit_jax import runtime
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard and samples.")
+config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+runtime.define_flags()
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  runtime.setup()
+  from dit_jax import train  # pylint: disable=import-outside-toplevel
+  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

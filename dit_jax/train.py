@@ -1,0 +1,357 @@
+"""DiT training: state, the sharded train step, and the resumable training loop.
+
+Stages of `train_and_evaluate` (read top to bottom):
+  1. data: manifest and this process's shards (built-in digits written on first use);
+  2. model, diffusion, optimizer;
+  3. mesh and shardings (dit_jax/sharding.py), state initialised directly sharded;
+  4. restore the newest readable checkpoint, if any, and the data stream position;
+  5. the train step: one jax.jit with in/out shardings and donated state, compiled ahead
+     of time with its FLOPs and memory logged;
+  6. the loop: metrics, periodic sample grids, checkpoints, SIGTERM handling.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from clu import metric_writers, periodic_actions
+from jax.experimental import multihost_utils
+
+from dit_jax import checkpointing, demo_data, input_pipeline, models, sampling, sharding
+from dit_jax.diffusion import create_diffusion
+
+# bf16 dense peak FLOP/s per JAX device, for MFU. Unknown kinds (CPU) report no MFU.
+PEAK_FLOPS = {
+    "TPU v3": 61.5e12, "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
+    "TPU v5p": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+    "NVIDIA A100": 312e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
+}
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  ema_params: Any
+  opt_state: Any
+  rng: jax.Array  # base key; step s uses fold_in(rng, s)
+
+
+def peak_flops(device: Any) -> float | None:
+  kind = getattr(device, "device_kind", "")
+  for name, flops in PEAK_FLOPS.items():
+    if kind.startswith(name):
+      return flops
+  return None
+
+
+def create_model(config: ml_collections.ConfigDict, info: input_pipeline.DataInfo) -> models.DiT:
+  """The configured DiT for this dataset's latent shape and classes (errors name the field)."""
+  h, w, c = info.latent_shape
+  if h != w:
+    raise ValueError(f"data: latents must be square, the manifest says {info.latent_shape}")
+  made_from = info.manifest.get("image_size")
+  if made_from and config.data.image_size and int(made_from) != int(config.data.image_size):
+    raise ValueError(f"config.data.image_size={config.data.image_size} but the latents in "
+                     f"{config.data.dir} were made from {made_from}px images")
+  overrides = {k: v for k, v in config.model.get("overrides", {}).items() if v is not None}
+  model = models.get_model(
+      config.model.name, input_size=h, in_channels=c, num_classes=info.num_classes,
+      class_dropout_prob=config.model.class_dropout_prob, learn_sigma=config.model.learn_sigma,
+      dtype=jnp.dtype(config.model.dtype), attention_impl=config.model.attention_impl,
+      remat=config.model.remat, **overrides)
+  try:
+    model.validate()
+  except ValueError as e:
+    raise ValueError(f"config.model ({config.model.name}, overrides {overrides}) does not fit "
+                     f"the {h}x{w}x{c} latents of {config.data.dir}: {e}") from None
+  return model
+
+
+def model_kwargs(model: models.DiT) -> dict:
+  keys = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads",
+          "mlp_ratio", "class_dropout_prob", "num_classes", "learn_sigma")
+  return {k: getattr(model, k) for k in keys}
+
+
+def create_optimizer(config: ml_collections.ConfigDict):
+  o = config.optim
+  if o.warmup_steps:
+    schedule = optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps)
+  else:
+    schedule = optax.constant_schedule(o.learning_rate)
+  tx = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
+  if o.grad_clip_norm:
+    tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)
+  return tx, schedule
+
+
+def init_state(key: jax.Array, model: models.DiT, tx: optax.GradientTransformation,
+               local_shape: tuple[int, ...]) -> TrainState:
+  """Fresh state with BOXED params (LogicallyPartitioned); unbox after taking shardings."""
+  k_init, k_train = jax.random.split(key)
+  x = jnp.zeros((1, *local_shape), jnp.float32)
+  params = model.init(k_init, x, jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32))["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+                    opt_state=tx.init(params), rng=k_train)
+
+
+def sample_latents(batch: dict, key: jax.Array, scale: float, random_flip: bool) -> jax.Array:
+  """The release's training input: random flip, fresh posterior sample, times the scale.
+
+  batch mean/std [B, 2, h, w, c] (index 1 = flipped image) -> x0 [B, h, w, c] float32.
+  """
+  mean = batch["mean"].astype(jnp.float32)
+  std = batch["std"].astype(jnp.float32)
+  k_flip, k_eps = jax.random.split(key)
+  if random_flip:
+    flip = jax.random.bernoulli(k_flip, 0.5, mean.shape[:1])[:, None, None, None]
+    mean = jnp.where(flip, mean[:, 1], mean[:, 0])
+    std = jnp.where(flip, std[:, 1], std[:, 0])
+  else:
+    mean, std = mean[:, 0], std[:, 0]
+  return (mean + std * jax.random.normal(k_eps, mean.shape, jnp.float32)) * scale
+
+
+def train_step(state: TrainState, batch: dict, *, model: models.DiT, diffusion: Any,
+               tx: optax.GradientTransformation, schedule: Any, ema_decay: float,
+               scale: float, random_flip: bool) -> tuple[TrainState, dict]:
+  """One AdamW step on the hybrid diffusion loss, then the EMA update."""
+  key = jax.random.fold_in(state.rng, state.step)
+  k_x0, k_t, k_noise, k_drop = jax.random.split(key, 4)
+  x0 = sample_latents(batch, k_x0, scale, random_flip)
+  t = jax.random.randint(k_t, x0.shape[:1], 0, diffusion.num_timesteps)
+  noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
+
+  def loss_fn(params):
+    def model_fn(x, tt):
+      return model.apply({"params": params}, x, tt, batch["label"], train=True,
+                         rngs={"dropout": k_drop})
+    terms = diffusion.training_losses(model_fn, x0, t, noise=noise)
+    return terms["loss"].mean(), terms
+
+  (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  ema = optax.incremental_update(params, state.ema_params, step_size=1.0 - ema_decay)
+  metrics = {"loss": loss, "mse": terms["mse"].mean(), "vb": terms["vb"].mean(),
+             "grad_norm": optax.global_norm(grads), "learning_rate": schedule(state.step)}
+  new = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
+  return new, metrics
+
+
+class _Preemption:
+  """SIGTERM (preemption notice) -> save and exit at the next step boundary."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = None
+
+  def __enter__(self):
+    if jax.process_count() == 1:
+      try:
+        self._old = signal.signal(signal.SIGTERM, self._handle)
+      except ValueError:  # not the main thread (e.g. called from a test runner thread)
+        self._old = None
+    return self
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    logging.warning("SIGTERM received: saving a checkpoint and exiting at the next step")
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+  def check(self, mngr, step: int) -> bool:
+    if jax.process_count() > 1:
+      # Every host must agree; JAX's preemption sync service (TPU VMs) gives one answer.
+      return bool(mngr.reached_preemption(step))
+    return self.requested
+
+
+def _write_grid(writer, workdir: str, step: int, images: np.ndarray) -> None:
+  grid = sampling.make_grid(images, upscale=max(1, 128 // images.shape[1]))
+  if jax.process_index() == 0:
+    sampling.save_png(os.path.join(workdir, "samples", f"step_{step:08d}.png"), grid)
+  writer.write_images(step, {"samples": grid[None]})
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       devices: Any = None) -> dict[int, dict]:
+  """Trains (resuming from `workdir` if it holds checkpoints); returns the logged metrics by step.
+
+  `devices` restricts the mesh to a subset of jax.devices() (default: all).
+  """
+  pid, nproc = jax.process_index(), jax.process_count()
+  writer = metric_writers.create_default_writer(workdir, just_logging=pid > 0)
+
+  # 1. Data.
+  data_dir = config.data.dir or demo_data.ensure(config.data.get("builtin", ""), workdir)
+  config.data.dir = data_dir
+  info = input_pipeline.get_info(data_dir, pid, nproc, config.data.verify_checksums)
+  gbs = config.data.global_batch_size
+  if gbs % nproc:
+    raise ValueError(f"config.data.global_batch_size={gbs} must divide by {nproc} processes")
+  local_bs = gbs // nproc
+  scale = float(config.vae.scale_factor or info.scale_factor)
+
+  # 2. Model, diffusion, optimizer.
+  model = create_model(config, info)
+  diffusion = create_diffusion("", noise_schedule=config.diffusion.noise_schedule,
+                               learn_sigma=model.learn_sigma,
+                               diffusion_steps=config.diffusion.steps)
+  tx, schedule = create_optimizer(config)
+
+  # 3. Mesh and shardings; the state is created sharded (never whole on one device).
+  mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp, devices)
+  sharding.log_mesh(mesh)
+  if gbs % mesh.size:
+    raise ValueError(f"config.data.global_batch_size={gbs} must divide by the {mesh.size} devices")
+  init_fn = functools.partial(init_state, model=model, tx=tx, local_shape=info.latent_shape)
+  key = jax.random.PRNGKey(config.seed)
+  boxed = jax.eval_shape(init_fn, key)
+  state_sh = sharding.state_shardings(boxed, mesh)
+  abstract = nn.meta.unbox(boxed)
+  logging.info("Parameters: %s (%s)",
+               f"{sum(x.size for x in jax.tree.leaves(abstract.params)):,}",
+               sharding.describe(state_sh.params, abstract.params))
+  batch_sh = sharding.batch_sharding(mesh)
+  repl = sharding.replicated(mesh)
+
+  # 4. Restore or initialise.
+  mngr = checkpointing.create_manager(workdir, config.checkpoint.keep,
+                                      config.checkpoint.async_save)
+  train_part = lambda s: {"step": s.step, "params": s.params, "opt_state": s.opt_state,
+                          "rng": s.rng}
+  restored = checkpointing.restore_latest(
+      mngr, train_part(abstract), train_part(state_sh), abstract.ema_params,
+      state_sh.ema_params)
+  if restored is None:
+    state = jax.jit(lambda k: nn.meta.unbox(init_fn(k)), out_shardings=state_sh)(key)
+    logging.info("Initialised a new model in %s", workdir)
+  else:
+    tr, ema, meta = restored
+    state = TrainState(step=tr["step"], params=tr["params"], ema_params=ema,
+                       opt_state=tr["opt_state"], rng=tr["rng"])
+    if meta.get("model") != config.model.name:
+      raise ValueError(f"{workdir} holds a checkpoint of {meta.get('model')}, but the config "
+                       f"asks for {config.model.name}; use another workdir")
+    logging.info("Resumed from step %d in %s", int(state.step), workdir)
+  start_step = int(jax.device_get(state.step))
+
+  # 5. The train step, compiled ahead of time.
+  step_fn = jax.jit(
+      functools.partial(train_step, model=model, diffusion=diffusion, tx=tx,
+                        schedule=schedule, ema_decay=config.ema_decay, scale=scale,
+                        random_flip=config.data.random_flip),
+      in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl), donate_argnums=0)
+  h, w, c = info.latent_shape
+  store = jnp.dtype(info.manifest["dtype"])
+  abstract_batch = {
+      "label": jax.ShapeDtypeStruct((gbs,), jnp.int32, sharding=batch_sh),
+      "mean": jax.ShapeDtypeStruct((gbs, 2, h, w, c), store, sharding=batch_sh),
+      "std": jax.ShapeDtypeStruct((gbs, 2, h, w, c), store, sharding=batch_sh)}
+  t0 = time.time()
+  compiled = step_fn.lower(abstract, abstract_batch).compile()
+  cost = compiled.cost_analysis() or {}
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get("flops", 0.0))  # of the per-device SPMD program
+  mem = compiled.memory_analysis()
+  mem_gb = ((mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes -
+             mem.alias_size_in_bytes) / 2**30) if mem is not None else float("nan")
+  logging.info("Compiled the train step in %.1fs: %.3g FLOPs/step/device, %.2f GiB/device",
+               time.time() - t0, flops, mem_gb)
+  peak = peak_flops(jax.devices()[0])
+
+  sample_fn = None
+  if config.sample.every_steps or config.sample.num_images:
+    guided = model.num_classes > 1 and model.class_dropout_prob > 0
+    sample_fn = sampling.make_sample_fn(
+        model, respacing=config.sample.respacing, guided=guided,
+        release_cfg=config.sample.release_cfg, diffusion_steps=config.diffusion.steps,
+        noise_schedule=config.diffusion.noise_schedule,
+        in_shardings=(state_sh.ema_params, repl, repl, repl), out_shardings=repl)
+    decoder = sampling.Decoder(config.vae.path, scale)
+
+  def write_samples(step):
+    n = config.sample.num_images
+    labels = jnp.arange(n, dtype=jnp.int32) % model.num_classes
+    lat = sample_fn(state.ema_params, jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), 0),
+                    labels, jnp.float32(config.sample.cfg_scale))
+    _write_grid(writer, workdir, step, decoder(lat))
+
+  # 6. The loop.
+  ds = input_pipeline.create_dataset(
+      info, local_batch_size=local_bs, seed=config.seed, process_index=pid,
+      start_step=start_step, shuffle_buffer=config.data.shuffle_buffer,
+      cycle_length=config.data.cycle_length)
+  batches = input_pipeline.iterate(ds, info.files)
+  if start_step == 0:
+    writer.write_hparams({k: v for k, v in config.to_dict().items() if not isinstance(v, dict)})
+  # Progress and ETA in the log (our own scalars below carry the throughput).
+  report = periodic_actions.ReportProgress(num_train_steps=config.total_steps,
+                                           every_steps=config.log_every_steps)
+
+  def save(step):
+    epoch, offset = input_pipeline.stream_position(step, local_bs, info.local_count)
+    meta = {"step": step, "model": config.model.name, "model_kwargs": model_kwargs(model),
+            "data": {"dir": data_dir, "epoch": epoch, "offset": offset,
+                     "local_batch_size": local_bs, "process_count": nproc},
+            "scale_factor": scale}
+    checkpointing.save(mngr, step, train_part(state), state.ema_params, meta)
+
+  history: dict[int, dict] = {}
+  pending: list[tuple[int, dict]] = []
+  t_log, step = time.time(), start_step
+  with _Preemption() as preempt:
+    while step < config.total_steps:
+      local = next(batches)
+      batch = {k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in local.items()}
+      state, metrics = compiled(state, batch)
+      step += 1
+      pending.append((step, metrics))
+      report(step)
+      if step % config.log_every_steps == 0 or step == config.total_steps:
+        fetched = jax.device_get(pending)  # waits for the steps: time them after
+        dt = time.time() - t_log
+        for s, m in fetched:
+          history[s] = {k: float(v) for k, v in m.items()}
+        sps = len(pending) / max(dt, 1e-9)
+        scalars = {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[0][1]}
+        scalars.update(steps_per_sec=sps, images_per_sec_per_device=sps * gbs / mesh.size)
+        if peak and flops:
+          scalars["mfu"] = flops * sps / peak
+        writer.write_scalars(step, scalars)
+        if not np.isfinite(scalars["loss"]):
+          raise FloatingPointError(f"loss became {scalars['loss']} at step {step}")
+        pending, t_log = [], time.time()
+      if config.sample.every_steps and step % config.sample.every_steps == 0:
+        write_samples(step)
+      preempted = preempt.check(mngr, step)
+      if step % config.checkpoint.every_steps == 0 or step == config.total_steps or preempted:
+        save(step)
+      if preempted:
+        logging.warning("Preempted: checkpoint of step %d written, exiting", step)
+        break
+  for s, m in jax.device_get(pending):
+    history[s] = {k: float(v) for k, v in m.items()}
+  if step == config.total_steps and config.sample.num_images and sample_fn is not None:
+    write_samples(step)
+  mngr.wait_until_finished()
+  mngr.close()
+  writer.flush()
+  multihost_utils.sync_global_devices("train_and_evaluate done")
+  return history
