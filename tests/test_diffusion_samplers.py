@@ -154,8 +154,8 @@ def test_guidance_with_identical_outputs_is_noop():
   unlabelled = lambda x, t, y: _labelled_model_fn(x, t, jnp.zeros_like(y))
   key = jax.random.PRNGKey(3)
   shape = (2, 4, 4, 4)
-  want = d.p_sample_loop(lambda x, t: unlabelled(x, t, y), shape, key)
-  got = sample_with_cfg(d, cfg_model_fn(unlabelled, y, 10, 4.0), shape, key)
+  want = jax.jit(lambda k: d.p_sample_loop(lambda x, t: unlabelled(x, t, y), shape, k))(key)
+  got = jax.jit(lambda k: sample_with_cfg(d, cfg_model_fn(unlabelled, y, 10, 4.0), shape, k))(key)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
@@ -172,7 +172,7 @@ def test_guided_sampler_jits_once_over_scales():
   key = jax.random.PRNGKey(4)
   s1, s3 = sample(1.0, key), sample(3.0, key)
   assert sample._cache_size() == 1
-  cond = d.ddim_sample_loop(lambda x, t: _labelled_model_fn(x, t, y), shape, key)
+  cond = jax.jit(lambda k: d.ddim_sample_loop(lambda x, t: _labelled_model_fn(x, t, y), shape, k))(key)
   np.testing.assert_allclose(s1, cond, rtol=1e-5, atol=1e-6)
   assert float(jnp.abs(s3 - s1).max()) > 1e-3
 
