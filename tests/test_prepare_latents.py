@@ -1,0 +1,247 @@
+"""The latent writer on tiny ImageFolder / TFDS datasets made here, read back by records and input_pipeline."""
+import hashlib
+import json
+import os
+
+from diffusers import AutoencoderKL as TorchAutoencoderKL
+import jax
+import numpy as np
+from PIL import Image
+import pytest
+from sklearn.datasets import load_sample_images
+import tensorflow_datasets as tfds
+import torch
+
+from dit_jax import input_pipeline
+from dit_jax import prepare_latents
+from dit_jax import preprocessing
+from dit_jax import records
+
+SIZE = 16
+CLASSES = ["n01443537", "n01484850", "n01491361"]
+
+
+def _make_tree(root) -> list[tuple[str, int]]:
+  """Photo crops of assorted sizes in class folders, one corrupt JPEG and one non-image file.
+
+  Returns the readable images as (path, label) in the order the writer must store them.
+  """
+  photos = load_sample_images().images
+  rng = np.random.default_rng(0)
+  names = {0: ["a.JPEG", "b.jpg", "broken.jpg", "c.png", "d.jpeg"],
+           1: ["a.png", "b.JPEG", "c.jpg", os.path.join("sub", "e.png")],
+           2: ["a.jpg", "b.png", "c.png", "d.JPEG", "e.jpg"]}
+  good = []
+  for label, files in names.items():
+    for name in files:
+      path = os.path.join(root, CLASSES[label], name)
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      h, w = rng.integers(20, 90, size=2)
+      y, x = rng.integers(0, 300, size=2)
+      Image.fromarray(photos[label % 2][y:y + h, x:x + w]).save(path)
+      if name == "broken.jpg":
+        data = open(path, "rb").read()
+        open(path, "wb").write(data[:len(data) // 3])
+      else:
+        good.append((path, label))
+  open(os.path.join(root, CLASSES[2], "notes.txt"), "w").write("not an image")
+  # Writer order: classes sorted, then files sorted by (directory, name) as torchvision ImageFolder.
+  good.sort(key=lambda t: (t[1], os.path.dirname(t[0]), os.path.basename(t[0])))
+  return good
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("imagefolder"))
+  return root, _make_tree(root)
+
+
+def _expected_images(good):
+  return np.stack([preprocessing.preprocess(p, SIZE) for p, _ in good])
+
+
+def test_identity_records_labels_and_flip_pairs(tree, tmp_path):
+  root, good = tree
+  out = str(tmp_path / "latents")
+  manifest = prepare_latents.prepare(root, "identity", out, image_size=SIZE, batch_size=8, shard_size=6)
+  assert manifest["count"] == len(good) == 13 and manifest["num_skipped"] == 1
+  assert manifest["classes"] == CLASSES and manifest["num_classes"] == 3
+  assert manifest["latent_shape"] == [SIZE, SIZE, 3] and manifest["dtype"] == "float16"
+  assert [s["file"] for s in manifest["shards"]] == [f"latents-p000-{k:05d}.tfrecord" for k in range(3)]
+  side = json.load(open(os.path.join(out, "latents-p000-00000.tfrecord.json")))
+  assert side["extra"]["skipped_files"] == [os.path.join(CLASSES[0], "broken.jpg")]
+
+  labels, mean, std = records.read_all(out)
+  images = _expected_images(good)
+  np.testing.assert_array_equal(labels, [label for _, label in good])
+  np.testing.assert_allclose(mean[:, 0], images, atol=1e-3)           # float16 storage
+  np.testing.assert_allclose(mean[:, 1], images[:, :, ::-1], atol=1e-3)  # horizontal flip
+  assert not np.allclose(mean[:, 0], mean[:, 1], atol=0.05)
+  assert np.all(std == 0)
+
+  # Through the training pipeline: every record is one of ours, with its own label.
+  info = input_pipeline.get_info(out)
+  assert (info.count, info.num_classes, info.latent_shape) == (13, 3, (SIZE, SIZE, 3))
+  batch = next(input_pipeline.iterate(input_pipeline.create_dataset(info, local_batch_size=8, seed=0)))
+  assert batch["mean"].shape == batch["std"].shape == (8, 2, SIZE, SIZE, 3)
+  for label, m in zip(batch["label"], batch["mean"].astype(np.float32)):
+    i = np.argmin(np.abs(images - m[0]).reshape(len(images), -1).max(axis=1))
+    assert np.abs(images[i] - m[0]).max() < 1e-3 and good[i][1] == label
+    np.testing.assert_allclose(m[1], images[i][:, ::-1], atol=1e-3)
+
+
+def _random_torch_vae(seed: int = 0) -> TorchAutoencoderKL:
+  model = TorchAutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                             up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1,
+                             norm_num_groups=8).eval()
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      noise = torch.randn(p.shape, generator=g)
+      base = 1.0 if (p.ndim == 1 and "norm" in name and name.endswith("weight")) else 0.0
+      p.copy_(base + (0.2 * noise if p.ndim == 1 else noise / np.sqrt(np.prod(p.shape[1:]))))
+  return model
+
+
+def test_vae_records_match_diffusers_encodings(tree, tmp_path):
+  root, good = tree
+  model = _random_torch_vae()
+  vae_dir = str(tmp_path / "tiny-vae")
+  model.save_pretrained(vae_dir, safe_serialization=True)
+  out = str(tmp_path / "latents")
+  manifest = prepare_latents.prepare(root, vae_dir, out, image_size=SIZE, batch_size=4, shard_size=20,
+                                     dtype="float32", precision="highest")
+  assert manifest["vae"] == "tiny-vae" and manifest["scale_factor"] == 0.18215
+  assert manifest["latent_shape"] == [SIZE // 2, SIZE // 2, 4] and manifest["count"] == 13
+  weights = open(os.path.join(vae_dir, "diffusion_pytorch_model.safetensors"), "rb").read()
+  assert manifest["vae_weights_sha256"] == hashlib.sha256(weights).hexdigest()
+
+  labels, mean, std = records.read_all(out)
+  images = _expected_images(good)
+  np.testing.assert_array_equal(labels, [label for _, label in good])
+  for flip in (0, 1):
+    x = images if flip == 0 else images[:, :, ::-1]
+    with torch.no_grad():
+      posterior = model.encode(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))).latent_dist
+    for got, want in ((mean[:, flip], posterior.mean), (std[:, flip], posterior.std)):
+      want = want.numpy().transpose(0, 2, 3, 1)
+      assert np.abs(got - want).max() < 1e-4 * np.abs(want).max()
+
+
+def test_interrupted_run_resumes_without_duplicates(tree, tmp_path, monkeypatch):
+  root, _ = tree
+  kw = dict(image_size=SIZE, batch_size=8, shard_size=4)
+  reference = prepare_latents.prepare(root, "identity", str(tmp_path / "reference"), **kw)
+  out = str(tmp_path / "latents")
+  real_write = records.write_shard
+  written = []
+
+  def crash_after_two(path, *args, **kwargs):
+    if len(written) == 2:
+      raise KeyboardInterrupt("simulated preemption")
+    written.append(os.path.basename(path))
+    return real_write(path, *args, **kwargs)
+
+  monkeypatch.setattr(records, "write_shard", crash_after_two)
+  with pytest.raises(KeyboardInterrupt):
+    prepare_latents.prepare(root, "identity", out, **kw)
+  assert not os.path.exists(os.path.join(out, records.MANIFEST))
+  assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+  def count(path, *args, **kwargs):
+    written.append(os.path.basename(path))
+    return real_write(path, *args, **kwargs)
+
+  monkeypatch.setattr(records, "write_shard", count)
+  written.clear()
+  manifest = prepare_latents.prepare(root, "identity", out, **kw)
+  assert written == ["latents-p000-00002.tfrecord", "latents-p000-00003.tfrecord"]
+  # A lost shard (file and sidecar) is redone alone.
+  os.remove(os.path.join(out, "latents-p000-00001.tfrecord"))
+  os.remove(os.path.join(out, "latents-p000-00001.tfrecord.json"))
+  written.clear()
+  manifest = prepare_latents.prepare(root, "identity", out, **kw)
+  assert written == ["latents-p000-00001.tfrecord"]
+
+  assert manifest["count"] == reference["count"] == 13 and manifest["num_skipped"] == 1
+  assert [s["sha256"] for s in manifest["shards"]] == [s["sha256"] for s in reference["shards"]]
+  got, want = records.read_all(out), records.read_all(str(tmp_path / "reference"))
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(a, b)
+
+  with pytest.raises(ValueError, match="different run.*image_size"):
+    prepare_latents.prepare(root, "identity", out, **dict(kw, image_size=8))
+
+
+def test_shard_plan_covers_every_example_once():
+  for n, processes, size in ((13, 1, 4), (13, 3, 2), (5, 8, 3), (1000, 7, 64)):
+    plan = prepare_latents.shard_plan(n, processes, size)
+    covered = [i for _, _, a, b in plan for i in range(a, b)]
+    assert covered == list(range(n))
+    assert all(0 < b - a <= size for _, _, a, b in plan)
+    for p in range(processes):
+      assert [k for q, k, _, _ in plan if q == p] == list(range(sum(q == p for q, *_ in plan)))
+
+
+def test_two_processes_write_their_own_shards(tree, tmp_path, monkeypatch):
+  root, good = tree
+  out = str(tmp_path / "latents")
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(prepare_latents, "_barrier", lambda name: None)
+  kw = dict(image_size=SIZE, batch_size=8, shard_size=4)
+
+  monkeypatch.setattr(jax, "process_index", lambda: 0)
+  with pytest.raises(RuntimeError, match="latents-p001-00000.tfrecord"):
+    prepare_latents.prepare(root, "identity", out, **kw)  # process 1 has not written yet
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  assert prepare_latents.prepare(root, "identity", out, **kw) is None
+  monkeypatch.setattr(jax, "process_index", lambda: 0)
+  manifest = prepare_latents.prepare(root, "identity", out, **kw)
+
+  assert [s["file"] for s in manifest["shards"]] == [
+      "latents-p000-00000.tfrecord", "latents-p000-00001.tfrecord",
+      "latents-p001-00000.tfrecord", "latents-p001-00001.tfrecord"]
+  labels, mean, _ = records.read_all(out)
+  np.testing.assert_array_equal(labels, [label for _, label in good])
+  np.testing.assert_allclose(mean[:, 0], _expected_images(good), atol=1e-3)
+
+
+class TinyImagesForPrepareLatents(tfds.core.GeneratorBasedBuilder):
+  """A 7-image TFDS dataset with ImageNet's features (image, label, file_name)."""
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "image": tfds.features.Image(encoding_format="png"),
+        "label": tfds.features.ClassLabel(names=["x", "y", "z"]),
+        "file_name": tfds.features.Text()}))
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {"train": self._generate_examples()}
+
+  def _generate_examples(self):
+    for i, image in enumerate(_tfds_images()):
+      yield i, {"image": image, "label": i % 3, "file_name": f"img{i}.png"}
+
+
+def _tfds_images() -> list[np.ndarray]:
+  photo = load_sample_images().images[1]
+  return [photo[10 * i:10 * i + 20 + 5 * i, 7 * i:7 * i + 40] for i in range(7)]
+
+
+def test_tfds_source(tmp_path):
+  out = str(tmp_path / "latents")
+  manifest = prepare_latents.prepare("tfds:tiny_images_for_prepare_latents", "identity", out,
+                                     image_size=SIZE, batch_size=8, shard_size=3,
+                                     tfds_data_dir=str(tmp_path / "tfds"))
+  assert manifest["count"] == 7 and manifest["classes"] == ["x", "y", "z"]
+  assert len(manifest["shards"]) == 3 and manifest["split"] == "train"
+  labels, mean, _ = records.read_all(out)
+  images = np.stack([preprocessing.preprocess(Image.fromarray(x), SIZE) for x in _tfds_images()])
+  found = []
+  for label, m in zip(labels, mean):  # TFDS stores examples in its own (fixed) order
+    i = int(np.argmin(np.abs(images - m[0]).reshape(7, -1).max(axis=1)))
+    assert np.abs(images[i] - m[0]).max() < 1e-3 and label == i % 3
+    found.append(i)
+  assert sorted(found) == list(range(7))
