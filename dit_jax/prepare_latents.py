@@ -34,6 +34,7 @@ import tensorflow as tf
 
 from dit_jax import preprocessing
 from dit_jax import records
+from dit_jax import runtime
 from dit_jax import vae as vae_lib
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -364,17 +365,13 @@ _TFDS_MANUAL_DIR = flags.DEFINE_string("tfds_manual_dir", None, "TFDS manual dow
 _NUM_WORKERS = flags.DEFINE_integer("num_workers", 16, "Image decoding threads per process.")
 _PRECISION = flags.DEFINE_enum("precision", "high", ["default", "high", "highest"],
                                "Matmul/conv precision of the encoder (TPU: default = 1 bf16 pass).")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() "
-                                 "(multi-host TPU pods / GPU clusters).")
+runtime.define_flags()  # --distributed, --coordinator_address, ... (multi-process jobs)
 
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  # TensorFlow only reads files here; keep it off the accelerators JAX uses.
-  tf.config.set_visible_devices([], "GPU")
-  if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+  runtime.setup()  # hides GPUs from TensorFlow; jax.distributed on pods / clusters
   prepare(_SOURCE.value, _VAE.value, _OUT.value, image_size=_IMAGE_SIZE.value,
           batch_size=_BATCH_SIZE.value, shard_size=_SHARD_SIZE.value, dtype=_DTYPE.value,
           split=_SPLIT.value, tfds_data_dir=_TFDS_DATA_DIR.value, tfds_manual_dir=_TFDS_MANUAL_DIR.value,

@@ -378,24 +378,46 @@ def from_diffusers(config: Mapping[str, Any], state_dict: Mapping[str, Any],
   return module, params
 
 
+def _gfile():
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  return tf.io.gfile
+
+
+def _isfile(path: str) -> bool:
+  # Remote folders (gs://...) go through TensorFlow's file system; local ones need no TensorFlow.
+  return _gfile().exists(path) if "://" in path else os.path.isfile(path)
+
+
+def _read(path: str, mode: str = "rb"):
+  if "://" in path:
+    with _gfile().GFile(path, mode) as f:
+      return f.read()
+  with open(path, mode) as f:
+    return f.read()
+
+
 def find_vae_dir(path: str) -> str:
   """`path` itself, or its `vae/` sub-folder (full Stable Diffusion pipeline folders)."""
   for d in (path, os.path.join(path, "vae")):
-    if os.path.isfile(os.path.join(d, CONFIG_NAME)):
+    if _isfile(os.path.join(d, CONFIG_NAME)):
       return d
   raise FileNotFoundError(f"no {CONFIG_NAME} in {path!r} or {os.path.join(path, 'vae')!r}: expected a diffusers "
                           "AutoencoderKL folder such as stabilityai/sd-vae-ft-ema (see docs/latents.md)")
 
 
 def load_config(path: str) -> dict:
-  with open(os.path.join(find_vae_dir(path), CONFIG_NAME)) as f:
-    return json.load(f)
+  """The diffusers config dict of the VAE folder `path` (local or gs://)."""
+  config_path = os.path.join(find_vae_dir(path), CONFIG_NAME)
+  try:
+    return json.loads(_read(config_path, "r"))
+  except ValueError as e:
+    raise ValueError(f"{config_path}: not valid JSON ({e})") from e
 
 
 def load(path: str, **overrides: Any) -> tuple[AutoencoderKL, dict]:
   """Loads a diffusers AutoencoderKL folder (`config.json` + `diffusion_pytorch_model.safetensors`).
 
-  The weights are read with safetensors' numpy backend, without PyTorch. `overrides` as in
+  `path` may be local or remote (gs://, through tf.io.gfile). The weights are read with safetensors' numpy backend, without PyTorch. `overrides` as in
   `from_diffusers`. Returns (module, params).
   """
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
@@ -403,12 +425,12 @@ def load(path: str, **overrides: Any) -> tuple[AutoencoderKL, dict]:
   d = find_vae_dir(path)
   config = load_config(d)
   candidates = [WEIGHTS_NAME, "diffusion_pytorch_model.fp16.safetensors"]
-  weights = next((os.path.join(d, n) for n in candidates if os.path.isfile(os.path.join(d, n))), None)
+  weights = next((os.path.join(d, n) for n in candidates if _isfile(os.path.join(d, n))), None)
   if weights is None:
     raise FileNotFoundError(f"no {WEIGHTS_NAME} in {d!r}; a PyTorch .bin checkpoint must first be converted to "
                             "safetensors (see docs/latents.md)")
   logging.info("Loading VAE weights from %s", weights)
-  return from_diffusers(config, safetensors.numpy.load_file(weights), **overrides)
+  return from_diffusers(config, safetensors.numpy.load(_read(weights)), **overrides)
 
 
 def to_uint8(x: Array) -> Array:
