@@ -1,0 +1,214 @@
+"""Reference statistics: from an ADM reference batch .npz, an image folder or a TFDS dataset.
+
+ADM's ImageNet reference batches (e.g. VIRTUAL_imagenet256_labeled.npz) hold `arr_0`, uint8
+reference images [M, H, W, 3], and precomputed `mu`, `sigma`, `mu_s`, `sigma_s`. As in ADM, the
+precomputed moments are used for FID/sFID when present, and the images' pool features for
+precision/recall. Computed statistics are cached as an .npz with the same keys plus
+`pool` (the reference pool features) and `source`, so later runs skip the Inception pass.
+"""
+import dataclasses
+import os
+import zipfile
+from typing import Any, Iterator
+
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
+
+from dit_jax.evaluation import features as features_lib
+from dit_jax.evaluation import metrics
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+_MOMENT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
+
+
+@dataclasses.dataclass
+class ReferenceStats:
+  """Moments of pool [2048] and spatial [2023] features; pool features [M, 2048] if known."""
+  mu: np.ndarray
+  sigma: np.ndarray
+  mu_s: np.ndarray
+  sigma_s: np.ndarray
+  pool: np.ndarray | None = None
+  source: str = ""
+
+  @classmethod
+  def from_features(cls, feats: dict[str, np.ndarray], source: str = "") -> "ReferenceStats":
+    mu, sigma = metrics.feature_statistics(feats["pool"])
+    mu_s, sigma_s = metrics.feature_statistics(feats["spatial"])
+    return cls(mu, sigma, mu_s, sigma_s, np.asarray(feats["pool"], np.float32), source)
+
+  def save(self, path: str) -> None:
+    arrays = {k: getattr(self, k) for k in _MOMENT_KEYS}
+    if self.pool is not None:
+      arrays["pool"] = self.pool
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, source=np.asarray(self.source), **arrays)
+    os.replace(tmp, path)
+
+  @classmethod
+  def load(cls, path: str) -> "ReferenceStats":
+    with np.load(path) as data:
+      missing = [k for k in _MOMENT_KEYS if k not in data.files]
+      if missing:
+        raise ValueError(f"{path}: reference statistics lack keys {missing} (has {data.files})")
+      return cls(*(data[k] for k in _MOMENT_KEYS), pool=data["pool"] if "pool" in data.files else None,
+                 source=str(data["source"]) if "source" in data.files else path)
+
+
+def _read_npy_header(f: Any) -> tuple[tuple[int, ...], bool, np.dtype] | None:
+  """(shape, fortran_order, dtype) of an open .npy stream; None for formats read whole."""
+  version = np.lib.format.read_magic(f)
+  if version == (1, 0):
+    return np.lib.format.read_array_header_1_0(f)
+  if version == (2, 0):
+    return np.lib.format.read_array_header_2_0(f)
+  return None
+
+
+def _open_member(archive: zipfile.ZipFile, path: str, key: str) -> Any:
+  if f"{key}.npy" not in archive.namelist():
+    names = [n[:-4] for n in archive.namelist()]
+    raise KeyError(f"{path} has no array {key!r} (arrays: {names})")
+  return archive.open(f"{key}.npy")
+
+
+def iter_npz_array(path: str, key: str = "arr_0", batch_size: int = 256) -> Iterator[np.ndarray]:
+  """Streams one array of an .npz in batches along axis 0, without loading it whole.
+
+  A 50K x 256 x 256 x 3 sample file is 9.8 GB; this reads batch_size rows at a time.
+  """
+  with zipfile.ZipFile(path) as archive, _open_member(archive, path, key) as f:
+    header = _read_npy_header(f)
+    if header is None or header[1] or header[2].hasobject or not header[0]:
+      array = np.load(path)[key]
+      for start in range(0, len(array), batch_size):
+        yield array[start:start + batch_size]
+      return
+    shape, _, dtype = header
+    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+    for start in range(0, shape[0], batch_size):
+      rows = min(batch_size, shape[0] - start)
+      data = f.read(rows * row_bytes)
+      if len(data) != rows * row_bytes:
+        raise ValueError(f"{path}: {key} is truncated at row {start}")
+      yield np.frombuffer(data, dtype).reshape((rows,) + tuple(shape[1:]))
+
+
+def npz_array_info(path: str, key: str = "arr_0") -> tuple[tuple[int, ...], np.dtype]:
+  """(shape, dtype) of one array of an .npz, read from its header only."""
+  with zipfile.ZipFile(path) as archive, _open_member(archive, path, key) as f:
+    header = _read_npy_header(f)
+  if header is None:
+    array = np.load(path)[key]
+    return array.shape, array.dtype
+  return tuple(header[0]), header[2]
+
+
+def check_images(path: str, key: str = "arr_0") -> int:
+  """Validates that `key` in an .npz is uint8 images [N, H, W, 3]; returns N."""
+  shape, dtype = npz_array_info(path, key)
+  if len(shape) != 4 or shape[-1] != 3 or dtype != np.uint8:
+    raise ValueError(f"{path}: {key} must be uint8 images [N, H, W, 3] (ADM layout), "
+                     f"got {dtype} {shape}")
+  return shape[0]
+
+
+def _center_cropped(images: Iterator[Any], resolution: int | None) -> Iterator[np.ndarray]:
+  from dit_jax import preprocessing  # pylint: disable=g-import-not-at-top
+  for image in images:
+    image = preprocessing.open_rgb(image)
+    if resolution:
+      image = preprocessing.center_crop(image, resolution)
+    yield np.asarray(image, np.uint8)
+
+
+def _batched(images: Iterator[np.ndarray], batch_size: int, source: str) -> Iterator[np.ndarray]:
+  batch = []
+  for image in images:
+    if batch and image.shape != batch[0].shape:
+      raise ValueError(f"{source}: images differ in size ({batch[0].shape} vs {image.shape}); "
+                       "pass a resolution to center-crop them")
+    batch.append(image)
+    if len(batch) == batch_size:
+      yield np.stack(batch)
+      batch = []
+  if batch:
+    yield np.stack(batch)
+
+
+def folder_images(directory: str, resolution: int | None = None,
+                  max_images: int | None = None) -> Iterator[np.ndarray]:
+  """uint8 [H, W, 3] images of a folder tree (sorted paths), ADM center-cropped if resolution."""
+  paths = sorted(os.path.join(root, name) for root, _, names in os.walk(directory)
+                 for name in names if name.lower().endswith(IMAGE_EXTENSIONS))
+  if not paths:
+    raise ValueError(f"{directory}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
+  return _center_cropped(iter(paths[:max_images]), resolution)
+
+
+def tfds_images(name: str, split: str = "train", resolution: int | None = None,
+                max_images: int | None = None) -> Iterator[np.ndarray]:
+  """uint8 [H, W, 3] images of a TFDS dataset's 'image' feature, ADM center-cropped."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], "GPU")  # keep TF off the accelerators JAX uses
+  ds = tfds.load(name, split=split, shuffle_files=False)
+  if max_images:
+    ds = ds.take(max_images)
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  return _center_cropped((Image.fromarray(ex["image"]) for ex in tfds.as_numpy(ds)), resolution)
+
+
+def compute_reference(source: str, variables: Any, *, resolution: int | None = None,
+                      max_images: int | None = None, batch_size_per_device: int = 32,
+                      cache_path: str | None = None, mesh: Any = None) -> ReferenceStats:
+  """Reference statistics from `source`, reusing `cache_path` when it was made from the same source.
+
+  Args:
+    source: an ADM reference batch .npz (`arr_0` and/or `mu`, `sigma`, `mu_s`, `sigma_s`), an
+      image folder, or 'tfds:NAME' / 'tfds:NAME:SPLIT' (e.g. 'tfds:imagenet2012:validation').
+    variables: FID Inception variables.
+    resolution: center-crop folder/TFDS images to this size (ADM crop); .npz images are used as is.
+    max_images: use at most this many folder/TFDS images.
+    cache_path: where computed statistics are saved (by process 0) and looked up (by all; used
+      only if every process finds it).
+  """
+  key = f"{source}|resolution={resolution}|max_images={max_images}"
+  cached = None
+  if cache_path and os.path.exists(cache_path):
+    cached = ReferenceStats.load(cache_path)
+    cached = cached if cached.source == key else None
+  hit = cached is not None
+  if jax.process_count() > 1:  # every process must take the same path: the extraction is collective
+    hit = bool(np.all(multihost_utils.process_allgather(np.asarray(hit))))
+  if hit:
+    return cached
+  extract = lambda images: features_lib.extract_features(
+      images, variables, batch_size_per_device=batch_size_per_device, mesh=mesh)
+  if source.startswith("tfds:"):
+    name, _, split = source[len("tfds:"):].partition(":")
+    images = tfds_images(name, split or "train", resolution, max_images)
+    stats = ReferenceStats.from_features(extract(_batched(images, 256, source)), key)
+  elif os.path.isdir(source):
+    images = folder_images(source, resolution, max_images)
+    stats = ReferenceStats.from_features(extract(_batched(images, 256, source)), key)
+  elif source.endswith(".npz") and os.path.isfile(source):
+    with np.load(source) as data:
+      files = data.files
+      moments = [data[k] for k in _MOMENT_KEYS] if all(k in files for k in _MOMENT_KEYS) else None
+    if "arr_0" in files:
+      check_images(source)
+      stats = ReferenceStats.from_features(extract(iter_npz_array(source)), key)
+      if moments is not None:  # ADM: FID against the precomputed moments, P/R against arr_0
+        stats.mu, stats.sigma, stats.mu_s, stats.sigma_s = moments
+    elif moments is not None:  # nothing computed, nothing to cache; no precision/recall
+      return ReferenceStats(*moments, pool=None, source=key)
+    else:
+      raise ValueError(f"{source}: a reference .npz needs arr_0 (uint8 images) or "
+                       f"{', '.join(_MOMENT_KEYS)}; it has {files}")
+  else:
+    raise FileNotFoundError(f"reference {source!r} is not an .npz file, a folder or 'tfds:NAME'")
+  if cache_path and jax.process_index() == 0:
+    stats.save(cache_path)
+  return stats
