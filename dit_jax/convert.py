@@ -218,8 +218,12 @@ def load_converted(ckpt_dir: str) -> tuple[models.DiT, dict]:
 
 
 def _load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
+  """Reads a .pt file safely (weights_only) -> flat {name: float32 array}."""
+  import argparse  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
-  sd = torch.load(path, map_location='cpu', weights_only=True)
+  # Training checkpoints of the release also pickle their argparse.Namespace under 'args'.
+  with torch.serialization.safe_globals([argparse.Namespace]):
+    sd = torch.load(path, map_location='cpu', weights_only=True)
   # Released files are flat state_dicts; training checkpoints hold {'model', 'ema', 'opt', 'args'}.
   for entry in ('ema', 'model'):
     if isinstance(sd, Mapping) and entry in sd and isinstance(sd[entry], Mapping):

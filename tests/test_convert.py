@@ -7,6 +7,7 @@ and its timestep frequencies use exp(-ln(1e4) k / 128) as the release does (diff
 127: `downscale_freq_shift=1`). The released-layout state_dict is assembled from its modules.
 """
 
+import argparse
 import functools
 import json
 
@@ -222,7 +223,9 @@ def test_save_and_load_converted(tmp_path):
 
 def test_torch_checkpoint_reader_handles_wrapped_files(tmp_path):
   sd = {'a.weight': torch.ones(2, 3)}
-  for name, content in (('flat', sd), ('ema', {'ema': sd, 'model': {'b': torch.zeros(1)}}),
+  args = argparse.Namespace(model='DiT-XL/2')  # release training checkpoints pickle their args
+  for name, content in (('flat', sd), ('ema', {'ema': sd, 'model': {'b': torch.zeros(1)},
+                                               'args': args}),
                         ('model', {'model': {'module.' + k: v for k, v in sd.items()}})):
     path = tmp_path / f'{name}.pt'
     torch.save(content, path)
