@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+import tensorflow as tf
+from jax.experimental import multihost_utils
 
 
 def _abspath(path: str) -> str:
@@ -64,12 +67,28 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_train: Any, train_shard
       errors.append(msg)
       continue
     if errors:
+      _set_aside(mngr, [s for s in steps if s > step])
       logging.warning("Restored step %d after skipping %d unreadable checkpoint(s)", step,
                       len(errors))
     return out["train"], out["ema"], out["meta"]
   if errors:
     raise RuntimeError("No checkpoint in the workdir could be restored:\n" + "\n".join(errors))
   return None
+
+
+def _set_aside(mngr: ocp.CheckpointManager, steps: list[int]) -> None:
+  """Moves unreadable checkpoints to checkpoints_unreadable/ (kept for inspection) so the
+  run can write those steps again."""
+  root = str(mngr.directory)
+  dest = root.rstrip("/") + "_unreadable"
+  if jax.process_index() == 0:
+    tf.io.gfile.makedirs(dest)
+    for step in steps:
+      target = os.path.join(dest, f"{step}-{int(time.time())}")
+      tf.io.gfile.rename(os.path.join(root, str(step)), target)
+      logging.warning("Moved unreadable checkpoint %s/%d to %s", root, step, target)
+  multihost_utils.sync_global_devices("set aside unreadable checkpoints")
+  mngr.reload()
 
 
 def restore_ema(workdir: str, abstract_ema: Any, shardings: Any,

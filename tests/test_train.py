@@ -127,6 +127,9 @@ def test_corrupt_latest_checkpoint_falls_back(digits_dir, tmp_path):
       fh.truncate(max(1, os.path.getsize(f) // 3))
   hist = train.train_and_evaluate(tiny_config(digits_dir, total_steps=7), wd)
   assert sorted(hist) == [4, 5, 6, 7]  # resumed from 3, the newest readable checkpoint
+  # The damaged step was set aside, not deleted, and rewritten by the resumed run.
+  assert os.listdir(os.path.join(wd, "checkpoints_unreadable"))[0].startswith("6-")
+  assert os.path.isdir(os.path.join(wd, "checkpoints", "7"))
 
 
 def test_patch_size_that_does_not_divide(digits_dir, tmp_path):

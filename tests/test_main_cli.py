@@ -1,0 +1,142 @@
+"""The entry points as users run them: preemption, kill -9, two processes, sampling."""
+
+import glob
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from dit_jax import train
+from test_train import digits_dir, final_params, tiny_config  # noqa: F401  (fixture)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--config=configs/demo.py", "--config.data.global_batch_size=16",
+        "--config.data.shuffle_buffer=256", "--config.model.overrides.hidden_size=32",
+        "--config.model.overrides.depth=2", "--config.model.overrides.num_heads=2",
+        "--config.log_every_steps=1", "--config.sample.every_steps=0",
+        "--config.sample.num_images=0", "--config.optim.warmup_steps=0"]
+
+
+def main_cmd(workdir, data, *extra):
+  return [sys.executable, "-m", "dit_jax.main", f"--workdir={workdir}", *TINY,
+          f"--config.data.dir={data}", *extra]
+
+
+def env(devices=8):
+  e = dict(os.environ, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="",
+           XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+           PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  return e
+
+
+def steps_saved(workdir):
+  return sorted(int(os.path.basename(p)) for p in glob.glob(os.path.join(workdir, "checkpoints", "*"))
+                if os.path.basename(p).isdigit())
+
+
+def assert_same_params(a, b):
+  _, pa, ea = final_params(a)
+  _, pb, eb = final_params(b)
+  for x, y in ((pa, pb), (ea, eb)):
+    for u, v in zip(__import__("jax").tree.leaves(x), __import__("jax").tree.leaves(y)):
+      np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-7)
+
+
+def test_sigterm_saves_and_resumes(digits_dir, tmp_path):  # noqa: F811
+  wd = str(tmp_path / "run")
+  p = subprocess.Popen(main_cmd(wd, digits_dir, "--config.total_steps=100000",
+                                "--config.checkpoint.every_steps=100000"),
+                       cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       text=True)
+  log = []
+  for line in p.stdout:  # wait until it is training
+    log.append(line)
+    if "] [3] " in line and "loss=" in line:
+      break
+  p.send_signal(signal.SIGTERM)
+  out, _ = p.communicate(timeout=300)
+  assert p.returncode == 0, "".join(log) + out
+  saved = steps_saved(wd)
+  assert len(saved) == 1 and saved[0] >= 3, saved
+  k = saved[0]
+  resumed = subprocess.run(main_cmd(wd, digits_dir, f"--config.total_steps={k + 2}"),
+                           cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"Resumed from step {k}" in resumed.stderr
+  ref = str(tmp_path / "ref")
+  c = tiny_config(digits_dir, total_steps=k + 2, **{"checkpoint.every_steps": 100000})
+  train.train_and_evaluate(c, ref)
+  assert_same_params(wd, ref)
+
+
+def test_kill_9_resumes_with_nothing_lost(digits_dir, tmp_path):  # noqa: F811
+  wd = str(tmp_path / "run")
+  p = subprocess.Popen(main_cmd(wd, digits_dir, "--config.total_steps=100000",
+                                "--config.checkpoint.every_steps=2"),
+                       cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 400
+  while time.time() < deadline and not [s for s in steps_saved(wd) if s >= 4]:
+    time.sleep(0.2)
+  p.kill()  # SIGKILL, possibly in the middle of writing a checkpoint
+  p.wait()
+  saved = steps_saved(wd)
+  assert saved and saved[-1] >= 4, saved
+  total = saved[-1] + 3
+  resumed = subprocess.run(main_cmd(wd, digits_dir, f"--config.total_steps={total}",
+                                    "--config.checkpoint.every_steps=2"),
+                           cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  ref = str(tmp_path / "ref")
+  train.train_and_evaluate(tiny_config(digits_dir, total_steps=total,
+                                       **{"checkpoint.every_steps": 2}), ref)
+  assert steps_saved(wd)[-1] == total
+  assert_same_params(wd, ref)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_and_checkpoint_together(digits_dir, tmp_path):  # noqa: F811
+  wd = str(tmp_path / "run")
+  port = _free_port()
+  procs = [subprocess.Popen(
+      main_cmd(wd, digits_dir, "--config.total_steps=4", "--config.checkpoint.every_steps=4",
+               "--config.mesh.fsdp=2", f"--coordinator_address=127.0.0.1:{port}",
+               "--num_processes=2", f"--process_id={i}"),
+      cwd=ROOT, env=env(devices=4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(2)]
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-4000:]
+  assert "JAX process 1/2, 4 local / 8 global devices" in outs[1]
+  assert steps_saved(wd) == [4]
+  # One process with 8 devices restores the two-process checkpoint and continues.
+  hist = train.train_and_evaluate(tiny_config(digits_dir, total_steps=5), wd)
+  assert sorted(hist) == [5] and np.isfinite(hist[5]["loss"])
+
+
+def test_sample_cli_writes_adm_npz(digits_dir, tmp_path):  # noqa: F811
+  wd = str(tmp_path / "run")
+  train.train_and_evaluate(tiny_config(digits_dir, total_steps=2), wd)
+  out = str(tmp_path / "s" / "samples.npz")
+  r = subprocess.run([sys.executable, "-m", "dit_jax.sample", f"--workdir={wd}",
+                      "--num_samples=10", "--batch_size=8", "--respacing=5", "--cfg_scale=2",
+                      f"--out={out}"], cwd=ROOT, env=env(), capture_output=True, text=True,
+                     timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  with np.load(out) as f:
+    assert f["arr_0"].shape == (10, 8, 8, 1) and f["arr_0"].dtype == np.uint8
+    assert f["arr_1"].shape == (10,) and f["arr_1"].min() >= 0 and f["arr_1"].max() < 10
+  assert os.path.exists(str(tmp_path / "s" / "samples.png"))
+  r = subprocess.run([sys.executable, "-m", "dit_jax.sample", f"--workdir={tmp_path / 'none'}",
+                      f"--out={out}"], cwd=ROOT, env=env(), capture_output=True, text=True,
+                     timeout=300)
+  assert r.returncode != 0 and "no checkpoint found" in r.stderr
