@@ -16,7 +16,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dit_jax.diffusion import create_diffusion
 from dit_jax.diffusion import kept_half_model_fn

@@ -65,7 +65,8 @@ def test_posterior_coefficients_from_bayes_rule():
   prec = 1 / (1 - abp[t]) + (1 - b[t]) / b[t]
   var = 1 / prec
   np.testing.assert_allclose(d.posterior_variance[t], var, rtol=1e-9)
-  np.testing.assert_allclose(d.posterior_mean_coef1[t], var * np.sqrt(abp[t]) / (1 - abp[t]), rtol=1e-9)
+  np.testing.assert_allclose(d.posterior_mean_coef1[t], var * np.sqrt(abp[t]) / (1 - abp[t]),
+                             rtol=1e-9)
   np.testing.assert_allclose(d.posterior_mean_coef2[t], var * np.sqrt(1 - b[t]) / b[t], rtol=1e-9)
   assert d.posterior_variance[0] == 0.0
   np.testing.assert_allclose(d.posterior_log_variance_clipped[:2], np.log(var[0]), rtol=1e-12)

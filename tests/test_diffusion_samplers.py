@@ -172,7 +172,8 @@ def test_guided_sampler_jits_once_over_scales():
   key = jax.random.PRNGKey(4)
   s1, s3 = sample(1.0, key), sample(3.0, key)
   assert sample._cache_size() == 1
-  cond = jax.jit(lambda k: d.ddim_sample_loop(lambda x, t: _labelled_model_fn(x, t, y), shape, k))(key)
+  cond_fn = lambda x, t: _labelled_model_fn(x, t, y)
+  cond = jax.jit(lambda k: d.ddim_sample_loop(cond_fn, shape, k))(key)
   np.testing.assert_allclose(s1, cond, rtol=1e-5, atol=1e-6)
   assert float(jnp.abs(s3 - s1).max()) > 1e-3
 
@@ -196,7 +197,8 @@ def test_progress_callback_and_errors():
   d = create_diffusion("10")
   seen = []
   fn = lambda x, t: jnp.zeros(x.shape[:-1] + (8,))
-  out = jax.jit(lambda k: d.p_sample_loop(fn, (1, 2, 2, 4), k, progress=lambda i, n: seen.append((i, n)),
+  report = lambda i, n: seen.append((i, n))
+  out = jax.jit(lambda k: d.p_sample_loop(fn, (1, 2, 2, 4), k, progress=report,
                                           progress_every=5))(jax.random.PRNGKey(0))
   out.block_until_ready()
   jax.effects_barrier()
