@@ -24,6 +24,7 @@ import torch
 
 from dit_jax import evaluate
 from dit_jax.evaluation import convert, features, inception
+from dit_jax.evaluation import reference as reference_lib
 
 SIZE = 256  # DiT's sample size: exercises the 256 -> 299 resize; one compilation for all tests
 
@@ -174,3 +175,21 @@ def test_cli_fid_ranks_jpeg_copy_above_other_images(tmp_path, torch_reference):
   assert 0.0 < results["jpeg"]["fid"] < 0.5 * results["other"]["fid"]
   assert results["jpeg"]["sfid"] < results["other"]["sfid"]
   assert results["jpeg"]["precision"] > results["other"]["precision"]
+
+
+def test_reference_from_tfds_is_cached(tmp_path, variables):
+  tfds = pytest.importorskip("tensorflow_datasets")
+  cache = str(tmp_path / "cifar_stats.npz")
+  with tfds.testing.mock_data(num_examples=5):
+    stats = reference_lib.compute_reference("tfds:cifar10:train", variables, resolution=SIZE,
+                                            max_images=3, batch_size_per_device=1, cache_path=cache)
+  assert stats.pool.shape == (3, inception.POOL_DIM)
+  assert stats.sigma_s.shape == (inception.SPATIAL_DIM, inception.SPATIAL_DIM)
+  with mock.patch.object(features, "extract_features", side_effect=AssertionError("recomputed")), \
+       tfds.testing.mock_data(num_examples=5):
+    cached = reference_lib.compute_reference("tfds:cifar10:train", variables, resolution=SIZE,
+                                             max_images=3, cache_path=cache)
+    np.testing.assert_array_equal(cached.mu, stats.mu)
+    with pytest.raises(AssertionError, match="recomputed"):  # another source is not a cache hit
+      reference_lib.compute_reference("tfds:cifar10:train", variables, resolution=SIZE,
+                                      max_images=2, cache_path=cache)
