@@ -47,7 +47,8 @@ def _rebatch(batches: Iterable[np.ndarray], size: int) -> Iterator[tuple[np.ndar
 
 
 def _as_batches(images: np.ndarray | Iterable[np.ndarray], size: int) -> Iterable[np.ndarray]:
-  if isinstance(images, np.ndarray):
+  if isinstance(images, (np.ndarray, jax.Array)):
+    images = np.asarray(images)
     if images.ndim != 4:
       raise ValueError(f"images must be [N, H, W, 3], got shape {images.shape}")
     return (images[i:i + size] for i in range(0, len(images), size))
