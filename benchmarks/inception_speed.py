@@ -21,7 +21,7 @@ _PRECISION = flags.DEFINE_enum("precision", "highest", ["highest", "default"],
 
 
 def random_variables(shape: tuple[int, ...]) -> dict:
-  """He-scaled normal kernels, identity batch norm; drawn with numpy (flax init takes ~1 min here)."""
+  """He-scaled normal kernels, identity batch norm; numpy draws (flax init takes ~1 min here)."""
   rng = np.random.default_rng(0)
 
   def draw(path, leaf):
@@ -36,7 +36,7 @@ def random_variables(shape: tuple[int, ...]) -> dict:
 
 def main(argv: list[str]) -> None:
   del argv
-  precision = jax.lax.Precision.HIGHEST if _PRECISION.value == "highest" else jax.lax.Precision.DEFAULT
+  precision = jax.lax.Precision[_PRECISION.value.upper()]
   shape = (1, _RESOLUTION.value, _RESOLUTION.value, 3)
   variables = random_variables(shape)
   mesh = features.data_mesh()
@@ -51,16 +51,17 @@ def main(argv: list[str]) -> None:
   start = time.perf_counter()
   run(_STEPS.value)
   elapsed = time.perf_counter() - start
-  placed = jax.ShapeDtypeStruct(images.shape, images.dtype,
-                                sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+  batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  placed = jax.ShapeDtypeStruct(images.shape, images.dtype, sharding=batch_sharding)
   cost = fn.lower(variables, placed).cost_analysis()  # HLO count, no second compile
   cost = cost[0] if isinstance(cost, list) else cost
   flops = (cost or {}).get("flops", float("nan")) / global_batch
-  print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; global batch {global_batch} "
-        f"at {_RESOLUTION.value}x{_RESOLUTION.value}; precision {_PRECISION.value}")
+  print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; "
+        f"global batch {global_batch} at {_RESOLUTION.value}x{_RESOLUTION.value}; "
+        f"precision {_PRECISION.value}")
   print(f"first call (compile + 1 step): {compile_s:.1f} s")
-  print(f"{_STEPS.value * global_batch / elapsed:.2f} images/s ({elapsed / _STEPS.value:.3f} s/step); "
-        f"{flops / 1e9:.2f} GFLOP/image (XLA count)")
+  print(f"{_STEPS.value * global_batch / elapsed:.2f} images/s "
+        f"({elapsed / _STEPS.value:.3f} s/step); {flops / 1e9:.2f} GFLOP/image (XLA count)")
 
 
 if __name__ == "__main__":

@@ -31,14 +31,18 @@ _RESOLUTION = flags.DEFINE_integer(
 _MAX_REFERENCE = flags.DEFINE_integer("reference_max_images", None,
                                       "Use at most this many folder/TFDS reference images.")
 _BATCH = flags.DEFINE_integer("batch_size_per_device", 32, "Inception batch per device.")
-_FID_METHOD = flags.DEFINE_enum("fid_method", "sqrtm", ["sqrtm", "eigh"],
-                                "sqrtm: ADM's scipy sqrtm; eigh: same value, faster, robust for N < 2048.")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
+_FID_METHOD = flags.DEFINE_enum(
+    "fid_method", "sqrtm", ["sqrtm", "eigh"],
+    "sqrtm: ADM's scipy sqrtm; eigh: same value, faster, robust for N < 2048.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
+                                 "Call jax.distributed.initialize() (multi-host).")
 
 
 def default_cache_path(reference_source: str, out: str | None, samples: str) -> str:
-  name = re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.basename(reference_source.rstrip("/")))
-  return os.path.join(os.path.dirname(os.path.abspath(out or samples)), f"{name}.inception_stats.npz")
+  name = os.path.basename(reference_source.rstrip("/"))
+  name = re.sub(r"[^A-Za-z0-9._-]+", "_", name[:-4] if name.endswith(".npz") else name)
+  directory = os.path.dirname(os.path.abspath(out or samples))
+  return os.path.join(directory, f"{name}.inception_stats.npz")
 
 
 def main(argv: list[str]) -> None:

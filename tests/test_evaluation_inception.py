@@ -44,13 +44,14 @@ def torch_reference(tmp_path_factory):
   """(torch module with random weights, path of its saved state dict)."""
   module = _torch_fidelity_inception_module()
   with mock.patch.object(module, "load_state_dict_from_url", lambda *a, **k: {}), \
-       mock.patch.object(module.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None):
+       mock.patch.object(module.FeatureExtractorInceptionV3, "load_state_dict", lambda *_: None):
     net = module.FeatureExtractorInceptionV3("fid", ["2048", "logits_unbiased", "logits"])
   gen = torch.Generator().manual_seed(0)
   with torch.no_grad():
     for m in net.modules():
       if isinstance(m, torch.nn.Conv2d):  # He init keeps activations O(1) through 94 layers
-        m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * (2.0 / m.weight[0].numel()) ** 0.5)
+        std = (2.0 / m.weight[0].numel()) ** 0.5
+        m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * std)
       elif isinstance(m, torch.nn.BatchNorm2d):
         n = m.num_features
         m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
@@ -120,7 +121,8 @@ def test_converted_npz_round_trip(tmp_path, variables):
   path = str(tmp_path / "inception.npz")
   convert.save_variables(variables, path)
   loaded = convert.load_inception(path)
-  np.testing.assert_array_equal(loaded["params"]["fc"]["kernel"], variables["params"]["fc"]["kernel"])
+  np.testing.assert_array_equal(loaded["params"]["fc"]["kernel"],
+                                variables["params"]["fc"]["kernel"])
   np.testing.assert_array_equal(loaded["batch_stats"]["Mixed_7c"]["branch_pool"]["bn"]["var"],
                                 variables["batch_stats"]["Mixed_7c"]["branch_pool"]["bn"]["var"])
   with pytest.raises(FileNotFoundError, match="missing.pth"):

@@ -104,7 +104,8 @@ def test_precision_recall_on_known_clouds():
   assert metrics.precision_recall(ref, ref.copy(), row_block=64) == (1.0, 1.0)
   assert metrics.precision_recall(ref, ref + 100.0, row_block=64) == (0.0, 0.0)
   # Reference = two far-apart clusters, samples = fresh draws from one: precision 1, recall 1/2.
-  two = np.concatenate([rng.normal(size=(150, 2)), rng.normal(size=(150, 2)) + 50]).astype(np.float32)
+  two = np.concatenate([rng.normal(size=(150, 2)), rng.normal(size=(150, 2)) + 50])
+  two = two.astype(np.float32)
   one = rng.normal(size=(150, 2)).astype(np.float32)
   precision, recall = metrics.precision_recall(two, one, row_block=64)
   assert precision > 0.95

@@ -123,8 +123,8 @@ def load_inception(path: str) -> Variables:
     expected = _expected_shapes()
     missing = sorted("/".join(k) for k in set(expected) - set(flat))
     unexpected = sorted("/".join(k) for k in set(flat) - set(expected))
-    wrong = sorted(f"{'/'.join(k)}: {flat[k].shape} != {expected[k]}" for k in set(flat) & set(expected)
-                   if tuple(flat[k].shape) != expected[k])
+    wrong = sorted(f"{'/'.join(k)}: {flat[k].shape} != {expected[k]}"
+                   for k in set(flat) & set(expected) if tuple(flat[k].shape) != expected[k])
     if missing or unexpected or wrong:
       raise ValueError(f"{path} does not hold FID Inception variables: missing {missing}, "
                        f"unexpected {unexpected}, shape mismatches {wrong}")

@@ -26,7 +26,8 @@ def compute_metrics(feats: dict[str, np.ndarray], reference: ReferenceStats, *,
       "inception_score": metrics.inception_score(feats["logits_unbiased"], is_split_size),
   }
   if reference.pool is not None:
-    result["precision"], result["recall"] = metrics.precision_recall(reference.pool, feats["pool"], k)
+    result["precision"], result["recall"] = metrics.precision_recall(
+        reference.pool, feats["pool"], k)
   return result
 
 

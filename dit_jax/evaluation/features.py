@@ -62,8 +62,8 @@ def make_extract_fn(mesh: Mesh, precision: jax.lax.Precision = jax.lax.Precision
   Cached per mesh, so periodic evaluations in a training job compile once per image shape.
   """
   model = inception.FIDInceptionV3(precision=precision)
-  return jax.jit(model.apply, in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))),
-                 out_shardings=NamedSharding(mesh, P("data")))
+  replicated, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  return jax.jit(model.apply, in_shardings=(replicated, batch), out_shardings=batch)
 
 
 def extract_features(images: np.ndarray | Iterable[np.ndarray], variables: Any, *,

@@ -73,8 +73,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     if np.iscomplexobj(covmean):
       if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
         raise ValueError("frechet_distance: sqrtm has an imaginary component of "
-                         f"{np.max(np.abs(covmean.imag)):.3g}; too few samples for the feature size? "
-                         "method='eigh' handles singular covariances")
+                         f"{np.max(np.abs(covmean.imag)):.3g}; too few samples for the feature "
+                         "size? method='eigh' handles singular covariances")
       covmean = covmean.real
     tr_covmean = np.trace(covmean)
   else:
@@ -149,9 +149,10 @@ def precision_recall(reference: np.ndarray, samples: np.ndarray, k: int = 3,
   if reference.ndim != 2 or samples.ndim != 2 or reference.shape[1] != samples.shape[1]:
     raise ValueError(f"precision_recall: features must be [N, D] with equal D, got "
                      f"{reference.shape} and {samples.shape}")
-  ref_radii, sample_radii = manifold_radii(reference, k, row_block), manifold_radii(samples, k, row_block)
+  ref_radii = jnp.asarray(manifold_radii(reference, k, row_block))
+  sample_radii = jnp.asarray(manifold_radii(samples, k, row_block))
   ref_dev, sample_dev = jnp.asarray(reference), jnp.asarray(samples)
-  in_ref = _row_blocks(lambda r: _inside_any_ball(r, ref_dev, jnp.asarray(ref_radii)), samples, row_block)
-  in_samples = _row_blocks(lambda r: _inside_any_ball(r, sample_dev, jnp.asarray(sample_radii)),
-                           reference, row_block)
+  in_ref = _row_blocks(lambda r: _inside_any_ball(r, ref_dev, ref_radii), samples, row_block)
+  in_samples = _row_blocks(lambda r: _inside_any_ball(r, sample_dev, sample_radii), reference,
+                           row_block)
   return float(in_ref.mean()), float(in_samples.mean())

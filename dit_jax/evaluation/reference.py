@@ -52,8 +52,9 @@ class ReferenceStats:
       missing = [k for k in _MOMENT_KEYS if k not in data.files]
       if missing:
         raise ValueError(f"{path}: reference statistics lack keys {missing} (has {data.files})")
-      return cls(*(data[k] for k in _MOMENT_KEYS), pool=data["pool"] if "pool" in data.files else None,
-                 source=str(data["source"]) if "source" in data.files else path)
+      pool = data["pool"] if "pool" in data.files else None
+      source = str(data["source"]) if "source" in data.files else path
+      return cls(*(data[k] for k in _MOMENT_KEYS), pool=pool, source=source)
 
 
 def _read_npy_header(f: Any) -> tuple[tuple[int, ...], bool, np.dtype] | None:
