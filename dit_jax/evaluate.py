@@ -7,7 +7,7 @@
 --samples is an ADM sample batch: `arr_0` uint8 [N, H, W, 3] (`arr_1` labels are ignored).
 --reference is an ADM reference batch .npz, an image folder or 'tfds:NAME[:SPLIT]'; its features
 are cached next to --out (see docs/evaluation.md). On a multi-host TPU pod run the same command on
-every host with --distributed.
+every host: jax.distributed is initialised as by the other entry points (dit_jax/runtime.py).
 """
 import json
 import os
@@ -16,6 +16,7 @@ import re
 from absl import app, flags, logging
 import jax
 
+from dit_jax import runtime
 from dit_jax.evaluation import convert, evaluator, reference
 
 _SAMPLES = flags.DEFINE_string("samples", None, "Sample batch .npz (arr_0: uint8 [N, H, W, 3]).")
@@ -34,8 +35,7 @@ _BATCH = flags.DEFINE_integer("batch_size_per_device", 32, "Inception batch per 
 _FID_METHOD = flags.DEFINE_enum(
     "fid_method", "sqrtm", ["sqrtm", "eigh"],
     "sqrtm: ADM's scipy sqrtm; eigh: same value, faster, robust for N < 2048.")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
-                                 "Call jax.distributed.initialize() (multi-host).")
+runtime.define_flags()
 
 
 def default_cache_path(reference_source: str, out: str | None, samples: str) -> str:
@@ -48,8 +48,7 @@ def default_cache_path(reference_source: str, out: str | None, samples: str) -> 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+  runtime.setup()  # jax.distributed on pods; TensorFlow (TFDS references) off the accelerators
   num_samples = reference.check_images(_SAMPLES.value)
   variables = convert.load_inception(_INCEPTION.value)
   cache = _REFERENCE_CACHE.value or default_cache_path(_REFERENCE.value, _OUT.value, _SAMPLES.value)

@@ -10,22 +10,21 @@ import importlib.util
 import io
 import json
 import os
+import subprocess
 import sys
 import types
 from unittest import mock
 
-from absl import flags
-from absl.testing import flagsaver
 import numpy as np
 from PIL import Image
 import pytest
 from threadpoolctl import threadpool_limits
 import torch
 
-from dit_jax import evaluate
-from dit_jax.evaluation import convert, features, inception
+from dit_jax.evaluation import convert, evaluator, features, inception
 from dit_jax.evaluation import reference as reference_lib
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 256  # DiT's sample size: exercises the 256 -> 299 resize; one compilation for all tests
 
 
@@ -144,7 +143,10 @@ def _jpeg(images: np.ndarray, quality: int = 75) -> np.ndarray:
   return np.stack(out)
 
 
-def test_cli_fid_ranks_jpeg_copy_above_other_images(tmp_path, torch_reference):
+def test_fid_ranks_jpeg_copy_above_other_images_cli_and_library(tmp_path, variables):
+  """Reference: 8 crops of one photo. The JPEG copy of them must score far better than 8 crops
+  of another photo. The first set goes through the CLI (a subprocess, as users run it), the
+  second through `evaluate_samples` with the reference statistics the CLI cached."""
   from sklearn.datasets import load_sample_images  # pylint: disable=g-import-not-at-top
   china, flower = load_sample_images().images
   rng = np.random.default_rng(0)
@@ -153,30 +155,34 @@ def test_cli_fid_ranks_jpeg_copy_above_other_images(tmp_path, torch_reference):
   ref_dir.mkdir()
   for i, image in enumerate(real):
     Image.fromarray(image).save(ref_dir / f"{i:02d}.png")
-  sample_sets = {"jpeg": _jpeg(real), "other": _crops(flower, 8, rng)}
-  results = {}
-  for name, images in sample_sets.items():
-    np.savez(tmp_path / f"{name}.npz", arr_0=images, arr_1=np.zeros(len(images), np.int64))
-    out = tmp_path / f"{name}.json"
-    with flagsaver.flagsaver(samples=str(tmp_path / f"{name}.npz"), reference=str(ref_dir),
-                             inception=torch_reference[1], out=str(out), fid_method="eigh",
-                             batch_size_per_device=1):
-      if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()
-      # One BLAS thread: OpenBLAS threads spin badly on the shared 2-core CI box, making the
-      # 2048-d eigendecompositions of FID/sFID ~7x slower.
-      with threadpool_limits(limits=1, user_api="blas"):
-        evaluate.main(["evaluate"])
-    results[name] = json.loads(out.read_text())
+  np.savez(tmp_path / "jpeg.npz", arr_0=_jpeg(real), arr_1=np.zeros(8, np.int64))
+  weights = str(tmp_path / "inception.npz")  # the converted form: no torch import in the CLI
+  convert.save_variables(variables, weights)
+  # One BLAS thread: OpenBLAS threads spin badly on a shared 2-core CI box, making the 2048-d
+  # eigendecompositions of FID/sFID several times slower.
+  env = dict(os.environ, OPENBLAS_NUM_THREADS="1",
+             PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  run = subprocess.run(
+      [sys.executable, "-m", "dit_jax.evaluate", f"--samples={tmp_path / 'jpeg.npz'}",
+       f"--reference={ref_dir}", f"--inception={weights}", f"--out={tmp_path / 'jpeg.json'}",
+       "--fid_method=eigh", "--batch_size_per_device=1"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, run.stderr[-3000:]
+  jpeg = json.loads((tmp_path / "jpeg.json").read_text())
+  assert "fid: " in run.stdout
   cache = tmp_path / "reference.inception_stats.npz"
-  assert cache.exists()
-  for result in results.values():
+  ref = reference_lib.ReferenceStats.load(str(cache))
+  assert ref.pool.shape == (8, inception.POOL_DIM)
+  with threadpool_limits(limits=1, user_api="blas"):
+    other = evaluator.evaluate_samples(_crops(flower, 8, rng), variables, ref,
+                                       batch_size_per_device=1, fid_method="eigh")
+  for result in (jpeg, other):
     assert result["num_samples"] == 8
     assert 0.0 <= result["precision"] <= 1.0 and 0.0 <= result["recall"] <= 1.0
     assert result["inception_score"] >= 1.0
-  assert 0.0 < results["jpeg"]["fid"] < 0.5 * results["other"]["fid"]
-  assert results["jpeg"]["sfid"] < results["other"]["sfid"]
-  assert results["jpeg"]["precision"] > results["other"]["precision"]
+  assert 0.0 < jpeg["fid"] < 0.5 * other["fid"]
+  assert jpeg["sfid"] < other["sfid"]
+  assert jpeg["precision"] > other["precision"]
 
 
 def test_reference_from_tfds_is_cached(tmp_path, variables):

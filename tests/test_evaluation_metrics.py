@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import linalg, special
 
-from dit_jax.evaluation import metrics, reference
+from dit_jax.evaluation import features, metrics, reference
 
 
 def _rotation(d: int, seed: int) -> np.ndarray:
@@ -147,3 +147,14 @@ def test_reference_stats_round_trip_and_moments_only_npz(tmp_path):
   ref = reference.compute_reference(str(tmp_path / "moments.npz"), variables=None)
   np.testing.assert_array_equal(ref.sigma, stats.sigma)
   assert ref.pool is None
+
+
+def test_rebatch_pads_last_batch_and_replicates_grayscale():
+  rebatch = features._rebatch  # pylint: disable=protected-access
+  gray = np.arange(5 * 2 * 2, dtype=np.uint8).reshape(5, 2, 2, 1)
+  batches = list(rebatch([gray[:3], gray[3:]], 4))
+  assert [(b.shape, valid) for b, valid in batches] == [((4, 2, 2, 3), 4), ((4, 2, 2, 3), 1)]
+  np.testing.assert_array_equal(batches[1][0][0], np.repeat(gray[4], 3, axis=-1))
+  assert not batches[1][0][1:].any()
+  with pytest.raises(ValueError, match="NHWC"):
+    list(rebatch([np.zeros((2, 4, 4, 2), np.uint8)], 4))

@@ -31,8 +31,11 @@ def _rebatch(batches: Iterable[np.ndarray], size: int) -> Iterator[tuple[np.ndar
   pending, count = [], 0
   for batch in batches:
     batch = np.asarray(batch)
-    if batch.ndim != 4 or batch.shape[-1] != 3:
-      raise ValueError(f"images must be NHWC RGB batches [N, H, W, 3], got shape {batch.shape}")
+    if batch.ndim != 4 or batch.shape[-1] not in (1, 3):
+      raise ValueError(f"images must be NHWC batches [N, H, W, 3] (or 1 channel), "
+                       f"got {batch.shape}")
+    if batch.shape[-1] == 1:  # grayscale: replicate to RGB, as FID tools do
+      batch = np.repeat(batch, 3, axis=-1)
     while len(batch):
       take = min(size - count, len(batch))
       pending.append(batch[:take])
@@ -73,7 +76,8 @@ def extract_features(images: np.ndarray | Iterable[np.ndarray], variables: Any, 
 
   Args:
     images: uint8 (or float in [0, 255]) NHWC images, an array [N, H, W, 3] or an iterable of
-      such batches of any sizes. In a multi-process job every process must pass the same images.
+      such batches of any sizes; 1-channel images are replicated to RGB. In a multi-process
+      job every process must pass the same images.
     variables: FID Inception variables (`convert.load_inception`).
     batch_size_per_device: images per device per step; the global batch is this x device count.
     mesh: 1-D mesh with axis 'data' (default: `data_mesh()`).
