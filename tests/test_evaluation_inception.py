@@ -201,3 +201,9 @@ def test_reference_from_tfds_is_cached(tmp_path, variables):
     with pytest.raises(AssertionError, match="recomputed"):  # another source is not a cache hit
       reference_lib.compute_reference("tfds:cifar10:train", variables, resolution=SIZE,
                                       max_images=2, cache_path=cache)
+    other_weights = {c: dict(v) for c, v in variables.items()}
+    other_weights["params"]["fc"] = {"kernel": variables["params"]["fc"]["kernel"],
+                                     "bias": variables["params"]["fc"]["bias"] + 1.0}
+    with pytest.raises(AssertionError, match="recomputed"):  # nor are other Inception weights
+      reference_lib.compute_reference("tfds:cifar10:train", other_weights, resolution=SIZE,
+                                      max_images=3, cache_path=cache)

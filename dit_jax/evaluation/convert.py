@@ -15,6 +15,7 @@ Converted variables can be saved as a flat .npz (keys 'params/Mixed_5b/branch1x1
 so hosts without PyTorch can load them:
   python -m dit_jax.evaluation.convert pt_inception-2015-12-05-6726825d.pth inception_fid.npz
 """
+import hashlib
 import os
 from typing import Any, Callable, Mapping
 
@@ -99,6 +100,15 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
   if not isinstance(state_dict, Mapping):
     raise ValueError(f"{path}: expected a state dict (mapping of tensors), got {type(state_dict)}")
   return {k: _to_numpy(v) for k, v in state_dict.items()}
+
+
+def fingerprint(variables: Variables) -> str:
+  """Short hash of the first conv and the classifier: tells weight files apart in caches."""
+  digest = hashlib.sha256()
+  for array in (variables["params"]["Conv2d_1a_3x3"]["conv"]["kernel"],
+                variables["params"]["fc"]["kernel"], variables["params"]["fc"]["bias"]):
+    digest.update(np.ascontiguousarray(array, np.float32).tobytes())
+  return digest.hexdigest()[:16]
 
 
 def save_variables(variables: Variables, path: str) -> None:

@@ -15,6 +15,7 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
+from dit_jax.evaluation import convert
 from dit_jax.evaluation import features as features_lib
 from dit_jax.evaluation import metrics
 
@@ -164,7 +165,7 @@ def tfds_images(name: str, split: str = "train", resolution: int | None = None,
 def compute_reference(source: str, variables: Any, *, resolution: int | None = None,
                       max_images: int | None = None, batch_size_per_device: int = 32,
                       cache_path: str | None = None, mesh: Any = None) -> ReferenceStats:
-  """Reference statistics from `source`, reusing `cache_path` when it was made from the same source.
+  """Reference statistics from `source`, reusing `cache_path` if made from the same source/weights.
 
   Args:
     source: an ADM reference batch .npz (`arr_0` and/or `mu`, `sigma`, `mu_s`, `sigma_s`), an
@@ -175,7 +176,8 @@ def compute_reference(source: str, variables: Any, *, resolution: int | None = N
     cache_path: where computed statistics are saved (by process 0) and looked up (by all; used
       only if every process finds it).
   """
-  key = f"{source}|resolution={resolution}|max_images={max_images}"
+  key = (f"{source}|resolution={resolution}|max_images={max_images}"
+         f"|inception={convert.fingerprint(variables) if variables is not None else None}")
   cached = None
   if cache_path and os.path.exists(cache_path):
     cached = ReferenceStats.load(cache_path)
