@@ -17,7 +17,6 @@ shards are skipped on a rerun; unreadable images are logged, skipped and counted
 """
 import collections
 import concurrent.futures
-import hashlib
 import json
 import os
 import time
@@ -256,14 +255,6 @@ def _check_same_run(path: str, run: dict) -> None:
                      "use a new --out directory or delete the old shards")
 
 
-def _hash_file(path: str) -> str:
-  h = hashlib.sha256()
-  with tf.io.gfile.GFile(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 22), b""):
-      h.update(chunk)
-  return h.hexdigest()
-
-
 def prepare(source: str, vae: str, out: str, image_size: int = 256, batch_size: int = 64,
             shard_size: int = 1024, dtype: str = "float16", split: str = "train",
             tfds_data_dir: str | None = None, tfds_manual_dir: str | None = None,
@@ -281,7 +272,7 @@ def prepare(source: str, vae: str, out: str, image_size: int = 256, batch_size: 
   encode, info = make_encoder(vae, image_size, precision)
   if info["vae"] != "identity":
     weights = os.path.join(vae_lib.find_vae_dir(vae), vae_lib.WEIGHTS_NAME)
-    info["vae_weights_sha256"] = _hash_file(weights) if tf.io.gfile.exists(weights) else None
+    info["vae_weights_sha256"] = records.sha256(weights) if tf.io.gfile.exists(weights) else None
   tf.io.gfile.makedirs(out)
   pc, pi = jax.process_count(), jax.process_index()
   run = {"source": source, "split": split if source.startswith("tfds:") else None, "vae": info["vae"],

@@ -36,7 +36,8 @@ MANIFEST = "manifest.json"
 SUPPORTED_DTYPES = ("float16", "float32")
 
 
-def _sha256(path: str) -> str:
+def sha256(path: str) -> str:
+  """Hex sha256 of a (local or gs://) file, streamed."""
   h = hashlib.sha256()
   with tf.io.gfile.GFile(path, "rb") as f:
     for chunk in iter(lambda: f.read(1 << 22), b""):
@@ -93,7 +94,7 @@ def write_shard(path: str, labels: np.ndarray, mean: np.ndarray, std: np.ndarray
       "file": os.path.basename(path),
       "count": int(n),
       "bytes": int(tf.io.gfile.stat(path).length),
-      "sha256": _sha256(path),
+      "sha256": sha256(path),
       "latent_shape": [int(d) for d in mean.shape[2:]],
       "dtype": dtype,
       "extra": extra or {},
@@ -187,7 +188,7 @@ def check_shards(data_dir: str, manifest: dict, files: Sequence[str] | None = No
     if size != s["bytes"]:
       raise ValueError(f"{path}: shard is {size} bytes but the manifest says {s['bytes']} "
                        "(truncated or corrupt; re-run dit_jax.prepare_latents for it)")
-    if verify_checksums and _sha256(path) != s["sha256"]:
+    if verify_checksums and sha256(path) != s["sha256"]:
       raise ValueError(f"{path}: sha256 does not match the manifest (corrupt shard)")
 
 

@@ -104,7 +104,7 @@ def main(argv):
   for i in range(len(padded) // bs):
     y = jax.device_put(padded[i * bs:(i + 1) * bs], batch_sh)
     lat = sample_fn(params, jax.random.fold_in(key, i), y, jnp.float32(FLAGS.cfg_scale))
-    img = multihost_utils.process_allgather(jnp.asarray(decoder(lat)), tiled=True)
+    img = multihost_utils.process_allgather(decoder(lat), tiled=True)
     images.append(np.asarray(img))
     done = (i + 1) * bs
     rate = done / (time.time() - t0)

@@ -7,6 +7,7 @@ diffusion); the guidance scale is a traced argument, so changing it never recomp
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Any, Callable
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from dit_jax.diffusion import create_diffusion
+from dit_jax.diffusion import create_diffusion, sample_with_cfg
 from dit_jax.models import DiT
 
 
@@ -27,14 +28,13 @@ def make_sample_fn(model: DiT, *, respacing: str = "250", guided: bool = True,
   """Builds `sample(params, key, labels [N], cfg_scale) -> latents [N, h, w, c]` (jitted).
 
   `respacing` '250' (DDPM, the release default) or 'ddimN' (deterministic DDIM). With
-  `guided`, the batch is doubled as the release does: [x; x] with labels [y; null] and
-  the same noise in both halves; `release_cfg` guides only the first 3 channels (the
-  release's quirk, needed to reproduce its FIDs), else all channels.
+  `guided`, each model call is doubled as the release does ([x; x], labels [y; null]);
+  `release_cfg` guides only the first 3 channels (the release's quirk, needed to reproduce
+  its FIDs), else all channels.
   """
   diffusion = create_diffusion(respacing, noise_schedule=noise_schedule,
                                learn_sigma=model.learn_sigma, diffusion_steps=diffusion_steps)
-  ddim = respacing.startswith("ddim")
-  loop = diffusion.ddim_sample_loop if ddim else diffusion.p_sample_loop
+  sampler = "ddim" if respacing.startswith("ddim") else "ddpm"
   h = w = model.input_size
   null = model.num_classes  # the null-class row of the label table
 
@@ -44,14 +44,16 @@ def make_sample_fn(model: DiT, *, respacing: str = "250", guided: bool = True,
     z = jax.random.normal(k_noise, (n, h, w, model.in_channels), jnp.float32)
     variables = {"params": params}
     if guided:
-      z = jnp.concatenate([z, z])
+      # The loop carries the N kept samples; each step runs the model on [x; x] with
+      # labels [y; null], so both halves see the same noise, as in the release.
       y = jnp.concatenate([labels, jnp.full_like(labels, null)])
       fn = lambda x, t: model.apply(variables, x, t, y, cfg_scale, not release_cfg,
                                     method=DiT.forward_with_cfg)
-    else:
-      fn = lambda x, t: model.apply(variables, x, t, labels)
-    out = loop(fn, z.shape, k_loop, noise=z, progress=progress)
-    return out[:n]
+      return sample_with_cfg(diffusion, fn, z.shape, k_loop, noise=z, sampler=sampler,
+                             progress=progress)
+    fn = lambda x, t: model.apply(variables, x, t, labels)
+    loop = diffusion.ddim_sample_loop if sampler == "ddim" else diffusion.p_sample_loop
+    return loop(fn, z.shape, k_loop, noise=z, progress=progress)
 
   return jax.jit(sample, in_shardings=in_shardings, out_shardings=out_shardings)
 
@@ -84,17 +86,26 @@ def save_png(path: str, grid: np.ndarray) -> None:
 
 
 class Decoder:
-  """Latents -> uint8 images: identity (pixel-space data) or a Flax SD VAE folder."""
+  """Latents (scaled, as the DiT sees them) -> uint8 images, on device, keeping the batch sharding.
+
+  'identity' for pixel-space data, else a diffusers AutoencoderKL folder (dit_jax.vae); the VAE
+  parameters are passed as arguments, not folded into the executable as constants.
+  """
 
   def __init__(self, path: str, scale_factor: float):
     self.path, self.scale_factor = path, float(scale_factor)
-    if path == "identity":
-      self._fn = lambda z: z / self.scale_factor
-    else:
+    if path != "identity":
       from dit_jax import vae  # pylint: disable=import-outside-toplevel
-      module, params = vae.load(path)
-      self._fn = jax.jit(lambda z: module.apply(params, z / self.scale_factor,
-                                                method=module.decode))
+      self._vae = vae
+      self._module, self._params = vae.load(path)
 
-  def __call__(self, latents: Any) -> np.ndarray:
-    return to_uint8(jax.device_get(self._fn(latents)))
+  def __call__(self, latents: Any) -> jax.Array:
+    if self.path == "identity":
+      return _identity_to_uint8(latents, self.scale_factor)
+    return self._vae.decode_to_uint8(self._module, self._params, latents,
+                                     scale_factor=self.scale_factor)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _identity_to_uint8(latents: jax.Array, scale_factor: float) -> jax.Array:
+  return jnp.clip(127.5 * (latents / scale_factor) + 128.0, 0, 255).astype(jnp.uint8)

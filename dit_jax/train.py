@@ -12,6 +12,7 @@ Stages of `train_and_evaluate` (read top to bottom):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -182,11 +183,119 @@ class _Preemption:
     return self.requested
 
 
-def _write_grid(writer, workdir: str, step: int, images: np.ndarray) -> None:
-  grid = sampling.make_grid(images, upscale=max(1, 128 // images.shape[1]))
+def _write_grid(writer, workdir: str, step: int, images: np.ndarray, columns: int) -> None:
+  grid = sampling.make_grid(images, columns=columns, upscale=max(1, 128 // images.shape[1]))
   if jax.process_index() == 0:
     sampling.save_png(os.path.join(workdir, "samples", f"step_{step:08d}.png"), grid)
   writer.write_images(step, {"samples": grid[None]})
+
+
+@dataclasses.dataclass
+class Built:
+  """Everything derived from (config, data) that training, benchmarks and tools share."""
+  model: models.DiT
+  diffusion: Any
+  mesh: jax.sharding.Mesh
+  state_sh: Any           # NamedShardings of the (unboxed) TrainState
+  batch_sh: Any
+  repl: Any
+  abstract: TrainState    # ShapeDtypeStructs of the state
+  init: Any               # key -> sharded fresh TrainState
+  compiled: Any           # (state, global batch) -> (state, metrics), donates state
+  flops: float            # per device per step, from XLA's cost analysis
+  memory_gib: float       # per device: arguments + outputs + temporaries - aliased
+  compile_seconds: float
+
+
+def build(config: ml_collections.ConfigDict, info: input_pipeline.DataInfo,
+          devices: Any = None) -> Built:
+  """Model, diffusion, optimizer, mesh, shardings, and the train step compiled ahead of time."""
+  gbs = config.data.global_batch_size
+  model = create_model(config, info)
+  diffusion = create_diffusion("", noise_schedule=config.diffusion.noise_schedule,
+                               learn_sigma=model.learn_sigma,
+                               diffusion_steps=config.diffusion.steps)
+  tx, schedule = create_optimizer(config)
+
+  mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp, devices)
+  sharding.log_mesh(mesh)
+  if gbs % mesh.size:
+    raise ValueError(f"config.data.global_batch_size={gbs} must divide by the {mesh.size} devices")
+  init_fn = functools.partial(init_state, model=model, tx=tx, local_shape=info.latent_shape)
+  boxed = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+  state_sh = sharding.state_shardings(boxed, mesh)
+  abstract = nn.meta.unbox(boxed)
+  logging.info("Parameters: %s (%s)",
+               f"{sum(x.size for x in jax.tree.leaves(abstract.params)):,}",
+               sharding.describe(state_sh.params, abstract.params))
+  batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+
+  step_fn = jax.jit(
+      functools.partial(train_step, model=model, diffusion=diffusion, tx=tx,
+                        schedule=schedule, ema_decay=config.ema_decay,
+                        scale=float(config.vae.scale_factor or info.scale_factor),
+                        random_flip=config.data.random_flip),
+      in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl), donate_argnums=0)
+  h, w, c = info.latent_shape
+  store = jnp.dtype(info.manifest["dtype"])
+  abstract_batch = {
+      "label": jax.ShapeDtypeStruct((gbs,), jnp.int32, sharding=batch_sh),
+      "mean": jax.ShapeDtypeStruct((gbs, 2, h, w, c), store, sharding=batch_sh),
+      "std": jax.ShapeDtypeStruct((gbs, 2, h, w, c), store, sharding=batch_sh)}
+  t0 = time.time()
+  compiled = step_fn.lower(abstract, abstract_batch).compile()
+  compile_s = time.time() - t0
+  cost = compiled.cost_analysis() or {}
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get("flops", 0.0))
+  mem = compiled.memory_analysis()
+  mem_gib = ((mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes -
+              mem.alias_size_in_bytes) / 2**30) if mem is not None else float("nan")
+  logging.info("Compiled the train step in %.1fs: %.3g FLOPs/step/device, %.2f GiB/device",
+               compile_s, flops, mem_gib)
+  init = jax.jit(lambda k: nn.meta.unbox(init_fn(k)), out_shardings=state_sh)
+  return Built(model=model, diffusion=diffusion, mesh=mesh, state_sh=state_sh,
+               batch_sh=batch_sh, repl=repl, abstract=abstract, init=init, compiled=compiled,
+               flops=flops, memory_gib=mem_gib, compile_seconds=compile_s)
+
+
+def make_evaluator(config: ml_collections.ConfigDict, b: Built, workdir: str, decoder: Any):
+  """FID/sFID/IS/precision/recall of `config.eval.num_samples` EMA samples (e.g. FID-5K).
+
+  Returns eval_fn(ema_params, step) -> dict of floats, identical on every process.
+  """
+  from dit_jax import evaluation  # pylint: disable=import-outside-toplevel
+  e = config.eval
+  if not (e.inception and e.reference):
+    raise ValueError("config.eval.every_steps is set: config.eval.inception (the "
+                     "pt_inception-2015-12-05 .pth or converted .npz) and config.eval.reference "
+                     "(an ADM reference batch .npz, image folder or tfds:NAME) are needed")
+  inception = evaluation.load_inception(e.inception)
+  reference = evaluation.compute_reference(
+      e.reference, inception, cache_path=os.path.join(workdir, "eval_reference_stats.npz"))
+  model = b.model
+  if e.batch_size % b.mesh.size:
+    raise ValueError(f"config.eval.batch_size={e.batch_size} must divide by {b.mesh.size} devices")
+  sample_fn = sampling.make_sample_fn(
+      model, respacing=e.respacing, guided=e.cfg_scale != 1.0 and model.num_classes > 1,
+      release_cfg=config.sample.release_cfg, diffusion_steps=config.diffusion.steps,
+      noise_schedule=config.diffusion.noise_schedule,
+      in_shardings=(b.state_sh.ema_params, b.repl, b.batch_sh, b.repl), out_shardings=b.batch_sh)
+
+  def eval_fn(ema_params, step):
+    key = jax.random.fold_in(jax.random.PRNGKey(config.seed + 2), step)
+    labels = np.asarray(jax.random.randint(jax.random.PRNGKey(config.seed + 3),
+                                           (e.num_samples,), 0, model.num_classes), np.int32)
+    labels = np.resize(labels, -(-e.num_samples // e.batch_size) * e.batch_size)
+    images = []
+    for i in range(len(labels) // e.batch_size):
+      y = jax.device_put(labels[i * e.batch_size:(i + 1) * e.batch_size], b.batch_sh)
+      lat = sample_fn(ema_params, jax.random.fold_in(key, i), y, jnp.float32(e.cfg_scale))
+      images.append(np.asarray(multihost_utils.process_allgather(decoder(lat), tiled=True)))
+    images = np.concatenate(images)[:e.num_samples]
+    return evaluation.evaluate_samples(images, inception, reference, fid_method="eigh")
+
+  return eval_fn
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -208,30 +317,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   local_bs = gbs // nproc
   scale = float(config.vae.scale_factor or info.scale_factor)
 
-  # 2. Model, diffusion, optimizer.
-  model = create_model(config, info)
-  diffusion = create_diffusion("", noise_schedule=config.diffusion.noise_schedule,
-                               learn_sigma=model.learn_sigma,
-                               diffusion_steps=config.diffusion.steps)
-  tx, schedule = create_optimizer(config)
-
-  # 3. Mesh and shardings; the state is created sharded (never whole on one device).
-  mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp, devices)
-  sharding.log_mesh(mesh)
-  if gbs % mesh.size:
-    raise ValueError(f"config.data.global_batch_size={gbs} must divide by the {mesh.size} devices")
-  init_fn = functools.partial(init_state, model=model, tx=tx, local_shape=info.latent_shape)
+  # 2.-5. Model, diffusion, optimizer, mesh, shardings and the compiled step.
+  b = build(config, info, devices)
+  model, mesh, state_sh, abstract = b.model, b.mesh, b.state_sh, b.abstract
+  batch_sh, repl, compiled, flops = b.batch_sh, b.repl, b.compiled, b.flops
   key = jax.random.PRNGKey(config.seed)
-  boxed = jax.eval_shape(init_fn, key)
-  state_sh = sharding.state_shardings(boxed, mesh)
-  abstract = nn.meta.unbox(boxed)
-  logging.info("Parameters: %s (%s)",
-               f"{sum(x.size for x in jax.tree.leaves(abstract.params)):,}",
-               sharding.describe(state_sh.params, abstract.params))
-  batch_sh = sharding.batch_sharding(mesh)
-  repl = sharding.replicated(mesh)
 
-  # 4. Restore or initialise.
+  # Restore or initialise; the state is created sharded (never whole on one device).
   mngr = checkpointing.create_manager(workdir, config.checkpoint.keep,
                                       config.checkpoint.async_save)
   train_part = lambda s: {"step": s.step, "params": s.params, "opt_state": s.opt_state,
@@ -240,7 +332,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       mngr, train_part(abstract), train_part(state_sh), abstract.ema_params,
       state_sh.ema_params)
   if restored is None:
-    state = jax.jit(lambda k: nn.meta.unbox(init_fn(k)), out_shardings=state_sh)(key)
+    state = b.init(key)
     logging.info("Initialised a new model in %s", workdir)
   else:
     tr, ema, meta = restored
@@ -251,32 +343,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        f"asks for {config.model.name}; use another workdir")
     logging.info("Resumed from step %d in %s", int(state.step), workdir)
   start_step = int(jax.device_get(state.step))
-
-  # 5. The train step, compiled ahead of time.
-  step_fn = jax.jit(
-      functools.partial(train_step, model=model, diffusion=diffusion, tx=tx,
-                        schedule=schedule, ema_decay=config.ema_decay, scale=scale,
-                        random_flip=config.data.random_flip),
-      in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl), donate_argnums=0)
-  h, w, c = info.latent_shape
-  store = jnp.dtype(info.manifest["dtype"])
-  abstract_batch = {
-      "label": jax.ShapeDtypeStruct((gbs,), jnp.int32, sharding=batch_sh),
-      "mean": jax.ShapeDtypeStruct((gbs, 2, h, w, c), store, sharding=batch_sh),
-      "std": jax.ShapeDtypeStruct((gbs, 2, h, w, c), store, sharding=batch_sh)}
-  t0 = time.time()
-  compiled = step_fn.lower(abstract, abstract_batch).compile()
-  cost = compiled.cost_analysis() or {}
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get("flops", 0.0))  # of the per-device SPMD program
-  mem = compiled.memory_analysis()
-  mem_gb = ((mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes -
-             mem.alias_size_in_bytes) / 2**30) if mem is not None else float("nan")
-  logging.info("Compiled the train step in %.1fs: %.3g FLOPs/step/device, %.2f GiB/device",
-               time.time() - t0, flops, mem_gb)
   peak = peak_flops(jax.devices()[0])
 
   sample_fn = None
+  decoder = sampling.Decoder(config.vae.path, scale)
   if config.sample.every_steps or config.sample.num_images:
     guided = model.num_classes > 1 and model.class_dropout_prob > 0
     sample_fn = sampling.make_sample_fn(
@@ -284,14 +354,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         release_cfg=config.sample.release_cfg, diffusion_steps=config.diffusion.steps,
         noise_schedule=config.diffusion.noise_schedule,
         in_shardings=(state_sh.ema_params, repl, repl, repl), out_shardings=repl)
-    decoder = sampling.Decoder(config.vae.path, scale)
+
+  eval_fn = make_evaluator(config, b, workdir, decoder) if config.eval.every_steps else None
 
   def write_samples(step):
     n = config.sample.num_images
     labels = jnp.arange(n, dtype=jnp.int32) % model.num_classes
     lat = sample_fn(state.ema_params, jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), 0),
                     labels, jnp.float32(config.sample.cfg_scale))
-    _write_grid(writer, workdir, step, decoder(lat))
+    # Labels cycle through the classes: with one column per class, a column is a class.
+    _write_grid(writer, workdir, step, np.asarray(jax.device_get(decoder(lat))),
+                columns=min(n, model.num_classes, 16))
 
   # 6. The loop.
   ds = input_pipeline.create_dataset(
@@ -328,7 +401,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         fetched = jax.device_get(pending)  # waits for the steps: time them after
         dt = time.time() - t_log
         for s, m in fetched:
-          history[s] = {k: float(v) for k, v in m.items()}
+          history.setdefault(s, {}).update({k: float(v) for k, v in m.items()})
         sps = len(pending) / max(dt, 1e-9)
         scalars = {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[0][1]}
         scalars.update(steps_per_sec=sps, images_per_sec_per_device=sps * gbs / mesh.size)
@@ -340,6 +413,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         pending, t_log = [], time.time()
       if config.sample.every_steps and step % config.sample.every_steps == 0:
         write_samples(step)
+      if eval_fn and (step % config.eval.every_steps == 0 or step == config.total_steps):
+        t_eval = time.time()
+        results = eval_fn(state.ema_params, step)
+        results = {f"eval/{k}": float(v) for k, v in results.items()}
+        writer.write_scalars(step, results)
+        history.setdefault(step, {}).update(results)
+        logging.info("Evaluation at step %d took %.0fs: %s", step, time.time() - t_eval, results)
+        t_log += time.time() - t_eval
       preempted = preempt.check(mngr, step)
       if step % config.checkpoint.every_steps == 0 or step == config.total_steps or preempted:
         save(step)
@@ -347,7 +428,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         logging.warning("Preempted: checkpoint of step %d written, exiting", step)
         break
   for s, m in jax.device_get(pending):
-    history[s] = {k: float(v) for k, v in m.items()}
+    history.setdefault(s, {}).update({k: float(v) for k, v in m.items()})
   if step == config.total_steps and config.sample.num_images and sample_fn is not None:
     write_samples(step)
   mngr.wait_until_finished()

@@ -9,7 +9,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import demo
-from dit_jax import demo_data, input_pipeline, records, train
+from dit_jax import demo_data, input_pipeline, models, records, train
 
 
 @pytest.fixture(scope="session")
@@ -59,6 +59,11 @@ def losses(history):
 def test_one_step_each_family(digits_dir, tmp_path, name):
   c = tiny_config(digits_dir, total_steps=1)
   c.model.name = name
+  # Keep the family's head count (and patch size) at head_dim 8, one block.
+  heads = models.get_model(name).num_heads
+  c.model.overrides.num_heads = heads
+  c.model.overrides.hidden_size = 8 * heads
+  c.model.overrides.depth = 1
   hist = train.train_and_evaluate(c, str(tmp_path))
   assert list(hist) == [1]
   assert np.isfinite(hist[1]["loss"]) and hist[1]["grad_norm"] > 0
@@ -177,3 +182,30 @@ def test_missing_data_dir_is_explained(tmp_path):
   c = tiny_config(str(tmp_path / "nowhere"))
   with pytest.raises(FileNotFoundError, match="manifest.json"):
     train.train_and_evaluate(c, str(tmp_path / "w"))
+
+
+def test_periodic_evaluation_logs_fid(digits_dir, tmp_path):
+  from sklearn.datasets import load_digits
+  from dit_jax.evaluation import inception
+  from dit_jax.evaluation.convert import save_variables
+  rng = np.random.default_rng(0)
+
+  def draw(path, x):  # random FID-Inception weights: He-scaled kernels, identity batch norm
+    name = path[-1].key
+    if name == "kernel":
+      return (rng.standard_normal(x.shape) * np.sqrt(2 / np.prod(x.shape[:-1]))).astype(np.float32)
+    return np.full(x.shape, 1.0 if name in ("scale", "var") else 0.0, np.float32)
+
+  variables = jax.tree_util.tree_map_with_path(draw, inception.abstract_variables())
+  save_variables(variables, str(tmp_path / "inception.npz"))
+  real = (load_digits().images[:16] * 255 / 16).astype(np.uint8)[..., None]
+  np.savez(tmp_path / "ref.npz", arr_0=real)
+  c = tiny_config(digits_dir, total_steps=2, **{
+      "eval.every_steps": 2, "eval.num_samples": 8, "eval.batch_size": 8, "eval.respacing": "4",
+      "eval.inception": str(tmp_path / "inception.npz"), "eval.reference": str(tmp_path / "ref.npz")})
+  hist = train.train_and_evaluate(c, str(tmp_path / "wd"))
+  ev = hist[2]
+  assert ev["eval/num_samples"] == 8
+  assert np.isfinite(ev["eval/fid"]) and ev["eval/fid"] > 0
+  assert 0 <= ev["eval/precision"] <= 1 and 0 <= ev["eval/recall"] <= 1
+  assert os.path.exists(tmp_path / "wd" / "eval_reference_stats.npz")

@@ -1,0 +1,79 @@
+"""Train-step throughput of a config on this machine (synthetic latents, the real step).
+
+  python benchmarks/train_speed.py --config=configs/s2.py --config.data.global_batch_size=8
+  python benchmarks/train_speed.py --config=configs/demo.py --steps=50
+
+Prints compile time, XLA's FLOPs and memory per device, steps/s, images/s (total and per
+device) and MFU where the device's peak is known (TPU, A100/H100/H200). Uses the same
+`train.build` as the main job, so the step is exactly the one that trains.
+"""
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from dit_jax import input_pipeline, train  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=False)
+flags.DEFINE_integer("steps", 20, "Timed steps (after 2 warm-up steps).")
+flags.DEFINE_integer("num_classes", 1000, "Classes of the synthetic data.")
+flags.mark_flags_as_required(["config"])
+
+
+def synthetic_info(config) -> input_pipeline.DataInfo:
+  s = config.data.image_size
+  shape = (s, s, 1) if config.data.get("builtin") == "digits" else (s // 8, s // 8, 4)
+  classes = 10 if config.data.get("builtin") == "digits" else FLAGS.num_classes
+  return input_pipeline.DataInfo(
+      latent_shape=shape, num_classes=classes, scale_factor=0.18215, count=0, local_count=0,
+      files=(), manifest={"dtype": "float16" if shape[-1] == 4 else "float32"})
+
+
+def main(_):
+  config = FLAGS.config
+  info = synthetic_info(config)
+  b = train.build(config, info)
+  gbs = config.data.global_batch_size
+  rng = np.random.default_rng(0)
+  dtype = np.dtype(info.manifest["dtype"])
+  host = {"label": rng.integers(0, info.num_classes, gbs).astype(np.int32),
+          "mean": rng.normal(size=(gbs, 2, *info.latent_shape)).astype(dtype),
+          "std": np.full((gbs, 2, *info.latent_shape), 0.1, dtype)}
+  batch = {k: jax.device_put(v, b.batch_sh) for k, v in host.items()}
+  state = b.init(jax.random.PRNGKey(0))
+  for _ in range(2):
+    state, m = b.compiled(state, batch)
+  jax.block_until_ready(m)
+  t0 = time.perf_counter()
+  for _ in range(FLAGS.steps):
+    state, m = b.compiled(state, batch)
+  jax.block_until_ready((state, m))
+  dt = time.perf_counter() - t0
+  sps = FLAGS.steps / dt
+  n = b.mesh.size
+  params = sum(x.size for x in jax.tree.leaves(b.abstract.params))
+  peak = train.peak_flops(jax.devices()[0])
+  print(f"config            {config.model.name} latents {info.latent_shape} batch {gbs} "
+        f"dtype {config.model.dtype} remat {config.model.remat}")
+  print(f"devices           {n} x {jax.devices()[0].device_kind}  mesh {dict(b.mesh.shape)}")
+  print(f"parameters        {params:,}")
+  print(f"compile           {b.compile_seconds:.1f} s")
+  print(f"XLA FLOPs/step    {b.flops:.4g} per device")
+  print(f"memory            {b.memory_gib:.3f} GiB per device (args + outputs + temps)")
+  print(f"steps/s           {sps:.3f}")
+  print(f"images/s          {sps * gbs:.1f} total, {sps * gbs / n:.1f} per device")
+  if peak:
+    print(f"MFU               {b.flops * sps / peak:.1%} of {peak / 1e12:.0f} TFLOP/s per device")
+  print(f"loss              {float(m['loss']):.4f} (finite: {np.isfinite(float(m['loss']))})")
+
+
+if __name__ == "__main__":
+  app.run(main)
