@@ -29,7 +29,7 @@ setup(
     extras_require={
         # Parity references for the tests. The pinned torch is a CPU build where it is on disk;
         # an unpinned torch pulls a multi-GB CUDA build.
-        "test": ["pytest", "torch==2.13.0", "diffusers", "scikit-image"],
+        "test": ["pytest", "torch==2.13.0", "diffusers"],
         # Reading the released .pt checkpoints (dit_jax.convert) and Inception weights.
         "torch": ["torch"],
         "tpu": ["jax[tpu]"],
