@@ -35,7 +35,7 @@ def get_config(model: str = "DiT-XL/2", image_size: int = 256) -> ml_collections
   # Activation dtype; parameters and optimizer state stay float32. 'bfloat16' on TPU/GPU.
   c.model.dtype = "float32"
   # jax.nn.dot_product_attention implementation: None (XLA picks), 'xla' or 'cudnn'.
-  c.model.attention_impl = None
+  c.model.attention_impl = ml_collections.config_dict.placeholder(str)
   # Rematerialise each block in the backward pass (less memory, ~1/3 more compute).
   c.model.remat = False
 
@@ -121,10 +121,13 @@ def get_config(model: str = "DiT-XL/2", image_size: int = 256) -> ml_collections
   c.eval.inception = ""
   # Reference: ADM batch .npz (VIRTUAL_imagenet256_labeled.npz), an image folder or tfds:NAME.
   c.eval.reference = ""
+  # Images per device in each Inception call.
+  c.eval.inception_batch_per_device = 32
 
   c.vae = ml_collections.ConfigDict()
-  # Decoder for samples: a diffusers AutoencoderKL folder (sd-vae-ft-ema) or 'identity'.
-  c.vae.path = "identity"
-  # Latent scale factor; None takes the manifest's value.
-  c.vae.scale_factor = None
+  # Decoder of sample grids and evaluation: a diffusers AutoencoderKL folder (sd-vae-ft-ema) or
+  # 'identity'; empty: the VAE folder recorded in the latents' manifest (identity for pixel data).
+  c.vae.path = ""
+  # Latent scale factor; None takes the manifest's value (0.18215 for the SD VAE).
+  c.vae.scale_factor = ml_collections.config_dict.placeholder(float)
   return c

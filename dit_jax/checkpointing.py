@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 import tensorflow as tf
 from jax.experimental import multihost_utils
@@ -47,33 +48,61 @@ def _abstract(tree: Any, shardings: Any) -> Any:
 
 
 def restore_latest(mngr: ocp.CheckpointManager, abstract_train: Any, train_shardings: Any,
-                   abstract_ema: Any, ema_shardings: Any) -> tuple[Any, Any, dict] | None:
-  """Restores the newest readable checkpoint; falls back to older ones if it is corrupt.
+                   abstract_ema: Any, ema_shardings: Any,
+                   model_kwargs: dict | None = None) -> tuple[Any, Any, dict] | None:
+  """Restores the newest readable checkpoint; falls back to older ones if it is unreadable.
 
-  Returns (train, ema, meta) or None when the directory holds no checkpoint.
+  A checkpoint of a different architecture (`model_kwargs` differ) is an error, not a fallback.
+  Every process must succeed on the same step; a failure is retried once (transient storage
+  errors) before the step is set aside. Returns (train, ema, meta), or None if there is none.
   """
   steps = sorted(mngr.all_steps(), reverse=True)
+  if steps and model_kwargs is not None:
+    _check_model(mngr, steps[0], model_kwargs)
   errors = []
   for step in steps:
-    try:
-      out = mngr.restore(step, args=ocp.args.Composite(
-          train=ocp.args.StandardRestore(_abstract(abstract_train, train_shardings)),
-          ema=ocp.args.StandardRestore(_abstract(abstract_ema, ema_shardings)),
-          meta=ocp.args.JsonRestore()))
-    except Exception as e:  # pylint: disable=broad-except
-      # A damaged checkpoint must not lose the run: say so loudly and use the previous one.
-      msg = f"{mngr.directory}/{step}: cannot be restored ({type(e).__name__}: {e})"
-      logging.error("%s; falling back to an older checkpoint", msg[:2000])
-      errors.append(msg)
-      continue
-    if errors:
-      _set_aside(mngr, [s for s in steps if s > step])
-      logging.warning("Restored step %d after skipping %d unreadable checkpoint(s)", step,
-                      len(errors))
-    return out["train"], out["ema"], out["meta"]
+    out, err = None, None
+    for attempt in range(2):
+      try:
+        out = mngr.restore(step, args=ocp.args.Composite(
+            train=ocp.args.StandardRestore(_abstract(abstract_train, train_shardings)),
+            ema=ocp.args.StandardRestore(_abstract(abstract_ema, ema_shardings)),
+            meta=ocp.args.JsonRestore()))
+        break
+      except Exception as e:  # pylint: disable=broad-except
+        err = e
+        if attempt == 0:
+          time.sleep(5)
+    ok = out is not None
+    if jax.process_count() > 1:
+      ok = bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+    if ok:
+      if errors:
+        _set_aside(mngr, [s for s in steps if s > step])
+        logging.warning("Restored step %d after skipping %d unreadable checkpoint(s)", step,
+                        len(errors))
+      return out["train"], out["ema"], out["meta"]
+    # A damaged checkpoint must not lose the run: say so loudly and use the previous one.
+    msg = f"{mngr.directory}/{step}: cannot be restored ({type(err).__name__}: {err})"
+    logging.error("%s; falling back to an older checkpoint", msg[:2000])
+    errors.append(msg)
   if errors:
     raise RuntimeError("No checkpoint in the workdir could be restored:\n" + "\n".join(errors))
   return None
+
+
+def _check_model(mngr: ocp.CheckpointManager, step: int, model_kwargs: dict) -> None:
+  try:
+    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  except Exception:  # pylint: disable=broad-except
+    return  # unreadable: restore_latest falls back past it
+  saved = meta.get("model_kwargs", {})
+  diff = {k: (saved.get(k), v) for k, v in model_kwargs.items() if saved.get(k) != v}
+  if diff:
+    raise ValueError(
+        f"{mngr.directory}/{step} holds a checkpoint of another model ({meta.get('model')}; "
+        + ", ".join(f"{k}={a} there, {b} now" for k, (a, b) in diff.items())
+        + "): use another workdir")
 
 
 def _set_aside(mngr: ocp.CheckpointManager, steps: list[int]) -> None:

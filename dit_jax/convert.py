@@ -202,8 +202,12 @@ def save_converted(out_dir: str, params: Mapping, model_name: str, **model_kwarg
     json.dump({'model': model_name, 'kwargs': model_kwargs}, f, indent=2)
 
 
-def load_converted(ckpt_dir: str) -> tuple[models.DiT, dict]:
-  """Reads a directory written by save_converted -> (model, params); apply as {'params': params}."""
+def load_converted(ckpt_dir: str, sharding: Any = None) -> tuple[models.DiT, dict]:
+  """Reads a directory written by save_converted -> (model, params); apply as {'params': params}.
+
+  `sharding` (e.g. a replicated NamedSharding over all processes' devices) places every array;
+  default: the first local device.
+  """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   ckpt_dir = os.path.abspath(ckpt_dir)
   meta_path = os.path.join(ckpt_dir, 'model.json')
@@ -213,6 +217,9 @@ def load_converted(ckpt_dir: str) -> tuple[models.DiT, dict]:
     meta = json.load(f)
   model = models.get_model(meta['model'], **meta.get('kwargs', {}))
   target = {'params': _param_template(model)}
+  if sharding is not None:
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                          target)
   restored = ocp.StandardCheckpointer().restore(os.path.join(ckpt_dir, 'params'), target)
   return model, restored['params']
 

@@ -38,6 +38,8 @@ from dit_jax import vae as vae_lib
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 SHARD_PATTERN = "latents-p{process:03d}-{shard:05d}.tfrecord"
+# Seed of the one-time permutation of an ImageFolder's images across shards.
+ORDER_SEED = 0
 # Everything that changes the bytes of a shard; a rerun must agree with the sidecars on it.
 RUN_KEYS = ("source", "split", "vae", "image_size", "shard_size", "process_count", "dtype")
 
@@ -62,6 +64,11 @@ class ImageFolderSource:
                        if f.lower().endswith(IMAGE_EXTENSIONS)]
     if not self.items:
       raise ValueError(f"--source={root!r} has no images with extensions {IMAGE_EXTENSIONS}")
+    # Folder order groups each class into a few consecutive shards; the training pipeline
+    # shuffles shards and records only within a window, so mix the classes across shards once
+    # (fixed seed, recorded in the manifest) to keep batches close to i.i.d.
+    order = np.random.default_rng(ORDER_SEED).permutation(len(self.items))
+    self.items = [self.items[i] for i in order]
     self.root = root
     self.num_classes = len(self.classes)
 
@@ -332,6 +339,8 @@ def _write_manifest(out: str, plan, run: dict, src, info: dict) -> dict:
     _check_same_run(os.path.join(out, name), run)
   extra = {"classes": src.classes, "image_size": run["image_size"], "source": run["source"],
            "split": run["split"], "preprocessing": "adm_center_crop",
+           "example_order": (f"permutation(seed={ORDER_SEED})"
+                             if isinstance(src, ImageFolderSource) else "source order"),
            **{k: v for k, v in info.items() if k not in ("vae", "scale_factor", "latent_shape")}}
   manifest = records.write_manifest(out, vae=info["vae"], scale_factor=info["scale_factor"],
                                     num_classes=src.num_classes, extra=extra)

@@ -15,18 +15,16 @@ from __future__ import annotations
 import os
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 from jax.experimental import multihost_utils
-from ml_collections import config_flags
 
 from dit_jax import checkpointing, models, runtime, sampling, sharding
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "The training config (optional: for the VAE "
-                                "path, model dtype and diffusion settings).", lock_config=False)
 flags.DEFINE_string("workdir", None, "Training workdir: samples its newest checkpoint's EMA.")
 flags.DEFINE_integer("step", None, "Checkpoint step in --workdir (default: the newest).")
 flags.DEFINE_string("checkpoint", None, "A converted release checkpoint (dit_jax.convert --out).")
@@ -39,55 +37,63 @@ flags.DEFINE_integer("batch_size", 64, "Global batch per sampling call.")
 flags.DEFINE_integer("seed", 0, "Seed for labels and noise.")
 flags.DEFINE_list("labels", None, "Class labels to cycle through (default: uniform random).")
 flags.DEFINE_string("vae", None, "Decoder: diffusers AutoencoderKL folder or 'identity' "
-                    "(default: the config's vae.path, else 'identity').")
+                    "(default: the VAE the training run used, from its checkpoint).")
+flags.DEFINE_string("dtype", "float32", "Activation dtype of sampling (float32 as the release; "
+                    "bfloat16 is faster on TPUs/GPUs).")
 flags.DEFINE_float("scale_factor", None, "Latent scale factor (default: from the checkpoint).")
 flags.DEFINE_string("out", "samples.npz", "Output .npz (ADM layout).")
 runtime.define_flags()
 
 
-def load_model() -> tuple[models.DiT, dict, float]:
-  """(model, EMA params, latent scale factor) from --workdir or --checkpoint."""
-  dtype = jnp.dtype(FLAGS.config.model.dtype) if FLAGS.config else jnp.float32
+def load_model(mesh) -> tuple[models.DiT, dict, dict]:
+  """(model, replicated EMA params, checkpoint meta) from --workdir or --checkpoint."""
+  dtype = jnp.dtype(FLAGS.dtype)
+  repl = sharding.replicated(mesh)
   if FLAGS.checkpoint:
     from dit_jax import convert  # pylint: disable=import-outside-toplevel
-    model, params = convert.load_converted(FLAGS.checkpoint)
-    return model.clone(dtype=dtype), params, FLAGS.scale_factor or 0.18215
+    model, params = convert.load_converted(FLAGS.checkpoint, sharding=repl)
+    if not FLAGS.vae:
+      raise app.UsageError("--checkpoint (a converted release model) samples SD-VAE latents: "
+                           "pass --vae=DIR (the sd-vae-ft-ema diffusers folder)")
+    return model.clone(dtype=dtype), params, {"scale_factor": 0.18215}
   if not FLAGS.workdir:
     raise app.UsageError("pass --workdir (a training run) or --checkpoint (a converted release)")
   meta = checkpointing.read_meta(FLAGS.workdir, FLAGS.step)
   model = models.DiT(**meta["model_kwargs"], dtype=dtype)
-  key = jax.random.PRNGKey(0)
   s = model.input_size
   abstract = jax.eval_shape(lambda k: model.init(
       k, jnp.zeros((1, s, s, model.in_channels)), jnp.zeros((1,), jnp.int32),
-      jnp.zeros((1,), jnp.int32))["params"], key)
-  abstract = jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, abstract,
-                          is_leaf=lambda x: hasattr(x, "unbox"))
-  mesh = sharding.create_mesh(-1, 1)
-  repl = jax.tree.map(lambda _: sharding.replicated(mesh), abstract)
-  params, meta = checkpointing.restore_ema(FLAGS.workdir, abstract, repl, FLAGS.step)
+      jnp.zeros((1,), jnp.int32))["params"], jax.random.PRNGKey(0))
+  abstract = nn.meta.unbox(abstract)
+  params, meta = checkpointing.restore_ema(FLAGS.workdir, abstract,
+                                           jax.tree.map(lambda _: repl, abstract), meta["step"])
   logging.info("Loaded EMA weights of %s at step %d from %s", meta["model"], meta["step"],
                FLAGS.workdir)
-  return model, params, FLAGS.scale_factor or meta.get("scale_factor", 0.18215)
+  return model, params, meta
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   runtime.setup()
-  model, params, scale = load_model()
   mesh = sharding.create_mesh(-1, 1)
   batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-  params = jax.device_put(params, repl)
+  model, params, meta = load_model(mesh)
+  scale = FLAGS.scale_factor or meta.get("scale_factor", 0.18215)
   bs = FLAGS.batch_size
   if bs % mesh.size:
     raise app.UsageError(f"--batch_size={bs} must divide by the {mesh.size} devices")
-  guided = FLAGS.cfg_scale != 1.0 and model.num_classes > 1
+  has_null = model.num_classes > 1 and model.class_dropout_prob > 0
+  if FLAGS.cfg_scale != 1.0 and not has_null:
+    raise app.UsageError(f"--cfg_scale={FLAGS.cfg_scale} needs a model trained with class dropout "
+                         "(a null class); this one has none: use --cfg_scale=1")
+  diffusion = meta.get("diffusion", {})
   sample_fn = sampling.make_sample_fn(
-      model, respacing=FLAGS.respacing, guided=guided, release_cfg=FLAGS.release_cfg,
+      model, respacing=FLAGS.respacing, guided=FLAGS.cfg_scale != 1.0,
+      release_cfg=FLAGS.release_cfg, diffusion_steps=diffusion.get("steps", 1000),
+      noise_schedule=diffusion.get("noise_schedule", "linear"),
       in_shardings=(repl, repl, batch_sh, repl), out_shardings=batch_sh)
-  vae_path = FLAGS.vae or (FLAGS.config.vae.path if FLAGS.config else "identity")
-  decoder = sampling.Decoder(vae_path, scale)
+  decoder = sampling.Decoder(FLAGS.vae or meta.get("vae_path") or "identity", scale, repl)
 
   rng = np.random.default_rng(FLAGS.seed)
   n = FLAGS.num_samples
@@ -102,7 +108,8 @@ def main(argv):
   key = jax.random.PRNGKey(FLAGS.seed)
   images, t0 = [], time.time()
   for i in range(len(padded) // bs):
-    y = jax.device_put(padded[i * bs:(i + 1) * bs], batch_sh)
+    chunk = padded[i * bs:(i + 1) * bs]
+    y = jax.make_array_from_callback(chunk.shape, batch_sh, lambda idx, c=chunk: c[idx])
     lat = sample_fn(params, jax.random.fold_in(key, i), y, jnp.float32(FLAGS.cfg_scale))
     img = multihost_utils.process_allgather(decoder(lat), tiled=True)
     images.append(np.asarray(img))
@@ -112,10 +119,7 @@ def main(argv):
                  max(0, n - done) / rate)
   arr = np.concatenate(images)[:n]
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-    tmp = FLAGS.out + ".tmp.npz"
-    np.savez(tmp, arr_0=arr, arr_1=labels)
-    os.replace(tmp, FLAGS.out)
+    sampling.save_npz(FLAGS.out, arr_0=arr, arr_1=labels)
     grid = sampling.make_grid(arr[:64], upscale=max(1, 128 // arr.shape[1]))
     sampling.save_png(os.path.splitext(FLAGS.out)[0] + ".png", grid)
     logging.info("Wrote %s: arr_0 %s uint8, arr_1 labels", FLAGS.out, arr.shape)

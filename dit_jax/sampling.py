@@ -10,11 +10,13 @@ from __future__ import annotations
 import functools
 import math
 import os
+import tempfile
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tensorflow as tf
 from PIL import Image
 
 from dit_jax.diffusion import create_diffusion, sample_with_cfg
@@ -77,12 +79,38 @@ def make_grid(images: np.ndarray, columns: int | None = None, upscale: int = 1) 
   return grid
 
 
-def save_png(path: str, grid: np.ndarray) -> None:
+def _publish(local_tmp: str, path: str) -> None:
+  """Moves a finished local file to `path` (local or gs://) so readers never see a partial file."""
+  if "://" in path:
+    tf.io.gfile.copy(local_tmp, path + ".tmp", overwrite=True)
+    tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+    os.remove(local_tmp)
+  else:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    os.replace(local_tmp, path)
+
+
+def _local_tmp(path: str, suffix: str) -> str:
+  if "://" in path:
+    fd, tmp = tempfile.mkstemp(suffix=suffix)
+    os.close(fd)
+    return tmp
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  img = grid[..., 0] if grid.shape[-1] == 1 else grid
-  tmp = path + ".tmp.png"
-  Image.fromarray(img).save(tmp)
-  os.replace(tmp, path)
+  return path + ".tmp" + suffix
+
+
+def save_png(path: str, grid: np.ndarray) -> None:
+  """uint8 [H, W, C] (C = 1, 3, 4) -> PNG at a local or gs:// path, atomically."""
+  tmp = _local_tmp(path, ".png")
+  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(tmp)
+  _publish(tmp, path)
+
+
+def save_npz(path: str, **arrays: np.ndarray) -> None:
+  """np.savez to a local or gs:// path, atomically."""
+  tmp = _local_tmp(path, ".npz")
+  np.savez(tmp, **arrays)
+  _publish(tmp, path)
 
 
 class Decoder:
@@ -92,12 +120,14 @@ class Decoder:
   parameters are passed as arguments, not folded into the executable as constants.
   """
 
-  def __init__(self, path: str, scale_factor: float):
+  def __init__(self, path: str, scale_factor: float, params_sharding: Any = None):
     self.path, self.scale_factor = path, float(scale_factor)
     if path != "identity":
       from dit_jax import vae  # pylint: disable=import-outside-toplevel
       self._vae = vae
-      self._module, self._params = vae.load(path)
+      self._module, params = vae.load(path)
+      # Place the weights once (replicated over the mesh), not at every call.
+      self._params = jax.device_put(params, params_sharding) if params_sharding else params
 
   def __call__(self, latents: Any) -> jax.Array:
     if self.path == "identity":

@@ -259,6 +259,25 @@ def build(config: ml_collections.ConfigDict, info: input_pipeline.DataInfo,
                flops=flops, memory_gib=mem_gib, compile_seconds=compile_s)
 
 
+def has_null_class(model: models.DiT) -> bool:
+  """Whether the label table has the null class that classifier-free guidance needs."""
+  return model.num_classes > 1 and model.class_dropout_prob > 0
+
+
+def vae_path(config: ml_collections.ConfigDict, info: input_pipeline.DataInfo,
+             required: bool = True) -> str | None:
+  """config.vae.path, else the VAE folder prepare_latents recorded, else identity (pixel data)."""
+  if config.vae.path:
+    return config.vae.path
+  if info.manifest.get("vae", "identity") == "identity":
+    return "identity"
+  path = info.manifest.get("vae_path")
+  if required and not path:
+    raise ValueError(f"config.vae.path is unset and {config.data.dir}/manifest.json names no VAE "
+                     "folder: pass --config.vae.path=SD_VAE_DIR to decode samples")
+  return path
+
+
 def make_evaluator(config: ml_collections.ConfigDict, b: Built, workdir: str, decoder: Any):
   """FID/sFID/IS/precision/recall of `config.eval.num_samples` EMA samples (e.g. FID-5K).
 
@@ -272,12 +291,18 @@ def make_evaluator(config: ml_collections.ConfigDict, b: Built, workdir: str, de
                      "(an ADM reference batch .npz, image folder or tfds:NAME) are needed")
   inception = evaluation.load_inception(e.inception)
   reference = evaluation.compute_reference(
-      e.reference, inception, cache_path=os.path.join(workdir, "eval_reference_stats.npz"))
+      e.reference, inception, cache_path=os.path.join(workdir, "eval_reference_stats.npz"),
+      batch_size_per_device=e.inception_batch_per_device)
   model = b.model
   if e.batch_size % b.mesh.size:
     raise ValueError(f"config.eval.batch_size={e.batch_size} must divide by {b.mesh.size} devices")
+  if e.cfg_scale != 1.0 and not has_null_class(model):
+    raise ValueError(f"config.eval.cfg_scale={e.cfg_scale} needs class dropout (a null class)")
+  if decoder.path == "identity" and model.in_channels not in (1, 3):
+    raise ValueError(f"config.eval needs images, but latents with {model.in_channels} channels are "
+                     "decoded with the identity: set config.vae.path to the SD VAE folder")
   sample_fn = sampling.make_sample_fn(
-      model, respacing=e.respacing, guided=e.cfg_scale != 1.0 and model.num_classes > 1,
+      model, respacing=e.respacing, guided=e.cfg_scale != 1.0,
       release_cfg=config.sample.release_cfg, diffusion_steps=config.diffusion.steps,
       noise_schedule=config.diffusion.noise_schedule,
       in_shardings=(b.state_sh.ema_params, b.repl, b.batch_sh, b.repl), out_shardings=b.batch_sh)
@@ -289,11 +314,13 @@ def make_evaluator(config: ml_collections.ConfigDict, b: Built, workdir: str, de
     labels = np.resize(labels, -(-e.num_samples // e.batch_size) * e.batch_size)
     images = []
     for i in range(len(labels) // e.batch_size):
-      y = jax.device_put(labels[i * e.batch_size:(i + 1) * e.batch_size], b.batch_sh)
+      chunk = labels[i * e.batch_size:(i + 1) * e.batch_size]
+      y = jax.make_array_from_callback(chunk.shape, b.batch_sh, lambda idx, c=chunk: c[idx])
       lat = sample_fn(ema_params, jax.random.fold_in(key, i), y, jnp.float32(e.cfg_scale))
       images.append(np.asarray(multihost_utils.process_allgather(decoder(lat), tiled=True)))
     images = np.concatenate(images)[:e.num_samples]
-    return evaluation.evaluate_samples(images, inception, reference, fid_method="eigh")
+    return evaluation.evaluate_samples(images, inception, reference, fid_method="eigh",
+                                       batch_size_per_device=e.inception_batch_per_device)
 
   return eval_fn
 
@@ -330,7 +357,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                           "rng": s.rng}
   restored = checkpointing.restore_latest(
       mngr, train_part(abstract), train_part(state_sh), abstract.ema_params,
-      state_sh.ema_params)
+      state_sh.ema_params, model_kwargs=model_kwargs(model))
   if restored is None:
     state = b.init(key)
     logging.info("Initialised a new model in %s", workdir)
@@ -338,30 +365,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     tr, ema, meta = restored
     state = TrainState(step=tr["step"], params=tr["params"], ema_params=ema,
                        opt_state=tr["opt_state"], rng=tr["rng"])
-    if meta.get("model") != config.model.name:
-      raise ValueError(f"{workdir} holds a checkpoint of {meta.get('model')}, but the config "
-                       f"asks for {config.model.name}; use another workdir")
+    was = meta.get("data", {})
+    if (was.get("local_batch_size"), was.get("process_count")) != (local_bs, nproc):
+      logging.warning("Resuming with %d processes x batch %d, the checkpoint was written with %s x "
+                      "%s: the data order from here on differs from the interrupted run's", nproc,
+                      local_bs, was.get("process_count"), was.get("local_batch_size"))
     logging.info("Resumed from step %d in %s", int(state.step), workdir)
   start_step = int(jax.device_get(state.step))
   peak = peak_flops(jax.devices()[0])
 
-  sample_fn = None
-  decoder = sampling.Decoder(config.vae.path, scale)
+  # Sample grids and evaluation decode with the dataset's VAE (or identity for pixel data).
+  sample_fn = decoder = eval_fn = None
+  if config.sample.every_steps or config.sample.num_images or config.eval.every_steps:
+    decoder = sampling.Decoder(vae_path(config, info), scale, repl)
   if config.sample.every_steps or config.sample.num_images:
-    guided = model.num_classes > 1 and model.class_dropout_prob > 0
     sample_fn = sampling.make_sample_fn(
-        model, respacing=config.sample.respacing, guided=guided,
+        model, respacing=config.sample.respacing, guided=has_null_class(model),
         release_cfg=config.sample.release_cfg, diffusion_steps=config.diffusion.steps,
         noise_schedule=config.diffusion.noise_schedule,
         in_shardings=(state_sh.ema_params, repl, repl, repl), out_shardings=repl)
-
-  eval_fn = make_evaluator(config, b, workdir, decoder) if config.eval.every_steps else None
+  if config.eval.every_steps:
+    eval_fn = make_evaluator(config, b, workdir, decoder)
 
   def write_samples(step):
     n = config.sample.num_images
     labels = jnp.arange(n, dtype=jnp.int32) % model.num_classes
-    lat = sample_fn(state.ema_params, jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), 0),
-                    labels, jnp.float32(config.sample.cfg_scale))
+    lat = sample_fn(state.ema_params, jax.random.PRNGKey(config.seed + 1), labels,
+                    jnp.float32(config.sample.cfg_scale))
     # Labels cycle through the classes: with one column per class, a column is a class.
     _write_grid(writer, workdir, step, np.asarray(jax.device_get(decoder(lat))),
                 columns=min(n, model.num_classes, 16))
@@ -383,40 +413,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     meta = {"step": step, "model": config.model.name, "model_kwargs": model_kwargs(model),
             "data": {"dir": data_dir, "epoch": epoch, "offset": offset,
                      "local_batch_size": local_bs, "process_count": nproc},
-            "scale_factor": scale}
+            "diffusion": {"steps": config.diffusion.steps,
+                          "noise_schedule": config.diffusion.noise_schedule},
+            "scale_factor": scale, "vae_path": vae_path(config, info, required=False)}
     checkpointing.save(mngr, step, train_part(state), state.ema_params, meta)
 
-  history: dict[int, dict] = {}
-  pending: list[tuple[int, dict]] = []
+  history: dict[int, dict] = {}  # the logged scalars by step (returned; for tests and tools)
+  pending: list[dict] = []
   t_log, step = time.time(), start_step
+
+  def log(step):
+    nonlocal pending, t_log
+    fetched = jax.device_get(pending)  # waits for the steps: time them after
+    sps = len(pending) / max(time.time() - t_log, 1e-9)
+    scalars = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+    scalars.update(steps_per_sec=sps, images_per_sec_per_device=sps * gbs / mesh.size)
+    if peak and flops:
+      scalars["mfu"] = flops * sps / peak
+    writer.write_scalars(step, scalars)
+    history.setdefault(step, {}).update(scalars)
+    pending, t_log = [], time.time()
+    if not np.isfinite(scalars["loss"]):
+      raise FloatingPointError(f"loss became {scalars['loss']} at step {step}")
+
   with _Preemption() as preempt:
     while step < config.total_steps:
       local = next(batches)
       batch = {k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in local.items()}
       state, metrics = compiled(state, batch)
       step += 1
-      pending.append((step, metrics))
+      pending.append(metrics)
       report(step)
       if step % config.log_every_steps == 0 or step == config.total_steps:
-        fetched = jax.device_get(pending)  # waits for the steps: time them after
-        dt = time.time() - t_log
-        for s, m in fetched:
-          history.setdefault(s, {}).update({k: float(v) for k, v in m.items()})
-        sps = len(pending) / max(dt, 1e-9)
-        scalars = {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[0][1]}
-        scalars.update(steps_per_sec=sps, images_per_sec_per_device=sps * gbs / mesh.size)
-        if peak and flops:
-          scalars["mfu"] = flops * sps / peak
-        writer.write_scalars(step, scalars)
-        if not np.isfinite(scalars["loss"]):
-          raise FloatingPointError(f"loss became {scalars['loss']} at step {step}")
-        pending, t_log = [], time.time()
-      if config.sample.every_steps and step % config.sample.every_steps == 0:
+        log(step)
+      if sample_fn and (step % (config.sample.every_steps or -1) == 0 or
+                        step == config.total_steps):
         write_samples(step)
       if eval_fn and (step % config.eval.every_steps == 0 or step == config.total_steps):
         t_eval = time.time()
-        results = eval_fn(state.ema_params, step)
-        results = {f"eval/{k}": float(v) for k, v in results.items()}
+        results = {f"eval/{k}": float(v) for k, v in eval_fn(state.ema_params, step).items()}
         writer.write_scalars(step, results)
         history.setdefault(step, {}).update(results)
         logging.info("Evaluation at step %d took %.0fs: %s", step, time.time() - t_eval, results)
@@ -427,10 +462,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if preempted:
         logging.warning("Preempted: checkpoint of step %d written, exiting", step)
         break
-  for s, m in jax.device_get(pending):
-    history.setdefault(s, {}).update({k: float(v) for k, v in m.items()})
-  if step == config.total_steps and config.sample.num_images and sample_fn is not None:
-    write_samples(step)
+  if pending:
+    log(step)
   mngr.wait_until_finished()
   mngr.close()
   writer.flush()

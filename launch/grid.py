@@ -31,8 +31,9 @@ def commands(args: argparse.Namespace) -> list[list[str]]:
       train = [sys.executable, "-m", "dit_jax.main", f"--config=configs/{name}.py",
                f"--workdir={workdir}", *extra]
     sample = [sys.executable, "-m", "dit_jax.sample", f"--workdir={workdir}",
-              f"--config=configs/{name}.py", "--num_samples=50000", "--cfg_scale=1.0",
-              f"--out={workdir}/samples_50k.npz"]
+              "--num_samples=50000", "--cfg_scale=1.0", f"--out={workdir}/samples_50k.npz"]
+    if args.vae:
+      sample.append(f"--vae={args.vae}")
     evaluate = [sys.executable, "-m", "dit_jax.evaluate", f"--samples={workdir}/samples_50k.npz",
                 f"--reference={args.reference}", f"--inception={args.inception}",
                 f"--out={workdir}/metrics.json"]
@@ -49,6 +50,8 @@ def main(argv=None) -> None:
   p.add_argument("--steps", type=int, default=400_000, help="training steps (paper: 400K)")
   p.add_argument("--tpu", default="", help="TPU VM name: train through launch/tpu_vm.sh")
   p.add_argument("--zone", default="", help="TPU zone")
+  p.add_argument("--vae", default="", help="SD VAE folder for decoding samples (default: the "
+                 "one recorded in the latents' manifest)")
   p.add_argument("--reference", default="VIRTUAL_imagenet256_labeled.npz")
   p.add_argument("--inception", default="pt_inception-2015-12-05-6726825d.pth")
   p.add_argument("--run", action="store_true", help="run the commands instead of printing them")

@@ -45,8 +45,14 @@ def _make_tree(root) -> list[tuple[str, int]]:
       else:
         good.append((path, label))
   open(os.path.join(root, CLASSES[2], "notes.txt"), "w").write("not an image")
-  # Writer order: classes sorted, then files sorted by (directory, name) as torchvision ImageFolder.
-  good.sort(key=lambda t: (t[1], os.path.dirname(t[0]), os.path.basename(t[0])))
+  # Labels: classes sorted as torchvision ImageFolder. Writer order: a fixed permutation of the
+  # folder order, so that classes mix across shards.
+  folder_order = sorted(good + [(os.path.join(root, CLASSES[0], "broken.jpg"), 0)],
+                        key=lambda t: (t[1], os.path.dirname(t[0]), os.path.basename(t[0])))
+  perm = np.random.default_rng(prepare_latents.ORDER_SEED).permutation(len(folder_order))
+  rank = {folder_order[j][0]: i for i, j in enumerate(perm)}
+  good.sort(key=lambda t: rank[t[0]])
+  assert [t[1] for t in good] != sorted(t[1] for t in good)  # classes are mixed
   return good
 
 

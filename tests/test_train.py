@@ -202,6 +202,7 @@ def test_periodic_evaluation_logs_fid(digits_dir, tmp_path):
   np.savez(tmp_path / "ref.npz", arr_0=real)
   c = tiny_config(digits_dir, total_steps=2, **{
       "eval.every_steps": 2, "eval.num_samples": 8, "eval.batch_size": 8, "eval.respacing": "4",
+      "eval.inception_batch_per_device": 1,
       "eval.inception": str(tmp_path / "inception.npz"), "eval.reference": str(tmp_path / "ref.npz")})
   hist = train.train_and_evaluate(c, str(tmp_path / "wd"))
   ev = hist[2]
@@ -209,3 +210,10 @@ def test_periodic_evaluation_logs_fid(digits_dir, tmp_path):
   assert np.isfinite(ev["eval/fid"]) and ev["eval/fid"] > 0
   assert 0 <= ev["eval/precision"] <= 1 and 0 <= ev["eval/recall"] <= 1
   assert os.path.exists(tmp_path / "wd" / "eval_reference_stats.npz")
+
+
+def test_workdir_of_another_model_is_refused(digits_dir, tmp_path):
+  train.train_and_evaluate(tiny_config(digits_dir, total_steps=1), str(tmp_path))
+  other = tiny_config(digits_dir, total_steps=2, **{"model.overrides.depth": 3})
+  with pytest.raises(ValueError, match="depth=2 there, 3 now"):
+    train.train_and_evaluate(other, str(tmp_path))

@@ -14,6 +14,7 @@ from typing import Any, Iterator
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
+import tensorflow as tf
 
 from dit_jax.evaluation import convert
 from dit_jax.evaluation import features as features_lib
@@ -43,13 +44,12 @@ class ReferenceStats:
     arrays = {k: getattr(self, k) for k in _MOMENT_KEYS}
     if self.pool is not None:
       arrays["pool"] = self.pool
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, source=np.asarray(self.source), **arrays)
-    os.replace(tmp, path)
+    from dit_jax import sampling  # pylint: disable=import-outside-toplevel
+    sampling.save_npz(path, source=np.asarray(self.source), **arrays)  # local or gs://, atomic
 
   @classmethod
   def load(cls, path: str) -> "ReferenceStats":
-    with np.load(path) as data:
+    with tf.io.gfile.GFile(path, "rb") as f, np.load(f) as data:
       missing = [k for k in _MOMENT_KEYS if k not in data.files]
       if missing:
         raise ValueError(f"{path}: reference statistics lack keys {missing} (has {data.files})")
@@ -179,7 +179,7 @@ def compute_reference(source: str, variables: Any, *, resolution: int | None = N
   key = (f"{source}|resolution={resolution}|max_images={max_images}"
          f"|inception={convert.fingerprint(variables) if variables is not None else None}")
   cached = None
-  if cache_path and os.path.exists(cache_path):
+  if cache_path and tf.io.gfile.exists(cache_path):
     cached = ReferenceStats.load(cache_path)
     cached = cached if cached.source == key else None
   hit = cached is not None
