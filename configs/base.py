@@ -96,7 +96,7 @@ def get_config(model: str = "DiT-XL/2", image_size: int = 256) -> ml_collections
   c.sample = ml_collections.ConfigDict()
   # A class-conditional grid from the EMA weights every N steps (0 = off) and at the end.
   c.sample.every_steps = 20_000
-  # Images in the periodic grid.
+  # Images in the periodic grid (0 = no grids).
   c.sample.num_images = 16
   # Sampling steps of the grid ('250' is the release default; 'ddim50' for DDIM).
   c.sample.respacing = "250"

@@ -7,6 +7,7 @@ coordinator flags are given or a multi-host TPU slice / SLURM / Open MPI job is 
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
 
 from absl import flags, logging
@@ -20,11 +21,11 @@ def define_flags() -> None:
                     " default: when coordinator flags are given or a TPU pod / cluster is found.")
 
 
-class _QuietOrbax(logging.logging.Filter):
+class _QuietOrbax(std_logging.Filter):
   """Orbax logs every file it writes at INFO; keep its warnings and errors only."""
 
   def filter(self, record):
-    return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+    return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
 
 
 def cluster_detected() -> bool:

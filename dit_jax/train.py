@@ -376,9 +376,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   # Sample grids and evaluation decode with the dataset's VAE (or identity for pixel data).
   sample_fn = decoder = eval_fn = None
-  if config.sample.every_steps or config.sample.num_images or config.eval.every_steps:
+  if config.sample.num_images or config.eval.every_steps:
     decoder = sampling.Decoder(vae_path(config, info), scale, repl)
-  if config.sample.every_steps or config.sample.num_images:
+  if config.sample.num_images:
     sample_fn = sampling.make_sample_fn(
         model, respacing=config.sample.respacing, guided=has_null_class(model),
         release_cfg=config.sample.release_cfg, diffusion_steps=config.diffusion.steps,
