@@ -1,0 +1,68 @@
+"""Every experiment config loads, names a real model, and shards as declared (shapes only)."""
+
+import functools
+import glob
+import importlib
+import os
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from dit_jax import input_pipeline, models, sharding, train
+
+CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(
+    os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "*.py"))
+                 if not p.endswith(("__init__.py", "base.py")))
+
+
+def latent_info(image_size, classes=1000):
+  s = image_size // 8
+  return input_pipeline.DataInfo((s, s, 4), classes, 0.18215, 0, 0, (), {"dtype": "float16"})
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_loads_with_a_valid_model(name):
+  c = importlib.import_module(f"configs.{name}").get_config()
+  assert c.model.name in models.DiT_models
+  assert c.data.global_batch_size % 8 == 0
+  if name != "demo":
+    # The release's recipe, untouched by the experiment files.
+    assert (c.optim.learning_rate, c.optim.weight_decay, c.ema_decay) == (1e-4, 0.0, 0.9999)
+    assert (c.data.global_batch_size, c.model.class_dropout_prob) == (256, 0.1)
+    assert c.model.learn_sigma and c.data.random_flip
+  c.model.name = c.model.name  # fields stay overridable (no None-typed leaves)
+  c.model.attention_impl = "cudnn"
+  c.vae.scale_factor = 0.5
+
+
+@pytest.mark.parametrize("name,image_size", [("xl2", 256), ("xl2_512", 512)])
+def test_xl2_state_is_sharded_over_fsdp(name, image_size):
+  c = importlib.import_module(f"configs.{name}").get_config()
+  mesh = sharding.create_mesh(c.mesh.data, c.mesh.fsdp)
+  assert dict(mesh.shape) == {"data": 1, "fsdp": 8}
+  model = train.create_model(c, latent_info(image_size))
+  tx, _ = train.create_optimizer(c)
+  boxed = jax.eval_shape(functools.partial(train.init_state, model=model, tx=tx,
+                                           local_shape=model_shape(model)), jax.random.PRNGKey(0))
+  sh = sharding.state_shardings(boxed, mesh)
+  shapes = nn.meta.unbox(boxed)
+  total = sharded = 0
+  for s, x in zip(jax.tree.leaves(sh), jax.tree.leaves(shapes)):
+    n = int(np.prod(x.shape))
+    total += n
+    for dim, axis in zip(x.shape, s.spec):
+      if axis is not None:
+        assert dim % mesh.shape[axis] == 0
+        sharded += n
+  # Parameters, EMA and both Adam moments: everything but biases and norms is split 8 ways.
+  assert sharded / total > 0.99
+  # Trainable parameters: the paper's 675,129,632 less the frozen 256 x 1152 position table
+  # (the same at 512 px: only the frozen table grows).
+  assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes.params)) == (
+      675_129_632 - 256 * 1152)
+
+
+def model_shape(model):
+  return (model.input_size, model.input_size, model.in_channels)
