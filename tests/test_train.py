@@ -217,3 +217,15 @@ def test_workdir_of_another_model_is_refused(digits_dir, tmp_path):
   other = tiny_config(digits_dir, total_steps=2, **{"model.overrides.depth": 3})
   with pytest.raises(ValueError, match="depth=2 there, 3 now"):
     train.train_and_evaluate(other, str(tmp_path))
+
+
+def test_bf16_and_remat_train_steps(digits_dir, tmp_path):
+  ref = train.train_and_evaluate(tiny_config(digits_dir, total_steps=3), str(tmp_path / "f32"))
+  remat = train.train_and_evaluate(tiny_config(digits_dir, total_steps=3, **{"model.remat": True}),
+                                   str(tmp_path / "remat"))
+  np.testing.assert_allclose(losses(remat), losses(ref), rtol=1e-5)
+  bf16 = train.train_and_evaluate(
+      tiny_config(digits_dir, total_steps=3, **{"model.dtype": "bfloat16"}), str(tmp_path / "bf16"))
+  np.testing.assert_allclose(losses(bf16), losses(ref), rtol=5e-2)
+  _, params, _ = final_params(str(tmp_path / "bf16"))
+  assert all(x.dtype == np.float32 for x in jax.tree.leaves(params))  # bf16 activations only
