@@ -2,12 +2,13 @@
 
 Stages of `train_and_evaluate` (read top to bottom):
   1. data: manifest and this process's shards (built-in digits written on first use);
-  2. model, diffusion, optimizer;
-  3. mesh and shardings (dit_jax/sharding.py), state initialised directly sharded;
-  4. restore the newest readable checkpoint, if any, and the data stream position;
-  5. the train step: one jax.jit with in/out shardings and donated state, compiled ahead
-     of time with its FLOPs and memory logged;
-  6. the loop: metrics, periodic sample grids, checkpoints, SIGTERM handling.
+  2. `build`: model, diffusion, optimizer, mesh and shardings (dit_jax/sharding.py), and the
+     train step: one jax.jit with in/out shardings and donated state, compiled ahead of time
+     with its FLOPs and memory logged (benchmarks/train_speed.py uses the same `build`);
+  3. restore the newest readable checkpoint, or initialise the state directly sharded;
+  4. sample-grid and evaluation functions (EMA weights, decoded with the dataset's VAE);
+  5. the loop: metrics, grids, evaluation, checkpoints, SIGTERM handling; the data stream
+     restarts where the restored step left it.
 """
 
 from __future__ import annotations
@@ -344,13 +345,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   local_bs = gbs // nproc
   scale = float(config.vae.scale_factor or info.scale_factor)
 
-  # 2.-5. Model, diffusion, optimizer, mesh, shardings and the compiled step.
+  # 2. Model, diffusion, optimizer, mesh, shardings and the compiled step.
   b = build(config, info, devices)
   model, mesh, state_sh, abstract = b.model, b.mesh, b.state_sh, b.abstract
   batch_sh, repl, compiled, flops = b.batch_sh, b.repl, b.compiled, b.flops
   key = jax.random.PRNGKey(config.seed)
 
-  # Restore or initialise; the state is created sharded (never whole on one device).
+  # 3. Restore or initialise; the state is created sharded (never whole on one device).
   mngr = checkpointing.create_manager(workdir, config.checkpoint.keep,
                                       config.checkpoint.async_save)
   train_part = lambda s: {"step": s.step, "params": s.params, "opt_state": s.opt_state,
@@ -374,7 +375,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   start_step = int(jax.device_get(state.step))
   peak = peak_flops(jax.devices()[0])
 
-  # Sample grids and evaluation decode with the dataset's VAE (or identity for pixel data).
+  # 4. Sample grids and evaluation decode with the dataset's VAE (identity for pixel data).
   sample_fn = decoder = eval_fn = None
   if config.sample.num_images or config.eval.every_steps:
     decoder = sampling.Decoder(vae_path(config, info), scale, repl)
@@ -396,7 +397,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     _write_grid(writer, workdir, step, np.asarray(jax.device_get(decoder(lat))),
                 columns=min(n, model.num_classes, 16))
 
-  # 6. The loop.
+  # 5. The loop.
   ds = input_pipeline.create_dataset(
       info, local_batch_size=local_bs, seed=config.seed, process_index=pid,
       start_step=start_step, shuffle_buffer=config.data.shuffle_buffer,
