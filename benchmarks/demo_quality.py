@@ -21,7 +21,7 @@ from sklearn.datasets import load_digits  # noqa: E402
 from sklearn.model_selection import train_test_split  # noqa: E402
 from sklearn.svm import SVC  # noqa: E402
 
-from dit_jax import checkpointing, models, sampling  # noqa: E402
+from dit_jax import checkpointing, sampling  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Demo workdir.")
@@ -37,17 +37,8 @@ def main(_):
   clf = SVC(gamma=0.001).fit(xtr, ytr)
   print(f"classifier accuracy on held-out real digits: {clf.score(xte, yte):.3f}")
 
-  meta = checkpointing.read_meta(FLAGS.workdir)
-  model = models.DiT(**meta["model_kwargs"])
-  s = model.input_size
-  abstract = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, s, s, 1)), jnp.zeros((1,), jnp.int32),
-                                                 jnp.zeros((1,), jnp.int32))["params"],
-                            jax.random.PRNGKey(0))
-  abstract = jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, abstract,
-                          is_leaf=lambda x: hasattr(x, "unbox"))
   dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  params, meta = checkpointing.restore_ema(FLAGS.workdir, abstract,
-                                           jax.tree.map(lambda _: dev, abstract))
+  model, params, meta = checkpointing.load_ema_model(FLAGS.workdir, dev)
   labels = jnp.repeat(jnp.arange(10, dtype=jnp.int32), FLAGS.per_class)
   for scale in map(float, FLAGS.cfg_scales):
     fn = sampling.make_sample_fn(model, respacing=FLAGS.respacing, guided=scale != 1.0,

@@ -137,6 +137,19 @@ def restore_ema(workdir: str, abstract_ema: Any, shardings: Any,
   return out["ema"], out["meta"]
 
 
+def load_ema_model(workdir: str, sharding: Any, step: int | None = None,
+                   dtype: Any = None) -> tuple[Any, Any, dict]:
+  """(DiT, EMA params placed with `sharding`, meta) of a training workdir's checkpoint."""
+  from dit_jax import models  # pylint: disable=import-outside-toplevel
+  meta = read_meta(workdir, step)
+  model = models.DiT(**meta["model_kwargs"], **({"dtype": dtype} if dtype else {}))
+  shapes = models.param_shapes(model)
+  params, meta = restore_ema(workdir, shapes, jax.tree.map(lambda _: sharding, shapes),
+                             meta["step"])
+  logging.info("Loaded EMA weights of %s at step %d from %s", meta["model"], meta["step"], workdir)
+  return model, params, meta
+
+
 def read_meta(workdir: str, step: int | None = None) -> dict:
   path = _abspath(os.path.join(workdir, "checkpoints"))
   mngr = ocp.CheckpointManager(path, item_names=("train", "ema", "meta"),

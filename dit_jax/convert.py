@@ -56,15 +56,6 @@ def _flax_axes(path: tuple[str, ...], ndim: int) -> tuple[int, ...]:
   return tuple(int(i) for i in np.argsort(_torch_axes(path, ndim)))
 
 
-def _param_template(model: models.DiT) -> dict:
-  """Abstract 'params' tree (ShapeDtypeStructs) of `model`, unboxed; costs no FLOPs."""
-  model.validate()
-  x = jnp.zeros((1, model.input_size, model.input_size, model.in_channels), jnp.float32)
-  t = jnp.zeros((1,), jnp.int32)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, t, t))
-  return nn.meta.unbox(shapes)['params']
-
-
 def _flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple[str, ...], Any]:
   out = {}
   for k, v in tree.items():
@@ -94,7 +85,7 @@ def _as_numpy(x: Any) -> np.ndarray:
 def official_shapes(model: models.DiT) -> dict[str, tuple[int, ...]]:
   """Released state_dict key -> shape for `model` (including pos_embed [1, T, D])."""
   shapes = {'pos_embed': (1, model.grid_size**2, model.hidden_size)}
-  for path, leaf in _flatten(_param_template(model)).items():
+  for path, leaf in _flatten(models.param_shapes(model)).items():
     shapes[_official_key(path)] = tuple(leaf.shape[i] for i in _torch_axes(path, len(leaf.shape)))
   return shapes
 
@@ -133,7 +124,7 @@ def from_official(state_dict: Mapping[str, Any], model: models.DiT | None = None
   """
   if model is None:
     model = infer_model(state_dict)
-  template = _flatten(_param_template(model))
+  template = _flatten(models.param_shapes(model))
   by_key = {_official_key(path): path for path in template}
   unknown = sorted(set(state_dict) - set(by_key) - {'pos_embed'})
   if unknown:
@@ -168,7 +159,7 @@ def to_official(params: Mapping, model: models.DiT) -> dict[str, np.ndarray]:
   if set(params) == {'params'}:
     params = params['params']
   flat = _flatten(params)
-  template = _flatten(_param_template(model))
+  template = _flatten(models.param_shapes(model))
   for path, leaf in template.items():
     if path not in flat:
       raise ValueError(f'Missing param {"/".join(path)} (expected shape {tuple(leaf.shape)})')
@@ -216,7 +207,7 @@ def load_converted(ckpt_dir: str, sharding: Any = None) -> tuple[models.DiT, dic
   with open(meta_path) as f:
     meta = json.load(f)
   model = models.get_model(meta['model'], **meta.get('kwargs', {}))
-  target = {'params': _param_template(model)}
+  target = {'params': models.param_shapes(model)}
   if sharding is not None:
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                           target)

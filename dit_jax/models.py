@@ -338,3 +338,12 @@ def get_model(name: str, **kwargs: Any) -> DiT:
   if name not in DiT_models:
     raise ValueError(f'Unknown model {name!r}; valid names: {", ".join(DiT_models)}')
   return DiT_models[name](**kwargs)
+
+
+def param_shapes(model: DiT) -> dict:
+  """Abstract, unboxed 'params' tree (ShapeDtypeStructs) of `model`; allocates and computes nothing."""
+  model.validate()
+  x = jnp.zeros((1, model.input_size, model.input_size, model.in_channels), jnp.float32)
+  t = jnp.zeros((1,), jnp.int32)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, t, t))
+  return nn.meta.unbox(shapes)['params']

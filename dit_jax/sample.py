@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,18 +57,7 @@ def load_model(mesh) -> tuple[models.DiT, dict, dict]:
     return model.clone(dtype=dtype), params, {"scale_factor": 0.18215}
   if not FLAGS.workdir:
     raise app.UsageError("pass --workdir (a training run) or --checkpoint (a converted release)")
-  meta = checkpointing.read_meta(FLAGS.workdir, FLAGS.step)
-  model = models.DiT(**meta["model_kwargs"], dtype=dtype)
-  s = model.input_size
-  abstract = jax.eval_shape(lambda k: model.init(
-      k, jnp.zeros((1, s, s, model.in_channels)), jnp.zeros((1,), jnp.int32),
-      jnp.zeros((1,), jnp.int32))["params"], jax.random.PRNGKey(0))
-  abstract = nn.meta.unbox(abstract)
-  params, meta = checkpointing.restore_ema(FLAGS.workdir, abstract,
-                                           jax.tree.map(lambda _: repl, abstract), meta["step"])
-  logging.info("Loaded EMA weights of %s at step %d from %s", meta["model"], meta["step"],
-               FLAGS.workdir)
-  return model, params, meta
+  return checkpointing.load_ema_model(FLAGS.workdir, repl, FLAGS.step, dtype)
 
 
 def main(argv):

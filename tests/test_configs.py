@@ -32,7 +32,7 @@ def test_config_loads_with_a_valid_model(name):
     assert (c.optim.learning_rate, c.optim.weight_decay, c.ema_decay) == (1e-4, 0.0, 0.9999)
     assert (c.data.global_batch_size, c.model.class_dropout_prob) == (256, 0.1)
     assert c.model.learn_sigma and c.data.random_flip
-  c.model.name = c.model.name  # fields stay overridable (no None-typed leaves)
+  # Optional fields stay overridable from the command line (no None-typed leaves).
   c.model.attention_impl = "cudnn"
   c.vae.scale_factor = 0.5
 
