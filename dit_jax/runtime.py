@@ -7,8 +7,11 @@ coordinator flags are given or a multi-host TPU slice / SLURM / Open MPI job is 
 
 from __future__ import annotations
 
+import io
 import logging as std_logging
 import os
+import sys
+import threading
 
 from absl import flags, logging
 
@@ -22,10 +25,62 @@ def define_flags() -> None:
 
 
 class _QuietOrbax(std_logging.Filter):
-  """Orbax logs every file it writes at INFO; keep its warnings and errors only."""
+  """Orbax logs every file it writes at INFO; keep its warnings and errors only (but not the
+  notice that dit_jax.checkpointing chose its own array handler)."""
 
   def filter(self, record):
-    return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
+    if "orbax" not in record.pathname:
+      return True
+    return record.levelno >= std_logging.WARNING and "overriding jax.Array" not in record.getMessage()
+
+
+class _DropClosedLoopTracebacks(io.TextIOBase):
+  """stderr, less the "RuntimeError: Event loop is closed" tracebacks that TensorStore's
+  callbacks print after a failed Orbax restore (one per read still in flight, from many
+  threads, hundreds of lines in all), which buried the one error that matters. Lines are
+  parsed per writing thread; everything else passes through."""
+
+  def __init__(self, stream):
+    super().__init__()
+    self._stream, self._lock = stream, threading.Lock()
+    self._partial: dict[int, str] = {}
+    self._held: dict[int, list[str]] = {}
+
+  def write(self, text):
+    tid = threading.get_ident()
+    with self._lock:
+      lines = (self._partial.pop(tid, "") + text).split("\n")
+      if lines[-1]:
+        self._partial[tid] = lines[-1]
+      for line in lines[:-1]:
+        self._line(tid, line + "\n")
+    return len(text)
+
+  def _line(self, tid, line):
+    held = self._held.get(tid)
+    if held is None:
+      if line.startswith("Traceback (most recent call last):"):
+        self._held[tid] = [line]
+      else:
+        self._stream.write(line)
+      return
+    held.append(line)
+    if line[:1] in (" ", "\t"):
+      return
+    del self._held[tid]
+    if not (line.startswith("RuntimeError: Event loop is closed") and
+            any("asyncio" in frame for frame in held)):
+      self._stream.write("".join(held))
+
+  def flush(self):
+    with self._lock:
+      tid = threading.get_ident()
+      if tid in self._partial and tid not in self._held:
+        self._stream.write(self._partial.pop(tid))
+      self._stream.flush()
+
+  def __getattr__(self, name):  # fileno, isatty, encoding, ...
+    return getattr(self._stream, name)
 
 
 def cluster_detected() -> bool:
@@ -36,6 +91,8 @@ def cluster_detected() -> bool:
 
 def setup() -> None:
   logging.get_absl_handler().addFilter(_QuietOrbax())
+  if not isinstance(sys.stderr, _DropClosedLoopTracebacks):
+    sys.stderr = _DropClosedLoopTracebacks(sys.stderr)
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   tf.config.set_visible_devices([], "GPU")
   import jax  # pylint: disable=import-outside-toplevel

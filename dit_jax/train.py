@@ -49,6 +49,9 @@ class TrainState:
   ema_params: Any
   opt_state: Any
   rng: jax.Array  # base key; step s uses fold_in(rng, s)
+  # The first step whose loss or gradient norm was NaN/inf, else -1. Accumulated on device
+  # every step and fetched only when logging or saving; never checkpointed.
+  first_bad_step: jax.Array
 
 
 def peak_flops(device: Any) -> float | None:
@@ -68,6 +71,14 @@ def create_model(config: ml_collections.ConfigDict, info: input_pipeline.DataInf
   if made_from and config.data.image_size and int(made_from) != int(config.data.image_size):
     raise ValueError(f"config.data.image_size={config.data.image_size} but the latents in "
                      f"{config.data.dir} were made from {made_from}px images")
+  vae = info.manifest.get("vae", "identity")
+  factor = int(info.manifest.get("downsample_factor", 1 if vae == "identity" else 8))
+  size = int(made_from or config.data.image_size or 0)
+  if size and h * factor != size:
+    raise ValueError(
+        f"{config.data.dir}/manifest.json: latent_shape {list(info.latent_shape)} does not fit "
+        f"{size}px images through the {vae!r} VAE (downsampling {factor}x gives "
+        f"{size // factor}x{size // factor}): the manifest's latent_shape or image_size is wrong")
   overrides = {k: v for k, v in config.model.get("overrides", {}).items() if v is not None}
   model = models.get_model(
       config.model.name, input_size=h, in_channels=c, num_classes=info.num_classes,
@@ -107,7 +118,8 @@ def init_state(key: jax.Array, model: models.DiT, tx: optax.GradientTransformati
   x = jnp.zeros((1, *local_shape), jnp.float32)
   params = model.init(k_init, x, jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32))["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                    opt_state=tx.init(params), rng=k_train)
+                    opt_state=tx.init(params), rng=k_train,
+                    first_bad_step=jnp.full((), -1, jnp.int32))
 
 
 def sample_latents(batch: dict, key: jax.Array, scale: float, random_flip: bool) -> jax.Array:
@@ -148,9 +160,14 @@ def train_step(state: TrainState, batch: dict, *, model: models.DiT, diffusion: 
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema = optax.incremental_update(params, state.ema_params, step_size=1.0 - ema_decay)
+  grad_norm = optax.tree.norm(grads)
   metrics = {"loss": loss, "mse": terms["mse"].mean(), "vb": terms["vb"].mean(),
-             "grad_norm": optax.global_norm(grads), "learning_rate": schedule(state.step)}
-  new = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
+             "grad_norm": grad_norm, "learning_rate": schedule(state.step)}
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  first_bad = jnp.where((state.first_bad_step < 0) & ~finite, state.step + 1,
+                        state.first_bad_step)
+  new = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state,
+                      first_bad_step=first_bad)
   return new, metrics
 
 
@@ -353,19 +370,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   # 3. Restore or initialise; the state is created sharded (never whole on one device).
   mngr = checkpointing.create_manager(workdir, config.checkpoint.keep,
-                                      config.checkpoint.async_save)
+                                      config.checkpoint.async_save,
+                                      config.checkpoint.get("keep_period"))
   train_part = lambda s: {"step": s.step, "params": s.params, "opt_state": s.opt_state,
                           "rng": s.rng}
   restored = checkpointing.restore_latest(
       mngr, train_part(abstract), train_part(state_sh), abstract.ema_params,
-      state_sh.ema_params, model_kwargs=model_kwargs(model))
+      state_sh.ema_params, model_kwargs=model_kwargs(model),
+      attempts=config.checkpoint.restore_attempts, backoff_s=config.checkpoint.restore_backoff_s)
   if restored is None:
     state = b.init(key)
+    # Compile the checkpoint integrity check now (a restore compiles it while verifying):
+    # a preemption save must not wait for a compilation.
+    checkpointing.summarize(train_part(state), state.ema_params)
     logging.info("Initialised a new model in %s", workdir)
   else:
     tr, ema, meta = restored
     state = TrainState(step=tr["step"], params=tr["params"], ema_params=ema,
-                       opt_state=tr["opt_state"], rng=tr["rng"])
+                       opt_state=tr["opt_state"], rng=tr["rng"],
+                       first_bad_step=jax.device_put(jnp.int32(-1), state_sh.first_bad_step))
     was = meta.get("data", {})
     if (was.get("local_batch_size"), was.get("process_count")) != (local_bs, nproc):
       logging.warning("Resuming with %d processes x batch %d, the checkpoint was written with %s x "
@@ -409,7 +432,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   report = periodic_actions.ReportProgress(num_train_steps=config.total_steps,
                                            every_steps=config.log_every_steps)
 
+  def check_finite(step):
+    bad = int(jax.device_get(state.first_bad_step))
+    if bad >= 0:
+      mngr.wait_until_finished()
+      raise FloatingPointError(
+          f"The loss or gradient norm became NaN/inf at step {bad} (stopped at step {step}, "
+          f"nothing saved after it): the checkpoints in {mngr.directory} are kept (newest: "
+          f"step {mngr.latest_step()}). Lower config.optim.learning_rate or set "
+          "config.optim.grad_clip_norm, then run again to resume from there.")
+
   def save(step):
+    check_finite(step)  # a checkpoint never holds a diverged state
     epoch, offset = input_pipeline.stream_position(step, local_bs, info.local_count)
     meta = {"step": step, "model": config.model.name, "model_kwargs": model_kwargs(model),
             "data": {"dir": data_dir, "epoch": epoch, "offset": offset,
@@ -434,8 +468,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     writer.write_scalars(step, scalars)
     history.setdefault(step, {}).update(scalars)
     pending, t_log = [], time.time()
-    if not np.isfinite(scalars["loss"]):
-      raise FloatingPointError(f"loss became {scalars['loss']} at step {step}")
+    check_finite(step)
 
   with _Preemption() as preempt:
     while step < config.total_steps:
@@ -447,6 +480,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       report(step)
       if step % config.log_every_steps == 0 or step == config.total_steps:
         log(step)
+      preempted = preempt.check(mngr, step)
+      # Save before sampling or evaluating, so that nothing there can lose training steps.
+      if step % config.checkpoint.every_steps == 0 or step == config.total_steps or preempted:
+        save(step)
+      if preempted:
+        logging.warning("Preempted: checkpoint of step %d written, exiting", step)
+        break
       if sample_fn and (step % (config.sample.every_steps or -1) == 0 or
                         step == config.total_steps):
         write_samples(step)
@@ -457,12 +497,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         history.setdefault(step, {}).update(results)
         logging.info("Evaluation at step %d took %.0fs: %s", step, time.time() - t_eval, results)
         t_log += time.time() - t_eval
-      preempted = preempt.check(mngr, step)
-      if step % config.checkpoint.every_steps == 0 or step == config.total_steps or preempted:
-        save(step)
-      if preempted:
-        logging.warning("Preempted: checkpoint of step %d written, exiting", step)
-        break
   if pending:
     log(step)
   mngr.wait_until_finished()
