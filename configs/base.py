@@ -15,6 +15,9 @@ def get_config(model: str = "DiT-XL/2", image_size: int = 256) -> ml_collections
   c.seed = 0
   # Training length in optimizer steps (the paper's grid: 400K; DiT-XL/2 headline: 7M).
   c.total_steps = 400_000
+  # JAX's persistent compilation cache, so a restart after preemption does not compile again;
+  # empty: WORKDIR/compilation_cache (or $JAX_COMPILATION_CACHE_DIR when that is set).
+  c.compilation_cache_dir = ""
 
   c.model = ml_collections.ConfigDict()
   # A name of dit_jax.models.DiT_models: 'DiT-S/8' ... 'DiT-XL/2'.
@@ -77,10 +80,14 @@ def get_config(model: str = "DiT-XL/2", image_size: int = 256) -> ml_collections
   c.ema_decay = 0.9999
 
   c.mesh = ml_collections.ConfigDict()
-  # Device mesh (data, fsdp); -1 = all remaining devices. Parameters, EMA and optimizer
-  # state are sharded over 'fsdp' by the rules in dit_jax/sharding.py; the batch over both.
+  # Device mesh (data, fsdp) of ONE slice; -1 = the remaining devices. Parameters, EMA and
+  # optimizer state are sharded over 'fsdp' by the rules in dit_jax/sharding.py; the batch
+  # over both. Several slices (multi-slice TPU jobs) multiply 'data' over the DCN.
   c.mesh.data = -1
-  c.mesh.fsdp = 1
+  # 0 = auto: data parallel where the compiled step fits a device's memory (every DiT on
+  # v4/v5p/v6e/H100 chips), else the smallest power-of-two FSDP within a slice that fits
+  # (e.g. XL on 16 GiB v5e chips); or a size (-1 = all devices of a slice).
+  c.mesh.fsdp = 0
 
   c.checkpoint = ml_collections.ConfigDict()
   # Save every N steps (and at the end, and on SIGTERM).
@@ -112,6 +119,9 @@ def get_config(model: str = "DiT-XL/2", image_size: int = 256) -> ml_collections
   c.sample.cfg_scale = 4.0
   # Guide only the first 3 latent channels as the release does (False: all channels).
   c.sample.release_cfg = True
+  # Matmul precision of sampling and decoding (grids and evaluation): 'highest' computes
+  # float32 as the release does, also on TPUs (whose default is one bfloat16 pass).
+  c.sample.matmul_precision = "highest"
 
   c.eval = ml_collections.ConfigDict()
   # FID/sFID/IS/precision/recall of EMA samples every N steps and at the end (0 = off); the
