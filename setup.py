@@ -29,9 +29,12 @@ setup(
     extras_require={
         # Parity references for the tests. The pinned torch is a CPU build where it is on disk;
         # an unpinned torch pulls a multi-GB CUDA build.
-        "test": ["pytest", "torch==2.13.0", "diffusers"],
+        # jax[tpu] brings libtpu at the installed jax's version: tests compile train steps for
+        # TPU topologies (jax.experimental.topologies) on a CPU-only machine; no TPU is used.
+        "test": ["pytest", "torch==2.13.0", "diffusers", "jax[tpu]"],
         # Reading the released .pt checkpoints (dit_jax.convert) and Inception weights.
         "torch": ["torch"],
+        # TPU VMs, and AOT compilation for TPU topologies on any machine (benchmarks/pod_memory.py).
         "tpu": ["jax[tpu]"],
         "gpu": ["jax[cuda12]"],
     },

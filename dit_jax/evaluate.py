@@ -15,6 +15,7 @@ import re
 
 from absl import app, flags, logging
 import jax
+import tensorflow as tf
 
 from dit_jax import runtime
 from dit_jax.evaluation import convert, evaluator, reference
@@ -41,7 +42,8 @@ runtime.define_flags()
 def default_cache_path(reference_source: str, out: str | None, samples: str) -> str:
   name = os.path.basename(reference_source.rstrip("/"))
   name = re.sub(r"[^A-Za-z0-9._-]+", "_", name[:-4] if name.endswith(".npz") else name)
-  directory = os.path.dirname(os.path.abspath(out or samples))
+  target = out or samples
+  directory = os.path.dirname(target if "://" in target else os.path.abspath(target))
   return os.path.join(directory, f"{name}.inception_stats.npz")
 
 
@@ -67,7 +69,7 @@ def main(argv: list[str]) -> None:
       if key in result:
         print(f"{key}: {result[key]:.4f}")
     if _OUT.value:
-      with open(_OUT.value, "w") as f:
+      with tf.io.gfile.GFile(_OUT.value, "w") as f:  # local or gs://
         json.dump(result, f, indent=2)
 
 

@@ -60,10 +60,10 @@ def create_model(config: ml_collections.ConfigDict, info: input_pipeline.DataInf
   if made_from and config.data.image_size and int(made_from) != int(config.data.image_size):
     raise ValueError(f"config.data.image_size={config.data.image_size} but the latents in "
                      f"{config.data.dir} were made from {made_from}px images")
-  vae = info.manifest.get("vae", "identity")
+  vae = info.manifest.get("vae")  # every manifest names one; synthetic DataInfo may not
   factor = int(info.manifest.get("downsample_factor", 1 if vae == "identity" else 8))
   size = int(made_from or config.data.image_size or 0)
-  if size and h * factor != size:
+  if vae and size and h * factor != size:
     raise ValueError(
         f"{config.data.dir}/manifest.json: latent_shape {list(info.latent_shape)} does not fit "
         f"{size}px images through the {vae!r} VAE (downsampling {factor}x gives "
