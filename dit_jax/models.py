@@ -8,6 +8,8 @@ Faithful to the released PyTorch model (facebookresearch/DiT) so that its checkp
 Parameter tree (mirrors the released state_dict names, see `dit_jax.convert`):
   x_embedder/proj, t_embedder/{mlp_0, mlp_2}, y_embedder/embedding_table,
   blocks_{i}/{adaLN_modulation, attn/{qkv, proj}, mlp/{fc1, fc2}}, final_layer/{adaLN_modulation, linear}.
+With scan_layers=True the blocks are one subtree `blocks/...` whose arrays carry a leading [depth]
+axis (`dit_jax.convert.stack_blocks` / `unstack_blocks` go between the layouts).
 
 Every parameter carries logical axis names (`LOGICAL_AXES`) for sharding rules; params come boxed as
 `nn.LogicallyPartitioned` from `init` (use `flax.linen.meta.unbox` or `nn.get_partition_spec`).
@@ -21,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dit_jax import attention
+
 # Logical axis names used by the parameters; a sharding rule table maps them to mesh axes.
 #   'embed'  - the hidden width D (every D-sized dimension that is a Dense input or output).
 #   'hidden' - the output D of a [D, D] kernel whose input is also D (timestep MLP's second layer),
@@ -32,8 +36,10 @@ import numpy as np
 #   'vocab'  - rows of the label table (num_classes [+ 1 null class]).
 #   'freq'   - the 256 timestep frequency features.
 #   'out'    - the p*p*out_channels output of the final linear layer.
+#   'layers' - the leading [depth] axis of the stacked blocks with scan_layers=True (never sharded).
 # Convolution input channels and kernel spatial dims are None (replicated).
-LOGICAL_AXES = ('embed', 'hidden', 'mlp', 'qkv', 'heads', 'adaln', 'vocab', 'freq', 'out')
+LOGICAL_AXES = ('embed', 'hidden', 'mlp', 'qkv', 'heads', 'adaln', 'vocab', 'freq', 'out',
+                'layers')
 
 FREQ_DIM = 256  # timestep frequency features, as the release
 MAX_PERIOD = 10000
@@ -96,9 +102,10 @@ def modulate(x: jnp.ndarray, shift: jnp.ndarray, scale: jnp.ndarray) -> jnp.ndar
   return x * (1 + scale[:, None]) + shift[:, None]
 
 
-def _layer_norm(dtype: Any, name: str) -> nn.LayerNorm:
-  # No affine; flax computes the statistics in float32 even for bfloat16 inputs.
-  return nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False, dtype=dtype, name=name)
+def _layer_norm(name: str) -> nn.LayerNorm:
+  # No affine; float32 in and out (the residual stream), whatever the matmul dtype.
+  return nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False, dtype=jnp.float32,
+                      name=name)
 
 
 class TimestepEmbedder(nn.Module):
@@ -151,7 +158,7 @@ class Attention(nn.Module):
     qkv = _dense(3 * d, 'embed', 'qkv', self.dtype, 'qkv')(x)
     qkv = qkv.reshape(n, t, 3, self.num_heads, d // self.num_heads)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [N, T, heads, head_dim]
-    out = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
+    out = attention.dot_product_attention(q, k, v, self.attention_impl)
     out = out.reshape(n, t, d)
     return _dense(d, 'heads', 'embed', self.dtype, 'proj')(out)
 
@@ -169,7 +176,12 @@ class Mlp(nn.Module):
 
 
 class DiTBlock(nn.Module):
-  """adaLN-Zero transformer block: x [N, T, D], c [N, D] -> [N, T, D]."""
+  """adaLN-Zero transformer block: x [N, T, D] float32, c [N, D] float32 -> [N, T, D] float32.
+
+  `dtype` is the compute dtype of the token matmuls (qkv, proj, fc1, fc2) and attention only. The
+  [N, D]-sized conditioning path (adaLN Linear, `1 + scale`, modulate) and the LayerNorms stay
+  float32: in bfloat16, 1 + 0.003 rounds to 1, so small adaLN-Zero scales would vanish.
+  """
   hidden_size: int
   num_heads: int
   mlp_ratio: float = 4.0
@@ -179,30 +191,33 @@ class DiTBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray, c: jnp.ndarray) -> jnp.ndarray:
     d = self.hidden_size
-    mod = _dense(6 * d, 'embed', 'adaln', self.dtype, 'adaLN_modulation', _zeros)(nn.silu(c))
+    mod = _dense(6 * d, 'embed', 'adaln', jnp.float32, 'adaLN_modulation', _zeros)(nn.silu(c))
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
-    h = modulate(_layer_norm(self.dtype, 'norm1')(x), shift_msa, scale_msa)
+    h = modulate(_layer_norm('norm1')(x), shift_msa, scale_msa)
     h = Attention(d, self.num_heads, self.dtype, self.attention_impl, name='attn')(h)
-    # The residual stream keeps x's dtype (float32): bf16 branch outputs promote on the add.
+    # The residual stream stays float32: bf16 branch outputs promote on the gated add.
     x = x + gate_msa[:, None] * h
-    h = modulate(_layer_norm(self.dtype, 'norm2')(x), shift_mlp, scale_mlp)
+    h = modulate(_layer_norm('norm2')(x), shift_mlp, scale_mlp)
     h = Mlp(d, int(d * self.mlp_ratio), self.dtype, name='mlp')(h)
     return x + gate_mlp[:, None] * h
 
 
 class FinalLayer(nn.Module):
-  """x [N, T, D], c [N, D] -> [N, T, p*p*out_channels] (zero-initialised)."""
+  """x [N, T, D], c [N, D] -> [N, T, p*p*out_channels] float32 (zero-initialised).
+
+  Always float32: its matmul is small (p*p*out_channels outputs per token) and its output is
+  the prediction itself.
+  """
   hidden_size: int
   out_dim: int
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, c: jnp.ndarray) -> jnp.ndarray:
-    mod = _dense(2 * self.hidden_size, 'embed', 'adaln', self.dtype, 'adaLN_modulation',
+    mod = _dense(2 * self.hidden_size, 'embed', 'adaln', jnp.float32, 'adaLN_modulation',
                  _zeros)(nn.silu(c))
     shift, scale = jnp.split(mod, 2, axis=-1)
-    x = modulate(_layer_norm(self.dtype, 'norm_final')(x), shift, scale)
-    return _dense(self.out_dim, 'embed', 'out', self.dtype, 'linear', _zeros)(x)
+    x = modulate(_layer_norm('norm_final')(x), shift, scale)
+    return _dense(self.out_dim, 'embed', 'out', jnp.float32, 'linear', _zeros)(x)
 
 
 class PatchEmbed(nn.Module):
@@ -221,6 +236,36 @@ class PatchEmbed(nn.Module):
     return x.reshape(x.shape[0], -1, self.hidden_size)
 
 
+# Remat policies by name: what each block keeps from its forward pass for the backward pass.
+#   'none'  keep everything (no rematerialisation).
+#   'full'  keep only the block's inputs and recompute the whole block
+#           (= jax.checkpoint_policies.nothing_saveable).
+#   'dots_saveable'  keep every matmul output, attention's [N, heads, T, T] logits included;
+#           recompute the elementwise work.
+#   'dots_with_no_batch_dims_saveable'  keep the token matmuls' outputs (qkv, proj, fc1, fc2:
+#           no batch dimension in the dot), recompute attention and the elementwise work.
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots_saveable': jax.checkpoint_policies.dots_saveable,
+    'dots_with_no_batch_dims_saveable': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat_policy(remat: bool | str) -> Callable | None:
+  """A `DiT.remat` value -> jax.checkpoint policy, or None for no remat; ValueError if unknown."""
+  if isinstance(remat, (bool, np.bool_)):
+    remat = 'full' if remat else 'none'
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f'remat={remat!r} is not a remat policy; choose one of: '
+                     + ', '.join(REMAT_POLICIES) + ' (or True/False for full/none)')
+  return REMAT_POLICIES[remat]
+
+
+def _scan_body(block: nn.Module, h: jnp.ndarray, c: jnp.ndarray) -> tuple[jnp.ndarray, None]:
+  return block(h, c), None
+
+
 class DiT(nn.Module):
   """Diffusion transformer with adaLN-Zero conditioning; see the module docstring for layouts."""
   input_size: int = 32
@@ -233,9 +278,19 @@ class DiT(nn.Module):
   class_dropout_prob: float = 0.1
   num_classes: int = 1000
   learn_sigma: bool = True
-  dtype: Any = jnp.float32  # activation/compute dtype; params are always float32
-  attention_impl: str | None = None  # jax.nn.dot_product_attention implementation: None/'xla'/'cudnn'
-  remat: bool = False  # rematerialise each block in the backward pass
+  # Compute dtype of the token matmuls (patch embed, qkv, proj, fc1, fc2) and attention; the
+  # conditioning path, LayerNorms, residual stream and final layer stay float32, and params are
+  # always float32.
+  dtype: Any = jnp.float32
+  # dit_jax.attention.IMPLEMENTATIONS: None/'xla', 'cudnn', 'auto', 'splash', 'splash_interpret'.
+  attention_impl: str | None = None
+  # Rematerialisation of each block in the backward pass: a REMAT_POLICIES name, or a bool
+  # (True = 'full', False = 'none').
+  remat: bool | str = 'none'
+  # nn.scan over the blocks: one stacked 'blocks' subtree with a leading [depth] axis (logical
+  # name 'layers') instead of blocks_0 ... blocks_{depth-1}; dit_jax.convert.stack_blocks and
+  # unstack_blocks convert between the two layouts.
+  scan_layers: bool = False
 
   @property
   def out_channels(self) -> int:
@@ -257,6 +312,8 @@ class DiT(nn.Module):
           f'hidden_size={self.hidden_size} must be divisible by 4 for the 2-D sin-cos position table')
     if self.num_classes < 1:
       raise ValueError(f'num_classes={self.num_classes} must be >= 1')
+    remat_policy(self.remat)
+    attention.check_implementation(self.attention_impl)
 
   def pos_embed(self) -> np.ndarray:
     """The fixed position table [grid_size**2, hidden_size], float32 (computed in float64)."""
@@ -289,16 +346,33 @@ class DiT(nn.Module):
 
     h = PatchEmbed(self.patch_size, self.hidden_size, self.dtype, name='x_embedder')(x)
     h = h.astype(jnp.float32) + jnp.asarray(self.pos_embed())[None]
-    c = TimestepEmbedder(self.hidden_size, self.dtype, name='t_embedder')(t)
-    c = c + LabelEmbedder(self.num_classes, self.hidden_size, self.class_dropout_prob, self.dtype,
+    # The conditioning is [N, D]-sized: float32 whatever the matmul dtype.
+    c = TimestepEmbedder(self.hidden_size, name='t_embedder')(t)
+    c = c + LabelEmbedder(self.num_classes, self.hidden_size, self.class_dropout_prob,
                           name='y_embedder')(y, train, force_drop_ids)
-    block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
-    for i in range(self.depth):
-      h = block_cls(self.hidden_size, self.num_heads, self.mlp_ratio, self.dtype,
-                    self.attention_impl, name=f'blocks_{i}')(h, c)
-    h = FinalLayer(self.hidden_size, self.patch_size**2 * self.out_channels, self.dtype,
+    h = self._blocks(h, c)
+    h = FinalLayer(self.hidden_size, self.patch_size**2 * self.out_channels,
                    name='final_layer')(h, c)
-    return self.unpatchify(h.astype(jnp.float32))
+    return self.unpatchify(h)
+
+  def _blocks(self, h: jnp.ndarray, c: jnp.ndarray) -> jnp.ndarray:
+    """The depth DiT blocks: unrolled (blocks_0 ... blocks_{depth-1}) or one scanned stack."""
+    block_cls = DiTBlock
+    policy = remat_policy(self.remat)
+    if policy is not None:
+      # Inside a scan the loop boundary already keeps XLA from merging the recomputation
+      # with the forward pass, so prevent_cse is not needed (and costs fusion).
+      block_cls = nn.remat(DiTBlock, policy=policy, prevent_cse=not self.scan_layers)
+    args = (self.hidden_size, self.num_heads, self.mlp_ratio, self.dtype, self.attention_impl)
+    if not self.scan_layers:
+      for i in range(self.depth):
+        h = block_cls(*args, name=f'blocks_{i}')(h, c)
+      return h
+    stack = nn.scan(_scan_body, variable_axes={'params': 0}, split_rngs={'params': True},
+                    in_axes=nn.broadcast, length=self.depth,
+                    metadata_params={nn.PARTITION_NAME: 'layers'})
+    h, _ = stack(block_cls(*args, name='blocks'), h, c)
+    return h
 
   def forward_with_cfg(self, x: jnp.ndarray, t: jnp.ndarray, y: jnp.ndarray, cfg_scale: Any,
                        guide_all_channels: bool = False) -> jnp.ndarray:

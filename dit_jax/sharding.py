@@ -29,6 +29,9 @@ MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
 # Logical parameter axis (see dit_jax.models.LOGICAL_AXES) -> mesh axis. Unlisted: replicated.
 LOGICAL_RULES = (("embed", "fsdp"),)
+# Logical axes never sharded, not even by the fallback below: the [depth] axis of scanned
+# blocks (each scan iteration reads one layer; sharding it would gather the whole stack).
+UNSHARDED = ("layers",)
 
 
 def mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int]:
@@ -95,12 +98,15 @@ def _leaf_spec(logical: P | None, shape: tuple[int, ...], mesh: Mesh) -> P:
     axis = rules.get(name)
     if axis and mesh.shape[axis] > 1 and axis not in spec and shape[i] % mesh.shape[axis] == 0:
       spec[i] = axis
+  names = tuple(logical)
   for axis in set(rules.values()):
     if axis in spec or mesh.shape[axis] == 1:
       continue
-    if any(rules.get(n) == axis for n in tuple(logical)):  # wanted but did not divide: fall back
+    if any(rules.get(n) == axis for n in names):  # wanted but did not divide: fall back
       dims = sorted(range(len(shape)), key=lambda d: -shape[d])
       for d in dims:
+        if names[d] in UNSHARDED:
+          continue
         if spec[d] is None and shape[d] % mesh.shape[axis] == 0 and shape[d] > 1:
           spec[d] = axis
           break

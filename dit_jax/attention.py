@@ -1,0 +1,116 @@
+"""Multi-head self-attention kernels for DiT: q, k, v [N, T, heads, head_dim] -> [N, T, heads, head_dim].
+
+Non-causal, no mask, scale head_dim**-0.5. The implementation is `DiT.attention_impl`
+(`config.model.attention_impl`):
+
+  None, 'xla'        jax.nn.dot_product_attention's XLA path: two einsums, float32 softmax.
+  'cudnn'            cuDNN fused attention through jax.nn.dot_product_attention (GPUs, bf16/fp16).
+  'auto'             cuDNN when the default backend is a GPU and q is bf16/fp16, else the XLA path;
+                     decided when tracing, with the XLA path as fallback where cuDNN rejects the call
+                     (old cuDNN or GPU). AOT compiles for TPU topologies from a CPU host get XLA.
+  'splash'           Pallas splash attention, the TPU flash-attention kernel (Mosaic; TPU only).
+  'splash_interpret' the same kernel run by the Pallas interpreter: any backend, slow; it checks
+                     the kernel's numerics on a CPU.
+
+Splash works on [heads, T, head_dim] per example with T a multiple of 128 (the TPU lane width):
+shorter or odd token counts (16 and 64 tokens of the /8 and /4 models) are padded, and segment
+ids keep real and padded tokens apart. Under a context mesh (`jax.set_mesh`; `train.build` lowers
+the step under its mesh) the kernel runs in a shard_map over the batch, so XLA's partitioner never
+has to gather the batch around the custom call.
+"""
+
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+IMPLEMENTATIONS = (None, 'xla', 'cudnn', 'auto', 'splash', 'splash_interpret')
+
+_LANES = 128  # splash's block sizes are multiples of the TPU lane width
+
+
+def check_implementation(impl: str | None) -> None:
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(f'attention_impl={impl!r} is not one of: '
+                     + ', '.join(str(i) for i in IMPLEMENTATIONS))
+
+
+def resolve_auto(dtype, platform: str) -> str:
+  """'auto' -> 'cudnn' on GPUs for bf16/fp16 inputs, else 'xla'."""
+  half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  return 'cudnn' if platform == 'gpu' and half else 'xla'
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                          impl: str | None = None) -> jax.Array:
+  """q, k, v [N, T, heads, head_dim] -> [N, T, heads, head_dim] in q's dtype."""
+  check_implementation(impl)
+  if impl in ('splash', 'splash_interpret'):
+    return splash_attention(q, k, v, interpret=impl == 'splash_interpret')
+  if impl == 'auto':
+    impl = resolve_auto(q.dtype, jax.default_backend())
+    if impl == 'cudnn':
+      try:
+        return jax.nn.dot_product_attention(q, k, v, implementation='cudnn')
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning('cuDNN attention is unavailable here (%s): using the XLA path', e)
+      impl = 'xla'
+  return jax.nn.dot_product_attention(q, k, v, implementation=impl)
+
+
+def _block(tokens: int) -> int:
+  return next(b for b in (512, 256, _LANES) if tokens % b == 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _splash_kernel(heads: int, tokens: int, interpret: bool):
+  # pylint: disable=g-import-not-at-top
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+  b = _block(tokens)
+  sizes = sk.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,
+                        block_kv_dkv=b, block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
+  mask = sm.MultiHeadMask([sm.FullMask((tokens, tokens)) for _ in range(heads)])
+  return sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                            interpret=interpret)
+
+
+def _splash_local(q: jax.Array, k: jax.Array, v: jax.Array, interpret: bool) -> jax.Array:
+  """Splash on one shard: q, k, v [n, T, heads, head_dim] (q already scaled)."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk  # pylint: disable=g-import-not-at-top
+  _, t, h, _ = q.shape
+  tp = -(-t // _LANES) * _LANES
+  q, k, v = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))  # [n, heads, T, head_dim]
+  kernel = _splash_kernel(h, tp, interpret)
+  if tp == t:
+    out = jax.vmap(kernel)(q, k, v)
+  else:
+    pad = ((0, 0), (0, 0), (0, tp - t), (0, 0))
+    q, k, v = (jnp.pad(a, pad) for a in (q, k, v))
+    ids = (jnp.arange(tp) >= t).astype(jnp.int32)  # 0: real tokens, 1: padding
+    out = jax.vmap(kernel, in_axes=(0, 0, 0, None))(q, k, v, sk.SegmentIds(q=ids, kv=ids))
+    out = out[:, :, :t]
+  return jnp.swapaxes(out, 1, 2)
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                     interpret: bool = False) -> jax.Array:
+  """Pallas splash attention: q, k, v [N, T, heads, head_dim] -> [N, T, heads, head_dim]."""
+  scale = np.float32(q.shape[-1] ** -0.5)
+  q = (q.astype(jnp.float32) * scale).astype(q.dtype)  # splash does not scale the logits
+  local = functools.partial(_splash_local, interpret=interpret)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return local(q, k, v)
+  # The batch over every mesh axis that divides it (train.build's mesh: ('data', 'fsdp')).
+  axes, size = [], 1
+  for name in mesh.axis_names:
+    if q.shape[0] % (size * mesh.shape[name]) == 0:
+      axes.append(name)
+      size *= mesh.shape[name]
+  spec = P(tuple(axes) if axes else None)
+  return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
+                       check_vma=False)(q, k, v)
