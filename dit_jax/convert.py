@@ -14,6 +14,11 @@ CLI (torch is needed only here, to read/write .pt files):
 
 `DIR` holds an orbax checkpoint (`DIR/params`, item {'params': params}) and `DIR/model.json`
 ({"model": name, "kwargs": {...}}); `load_converted(DIR)` returns (model, params).
+
+Models with scan_layers=True hold the blocks as one stacked subtree `blocks/...` ([depth, ...]
+arrays) instead of `blocks_0 ... blocks_{depth-1}`: from_official / to_official handle both
+layouts (the model says which), and stack_blocks / unstack_blocks convert any tree that holds
+parameter dicts (params, EMA, optimizer state) from one layout to the other.
 """
 
 import json
@@ -76,16 +81,61 @@ def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
   return out
 
 
+def _is_unrolled(tree: Any) -> bool:
+  return isinstance(tree, Mapping) and 'blocks_0' in tree
+
+
+def _is_stacked(tree: Any) -> bool:
+  return isinstance(tree, Mapping) and 'blocks' in tree
+
+
+def _stack_params(tree: Mapping) -> dict:
+  depth = len([k for k in tree if re.fullmatch(r'blocks_\d+', k)])
+  blocks = [tree[f'blocks_{i}'] for i in range(depth)]
+  xp = np if all(isinstance(x, np.ndarray) for x in jax.tree.leaves(blocks)) else jnp
+  out = {k: v for k, v in tree.items() if not re.fullmatch(r'blocks_\d+', k)}
+  out['blocks'] = jax.tree.map(lambda *xs: xp.stack(xs), *blocks)
+  return out
+
+
+def _unstack_params(tree: Mapping) -> dict:
+  out = {k: v for k, v in tree.items() if k != 'blocks'}
+  depth = jax.tree.leaves(tree['blocks'])[0].shape[0]
+  for i in range(depth):
+    out[f'blocks_{i}'] = jax.tree.map(lambda x, i=i: x[i], tree['blocks'])
+  return out
+
+
+def stack_blocks(tree: Any) -> Any:
+  """Per-block layout (blocks_0 ... blocks_{L-1}) -> scanned layout (blocks/... with [L, ...]).
+
+  `tree` is a params dict or any pytree holding params dicts (a TrainState, optax state);
+  numpy stays numpy, jax arrays are stacked with jnp (jit it to keep them sharded).
+  """
+  return jax.tree.map(lambda x: _stack_params(x) if _is_unrolled(x) else x, tree,
+                      is_leaf=_is_unrolled)
+
+
+def unstack_blocks(tree: Any) -> Any:
+  """Scanned layout (blocks/... with [L, ...]) -> per-block layout (blocks_0 ... blocks_{L-1})."""
+  return jax.tree.map(lambda x: _unstack_params(x) if _is_stacked(x) else x, tree,
+                      is_leaf=_is_stacked)
+
+
 def _as_numpy(x: Any) -> np.ndarray:
   if hasattr(x, 'detach'):  # torch tensor, without importing torch
     x = x.detach().cpu().float().numpy()
   return np.asarray(x, dtype=np.float32)
 
 
+def _unrolled(model: models.DiT) -> models.DiT:
+  return model.clone(scan_layers=False) if model.scan_layers else model
+
+
 def official_shapes(model: models.DiT) -> dict[str, tuple[int, ...]]:
   """Released state_dict key -> shape for `model` (including pos_embed [1, T, D])."""
   shapes = {'pos_embed': (1, model.grid_size**2, model.hidden_size)}
-  for path, leaf in _flatten(models.param_shapes(model)).items():
+  for path, leaf in _flatten(models.param_shapes(_unrolled(model))).items():
     shapes[_official_key(path)] = tuple(leaf.shape[i] for i in _torch_axes(path, len(leaf.shape)))
   return shapes
 
@@ -121,9 +171,11 @@ def from_official(state_dict: Mapping[str, Any], model: models.DiT | None = None
 
   `pos_embed`, when present, is checked against the fixed table and otherwise ignored. Raises
   ValueError naming the key (and expected shape) for unknown, missing or mis-shaped entries.
+  The params come in `model`'s layout (stacked blocks for scan_layers=True).
   """
   if model is None:
     model = infer_model(state_dict)
+  scanned, model = model.scan_layers, _unrolled(model)
   template = _flatten(models.param_shapes(model))
   by_key = {_official_key(path): path for path in template}
   unknown = sorted(set(state_dict) - set(by_key) - {'pos_embed'})
@@ -150,14 +202,18 @@ def from_official(state_dict: Mapping[str, Any], model: models.DiT | None = None
   for key, path in by_key.items():
     value = _as_numpy(state_dict[key])
     flat[path] = np.ascontiguousarray(value.transpose(_flax_axes(path, value.ndim)))
-  return _unflatten(flat)
+  params = _unflatten(flat)
+  return stack_blocks(params) if scanned else params
 
 
 def to_official(params: Mapping, model: models.DiT) -> dict[str, np.ndarray]:
-  """Flax 'params' (boxed or not, or {'params': ...}) -> released-layout state_dict of numpy arrays."""
+  """Flax 'params' (boxed or not, or {'params': ...}; per-block or scanned layout) -> released-layout
+  state_dict of numpy arrays."""
   params = nn.meta.unbox(params)
   if set(params) == {'params'}:
     params = params['params']
+  # Either layout; checked below per block (blocks_i names the layer).
+  params, model = unstack_blocks(params), _unrolled(model)
   flat = _flatten(params)
   template = _flatten(models.param_shapes(model))
   for path, leaf in template.items():
