@@ -35,12 +35,25 @@ def get_config(model: str = "DiT-XL/2", image_size: int = 256) -> ml_collections
   c.model.class_dropout_prob = 0.1
   # Predict the variance interpolation as well as eps (hybrid loss, 2C output channels).
   c.model.learn_sigma = True
-  # Activation dtype; parameters and optimizer state stay float32. 'bfloat16' on TPU/GPU.
+  # Compute dtype of the token matmuls (patch embed, qkv, proj, fc1, fc2) and attention:
+  # 'bfloat16' on TPU/GPU. The conditioning (timestep/label embeddings, adaLN, modulate), the
+  # LayerNorms, the residual stream and the final layer stay float32, as do parameters and
+  # optimizer state.
   c.model.dtype = "float32"
-  # jax.nn.dot_product_attention implementation: None (XLA picks), 'xla' or 'cudnn'.
+  # Attention kernel (dit_jax/attention.py). None: the XLA path (einsums, float32 softmax);
+  # 'xla' the same; 'cudnn': cuDNN fused attention (GPUs, bf16); 'auto': cuDNN on GPUs in
+  # bf16, else the XLA path; 'splash': the Pallas splash-attention kernel (TPUs only).
   c.model.attention_impl = ml_collections.config_dict.placeholder(str)
-  # Rematerialise each block in the backward pass (less memory, ~1/3 more compute).
-  c.model.remat = False
+  # Rematerialisation of each block in the backward pass (dit_jax.models.REMAT_POLICIES):
+  # 'none'; 'full' (keep only each block's input: least memory, recomputes the forward);
+  # 'dots_with_no_batch_dims_saveable' (keep the token matmuls' outputs, recompute attention
+  # and the elementwise work); 'dots_saveable' (also keep attention's [N, heads, T, T] logits).
+  c.model.remat = "none"
+  # nn.scan over the blocks: one compiled block instead of depth copies (faster compiles);
+  # parameters are stacked [depth, ...] under 'blocks' instead of blocks_0 ... blocks_{depth-1}.
+  # Checkpoints of either layout resume in the other; the released-checkpoint converter
+  # handles both (dit_jax/convert.py).
+  c.model.scan_layers = False
 
   c.data = ml_collections.ConfigDict()
   # Directory of latent records and manifest.json written by dit_jax.prepare_latents.

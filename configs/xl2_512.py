@@ -10,5 +10,5 @@ def get_config():
   c = base.get_config("DiT-XL/2", image_size=512)
   c.total_steps = 3_000_000
   c.model.dtype = "bfloat16"
-  c.model.remat = True
+  c.model.remat = "full"
   return c

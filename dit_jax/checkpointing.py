@@ -212,13 +212,31 @@ def _restore_step(mngr: ocp.CheckpointManager, step: int, train: Any, ema: Any, 
   return None, reason
 
 
+# model_kwargs that choose a parameter layout, not an architecture: not compared (the caller
+# restores in the saved layout and converts; see latest_model_kwargs).
+LAYOUT_KWARGS = ("scan_layers",)
+
+
+def latest_model_kwargs(mngr: ocp.CheckpointManager) -> dict:
+  """model_kwargs recorded with the newest checkpoint ({} if none or unreadable)."""
+  step = mngr.latest_step()
+  if step is None:
+    return {}
+  try:
+    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  except Exception:  # pylint: disable=broad-except
+    return {}
+  return meta.get("model_kwargs", {})
+
+
 def _check_model(mngr: ocp.CheckpointManager, step: int, model_kwargs: dict) -> None:
   try:
     meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
   except Exception:  # pylint: disable=broad-except
     return  # unreadable: restore_latest falls back past it
   saved = meta.get("model_kwargs", {})
-  diff = {k: (saved.get(k), v) for k, v in model_kwargs.items() if saved.get(k) != v}
+  diff = {k: (saved.get(k), v) for k, v in model_kwargs.items()
+          if k not in LAYOUT_KWARGS and saved.get(k) != v}
   if diff:
     raise ValueError(
         f"{mngr.directory}/{step} holds a checkpoint of another model ({meta.get('model')}; "

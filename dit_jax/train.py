@@ -31,8 +31,8 @@ import optax
 from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
 
-from dit_jax import (checkpointing, demo_data, hardware, input_pipeline, models, periodic,
-                     runtime, sampling, sharding)
+from dit_jax import (attention, checkpointing, convert, demo_data, hardware, input_pipeline,
+                     models, periodic, runtime, sampling, sharding)
 from dit_jax.diffusion import create_diffusion
 
 # A layout fits when the compiled step needs at most this share of a device's memory.
@@ -69,11 +69,21 @@ def create_model(config: ml_collections.ConfigDict, info: input_pipeline.DataInf
         f"{size}px images through the {vae!r} VAE (downsampling {factor}x gives "
         f"{size // factor}x{size // factor}): the manifest's latent_shape or image_size is wrong")
   overrides = {k: v for k, v in config.model.get("overrides", {}).items() if v is not None}
+  remat = config.model.remat
+  if isinstance(remat, str) and remat.lower() in ("true", "false"):  # --config.model.remat=True
+    remat = remat.lower() == "true"
+  for field, check in (("remat", lambda: models.remat_policy(remat)),
+                       ("attention_impl", lambda: attention.check_implementation(
+                           config.model.attention_impl))):
+    try:
+      check()
+    except ValueError as e:
+      raise ValueError(f"config.model.{field}: {e}") from None
   model = models.get_model(
       config.model.name, input_size=h, in_channels=c, num_classes=info.num_classes,
       class_dropout_prob=config.model.class_dropout_prob, learn_sigma=config.model.learn_sigma,
       dtype=jnp.dtype(config.model.dtype), attention_impl=config.model.attention_impl,
-      remat=config.model.remat, **overrides)
+      remat=remat, scan_layers=config.model.get("scan_layers", False), **overrides)
   try:
     model.validate()
   except ValueError as e:
@@ -83,8 +93,9 @@ def create_model(config: ml_collections.ConfigDict, info: input_pipeline.DataInf
 
 
 def model_kwargs(model: models.DiT) -> dict:
+  """The architecture and the parameter layout, recorded with every checkpoint."""
   keys = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads",
-          "mlp_ratio", "class_dropout_prob", "num_classes", "learn_sigma")
+          "mlp_ratio", "class_dropout_prob", "num_classes", "learn_sigma", "scan_layers")
   return {k: getattr(model, k) for k in keys}
 
 
@@ -246,8 +257,9 @@ def build(config: ml_collections.ConfigDict, info: input_pipeline.DataInfo,
       break
     if last:
       logging.warning("The train step needs %.1f GiB per device even at fsdp=%d, more than "
-                      "%.0f%% of the %.1f GiB a device has: use model.remat=True or a smaller "
-                      "batch", b.memory_gib, fsdp, 100 * MEMORY_HEADROOM, limit / 2**30)
+                      "%.0f%% of the %.1f GiB a device has: use model.remat='full' (or a "
+                      "lighter policy) or a smaller batch", b.memory_gib, fsdp,
+                      100 * MEMORY_HEADROOM, limit / 2**30)
     else:
       logging.info("fsdp=%d needs %.1f GiB per device (> %.0f%% of %.1f GiB): trying more "
                    "sharding", fsdp, b.memory_gib, 100 * MEMORY_HEADROOM, limit / 2**30)
@@ -284,7 +296,8 @@ def _compile(config: ml_collections.ConfigDict, info: input_pipeline.DataInfo,
       "mean": jax.ShapeDtypeStruct((gbs, 2, h, w, c), store, sharding=batch_sh),
       "std": jax.ShapeDtypeStruct((gbs, 2, h, w, c), store, sharding=batch_sh)}
   t0 = time.time()
-  compiled = step_fn.lower(abstract, abstract_batch).compile()
+  with jax.set_mesh(mesh):  # kernels that shard_map themselves (splash attention) see the mesh
+    compiled = step_fn.lower(abstract, abstract_batch).compile()
   compile_s = time.time() - t0
   cost = compiled.cost_analysis() or {}
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -298,6 +311,15 @@ def _compile(config: ml_collections.ConfigDict, info: input_pipeline.DataInfo,
   return Built(model=model, diffusion=diffusion, mesh=mesh, state_sh=state_sh,
                batch_sh=batch_sh, repl=repl, abstract=abstract, init=init, compiled=compiled,
                flops=flops, memory_gib=mem_gib, compile_seconds=compile_s)
+
+
+def abstract_state(config: ml_collections.ConfigDict, info: input_pipeline.DataInfo,
+                   model: models.DiT, mesh: jax.sharding.Mesh) -> tuple[TrainState, Any]:
+  """(ShapeDtypeStructs, NamedShardings) of `model`'s unboxed TrainState on `mesh`."""
+  tx, _ = create_optimizer(config)
+  boxed = jax.eval_shape(functools.partial(init_state, model=model, tx=tx,
+                                           local_shape=info.latent_shape), jax.random.PRNGKey(0))
+  return nn.meta.unbox(boxed), sharding.state_shardings(boxed, mesh)
 
 
 def vae_path(config: ml_collections.ConfigDict, info: input_pipeline.DataInfo,
@@ -348,9 +370,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                       config.checkpoint.get("keep_period"))
   train_part = lambda s: {"step": s.step, "params": s.params, "opt_state": s.opt_state,
                           "rng": s.rng}
+  # A checkpoint of the other block layout (model.scan_layers) is read in its own layout and
+  # converted on device.
+  saved_scan = bool(checkpointing.latest_model_kwargs(mngr).get("scan_layers", False))
+  relayout = saved_scan != model.scan_layers
+  r_abstract, r_sh = abstract, state_sh
+  if relayout:
+    r_abstract, r_sh = abstract_state(config, info, model.clone(scan_layers=saved_scan), mesh)
   restored = checkpointing.restore_latest(
-      mngr, train_part(abstract), train_part(state_sh), abstract.ema_params,
-      state_sh.ema_params, model_kwargs=model_kwargs(model),
+      mngr, train_part(r_abstract), train_part(r_sh), r_abstract.ema_params,
+      r_sh.ema_params, model_kwargs=model_kwargs(model),
       attempts=config.checkpoint.restore_attempts, backoff_s=config.checkpoint.restore_backoff_s)
   if restored is None:
     state = b.init(key)
@@ -360,6 +389,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     logging.info("Initialised a new model in %s", workdir)
   else:
     tr, ema, meta = restored
+    if relayout:
+      # Both layouts are held for a moment (no donation: the shapes change).
+      tr, ema = jax.jit(convert.stack_blocks if model.scan_layers else convert.unstack_blocks,
+                        out_shardings=(train_part(state_sh), state_sh.ema_params))((tr, ema))
+      logging.info("Converted the checkpoint's blocks to the %s layout",
+                   "scanned" if model.scan_layers else "per-block")
     state = TrainState(step=tr["step"], params=tr["params"], ema_params=ema,
                        opt_state=tr["opt_state"], rng=tr["rng"],
                        first_bad_step=jax.device_put(jnp.int32(-1), state_sh.first_bad_step))
@@ -371,9 +406,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     logging.info("Resumed from step %d in %s", int(state.step), workdir)
   start_step = int(jax.device_get(state.step))
   peak = hardware.peak_flops(mesh.devices.flat[0])
-  # With remat the compiled step recomputes the forward pass: its FLOPs give hardware FLOPs
-  # utilisation (HFU), not model FLOPs utilisation.
-  utilisation = "hfu" if config.model.remat else "mfu"
+  # With remat the compiled step recomputes (part of) the forward pass: its FLOPs give
+  # hardware FLOPs utilisation (HFU), not model FLOPs utilisation.
+  utilisation = "hfu" if models.remat_policy(model.remat) is not None else "mfu"
 
   # 4. Sample grids and evaluation, compiled now (dit_jax/periodic.py); they decode with the
   #    dataset's VAE (identity for pixel data).

@@ -67,3 +67,19 @@ def test_xl2_state_is_sharded_over_fsdp(name, image_size):
 
 def model_shape(model):
   return (model.input_size, model.input_size, model.in_channels)
+
+
+def test_model_options_are_checked_with_the_field_named():
+  c = importlib.import_module("configs.s8").get_config()
+  info = latent_info(256)
+  assert train.create_model(c, info).remat == "none"
+  c.model.remat = "True"  # what --config.model.remat=True gives a string field
+  assert train.create_model(c, info).remat is True
+  c.model.remat = "dots"
+  with pytest.raises(ValueError, match=r"config.model.remat: remat='dots' is not a remat policy; "
+                     r"choose one of: none, full, dots_saveable, dots_with_no_batch_dims_saveable"):
+    train.create_model(c, info)
+  c.model.remat = "full"
+  c.model.attention_impl = "flash"
+  with pytest.raises(ValueError, match=r"config.model.attention_impl: .*'flash'.*auto, splash"):
+    train.create_model(c, info)

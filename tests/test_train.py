@@ -9,7 +9,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import demo
-from dit_jax import demo_data, input_pipeline, models, records, train
+from dit_jax import checkpointing, convert, demo_data, input_pipeline, models, records, train
 
 
 @pytest.fixture(scope="session")
@@ -221,11 +221,32 @@ def test_workdir_of_another_model_is_refused(digits_dir, tmp_path):
 
 def test_bf16_and_remat_train_steps(digits_dir, tmp_path):
   ref = train.train_and_evaluate(tiny_config(digits_dir, total_steps=3), str(tmp_path / "f32"))
-  remat = train.train_and_evaluate(tiny_config(digits_dir, total_steps=3, **{"model.remat": True}),
-                                   str(tmp_path / "remat"))
+  remat = train.train_and_evaluate(
+      tiny_config(digits_dir, total_steps=3, **{"model.remat": "full"}), str(tmp_path / "remat"))
   np.testing.assert_allclose(losses(remat), losses(ref), rtol=1e-5)
   bf16 = train.train_and_evaluate(
       tiny_config(digits_dir, total_steps=3, **{"model.dtype": "bfloat16"}), str(tmp_path / "bf16"))
   np.testing.assert_allclose(losses(bf16), losses(ref), rtol=5e-2)
   _, params, _ = final_params(str(tmp_path / "bf16"))
   assert all(x.dtype == np.float32 for x in jax.tree.leaves(params))  # bf16 activations only
+
+
+def test_scan_layers_resume_across_layouts(digits_dir, tmp_path):
+  full = train.train_and_evaluate(tiny_config(digits_dir), str(tmp_path / "full"))
+  part = str(tmp_path / "part")
+  first = train.train_and_evaluate(tiny_config(digits_dir, total_steps=3), part)
+  # The per-block checkpoint of step 3 resumes with scanned blocks (remat inside the scan).
+  rest = train.train_and_evaluate(tiny_config(digits_dir, **{
+      "model.scan_layers": True, "model.remat": "dots_with_no_batch_dims_saveable"}), part)
+  assert sorted(rest) == [4, 5, 6]
+  np.testing.assert_allclose(losses({**first, **rest}), losses(full), rtol=1e-4)
+  _, pa, ea = final_params(str(tmp_path / "full"))
+  _, pb, eb = final_params(part)
+  assert "blocks" in pb and "blocks_0" not in eb  # written in the scanned layout
+  pb, eb = convert.unstack_blocks((pb, eb))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), pa, pb)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), ea, eb)
+  # The sampler's loader builds the scanned model from the checkpoint's meta.
+  model, params, _ = checkpointing.load_ema_model(
+      part, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+  assert model.scan_layers and params["blocks"]["mlp"]["fc1"]["kernel"].shape[0] == 2
