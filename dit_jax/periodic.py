@@ -24,8 +24,9 @@ def _abstract(tree: Any, shardings: Any) -> Any:
                       tree, shardings)
 
 
-def _compile(fn: Any, precision: str | None, *args: Any) -> Any:
-  with jax.default_matmul_precision(precision):
+def _compile(fn: Any, precision: str | None, mesh: Any, *args: Any) -> Any:
+  # Under the mesh: kernels that shard_map themselves (splash attention) need it.
+  with jax.default_matmul_precision(precision), jax.set_mesh(mesh):
     return fn.lower(*args).compile()
 
 
@@ -52,7 +53,7 @@ class SampleGrid:
          jnp.float32(config.sample.cfg_scale)), repl)
     fn = _sample_fn(config, model, config.sample.respacing, models.has_null_class(model),
                     (b.state_sh.ema_params, repl, repl, repl), repl)
-    self.sample = _compile(fn, config.sample.matmul_precision,
+    self.sample = _compile(fn, config.sample.matmul_precision, b.mesh,
                            _abstract(b.abstract.ema_params, b.state_sh.ema_params),
                            *_abstract(self.args, (repl,) * 3))
     h, w, c = model.input_size, model.input_size, model.in_channels
@@ -110,8 +111,8 @@ class Evaluator:
     fn = _sample_fn(config, model, e.respacing, e.cfg_scale != 1.0,
                     (repl, repl, batch_sh, repl), batch_sh)
     key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=repl)
-    self.sample = _compile(fn, config.sample.matmul_precision, _abstract(b.abstract.ema_params,
-                                                                         repl_tree),
+    self.sample = _compile(fn, config.sample.matmul_precision, b.mesh,
+                           _abstract(b.abstract.ema_params, repl_tree),
                            key, jax.ShapeDtypeStruct((n,), jnp.int32, sharding=batch_sh),
                            jax.ShapeDtypeStruct((), jnp.float32, sharding=repl))
     h, w, c = model.input_size, model.input_size, model.in_channels
