@@ -77,13 +77,23 @@ def _eqn_macs(eqn) -> int:
   return 0
 
 
-def _jaxpr_macs(jaxpr) -> int:
+def jaxpr_macs(jaxpr, loop_trips: bool = True) -> int:
+  """MACs of the dot/conv contractions of a jaxpr and its nested bodies; a scan body counts
+  once per iteration (once in all with loop_trips=False, as XLA's cost analysis counts loops)."""
   total = 0
   for eqn in jaxpr.eqns:
     total += _eqn_macs(eqn)
-    for sub in _subjaxprs(eqn):  # pjit / remat / custom_jvp bodies
-      total += _jaxpr_macs(sub)
+    trips = eqn.params.get('length', 1) if loop_trips and eqn.primitive.name == 'scan' else 1
+    for sub in _subjaxprs(eqn):  # pjit / remat / custom_jvp / scan bodies
+      total += trips * jaxpr_macs(sub, loop_trips)
   return total
+
+
+def uncounted_loop_macs(fn: Any, *args: Any) -> int:
+  """Matmul MACs of `fn` that XLA's cost analysis misses because it counts a while loop's body
+  once: those of every scan body's iterations after the first (traced, nothing compiled)."""
+  jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
+  return jaxpr_macs(jaxpr) - jaxpr_macs(jaxpr, loop_trips=False)
 
 
 def _subjaxprs(eqn):
@@ -98,7 +108,7 @@ def _subjaxprs(eqn):
 def matmul_gmacs(model: models.DiT, batch: int = 1) -> float:
   """GMACs of the dot_general / convolution contractions only (the paper's count)."""
   closed = jax.make_jaxpr(model.apply)(abstract_params(model), *_abstract_inputs(model, batch))
-  return _jaxpr_macs(closed.jaxpr) / 1e9
+  return jaxpr_macs(closed.jaxpr) / 1e9
 
 
 def table_rows() -> list[dict[str, Any]]:
