@@ -7,6 +7,7 @@ from Python (one jitted step, a Python for loop). Weights are random (speed
 does not depend on them). Both loops use the same keys and must agree.
 
   python benchmarks/sample_speed.py --model DiT-S/2 --image-size 256 --batch 4 --steps 250
+  python benchmarks/sample_speed.py --model DiT-S/2 --steps 2 --skip-python-loop --scan-layers
 
 With --steps below 250 the process is respaced to that many steps (each step
 costs the same); images/s for the full 250 steps is extrapolated and printed.
@@ -36,6 +37,7 @@ def _parse():
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   p.add_argument("--repeats", type=int, default=1, help="timed runs of each loop")
   p.add_argument("--skip-python-loop", action="store_true")
+  p.add_argument("--scan-layers", action="store_true", help="nn.scan over the blocks")
   return p.parse_args()
 
 
@@ -49,7 +51,7 @@ def main():
   args = _parse()
   latent = args.image_size // 8
   model = DiT_models[args.model](input_size=latent, num_classes=1000,
-                                 dtype=jnp.dtype(args.dtype))
+                                 dtype=jnp.dtype(args.dtype), scan_layers=args.scan_layers)
   diffusion = create_diffusion(str(args.steps))
   n = args.batch
   shape = (n, latent, latent, 4)
@@ -87,7 +89,8 @@ def main():
   scale = jnp.float32(args.cfg_scale)
   print(f"{args.model} {args.image_size}px (latent {latent}x{latent}x4), batch {n} "
         f"(model batch {2 * n}), {diffusion.num_timesteps} DDPM steps, cfg {args.cfg_scale}, "
-        f"{args.dtype}, backend {jax.default_backend()} x{jax.device_count()}")
+        f"{args.dtype}{', scanned blocks' if args.scan_layers else ''}, backend "
+        f"{jax.default_backend()} x{jax.device_count()}")
 
   start = time.perf_counter()
   compiled = scan_loop.lower(params, scale, key).compile()
