@@ -34,7 +34,7 @@ setup(
         "test": ["pytest", "torch==2.13.0", "diffusers", "jax[tpu]"],
         # Reading the released .pt checkpoints (dit_jax.convert) and Inception weights.
         "torch": ["torch"],
-        # TPU VMs, and AOT compilation for TPU topologies on any machine (benchmarks/pod_memory.py).
+        # TPU VMs, and AOT compilation for TPU topologies on any machine (python -m dit_jax.aot).
         "tpu": ["jax[tpu]"],
         "gpu": ["jax[cuda12]"],
     },

@@ -84,9 +84,9 @@ def get_config(model: str = "DiT-XL/2", image_size: int = 256) -> ml_collections
   # optimizer state are sharded over 'fsdp' by the rules in dit_jax/sharding.py; the batch
   # over both. Several slices (multi-slice TPU jobs) multiply 'data' over the DCN.
   c.mesh.data = -1
-  # 0 = auto: data parallel where the compiled step fits a device's memory (every DiT on
-  # v4/v5p/v6e/H100 chips), else the smallest power-of-two FSDP within a slice that fits
-  # (e.g. XL on 16 GiB v5e chips); or a size (-1 = all devices of a slice).
+  # 0 = auto: data parallel where the compiled step fits 90% of a device's memory (XL/2 at
+  # batch 256 on v5p-8 and up), else the smallest power-of-two FSDP within a slice that fits
+  # (e.g. XL on small slices of 16 GiB v5e chips); or a size (-1 = all devices of a slice).
   c.mesh.fsdp = 0
 
   c.checkpoint = ml_collections.ConfigDict()
