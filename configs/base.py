@@ -87,6 +87,9 @@ def get_config(model: str = "DiT-XL/2", image_size: int = 256) -> ml_collections
   c.checkpoint.every_steps = 5_000
   # Checkpoints kept in WORKDIR/checkpoints.
   c.checkpoint.keep = 3
+  # Also keep every checkpoint whose step is a multiple of this (0 = off), e.g. 50_000 for
+  # FID along training from the kept checkpoints (python -m dit_jax.grid).
+  c.checkpoint.keep_period = 0
   # Write checkpoints in the background while training continues.
   c.checkpoint.async_save = True
 

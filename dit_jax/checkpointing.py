@@ -28,10 +28,12 @@ def _abspath(path: str) -> str:
   return path if "://" in path else os.path.abspath(path)
 
 
-def create_manager(workdir: str, keep: int = 3, async_save: bool = True) -> ocp.CheckpointManager:
+def create_manager(workdir: str, keep: int = 3, async_save: bool = True,
+                   keep_period: int | None = None) -> ocp.CheckpointManager:
+  """`keep` newest checkpoints, plus every one whose step is a multiple of `keep_period`."""
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
-      cleanup_tmp_directories=True)
+      max_to_keep=keep, keep_period=keep_period or None, create=True,
+      enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
   return ocp.CheckpointManager(_abspath(os.path.join(workdir, "checkpoints")), options=options,
                                item_names=("train", "ema", "meta"))
 

@@ -353,7 +353,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   # 3. Restore or initialise; the state is created sharded (never whole on one device).
   mngr = checkpointing.create_manager(workdir, config.checkpoint.keep,
-                                      config.checkpoint.async_save)
+                                      config.checkpoint.async_save,
+                                      config.checkpoint.get("keep_period"))
   train_part = lambda s: {"step": s.step, "params": s.params, "opt_state": s.opt_state,
                           "rng": s.rng}
   restored = checkpointing.restore_latest(
