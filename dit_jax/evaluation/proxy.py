@@ -160,7 +160,9 @@ def proxy_metrics(images: np.ndarray, labels: np.ndarray | None = None,
          "proxy_fid": metrics.frechet_distance(mu, sigma, mu_r, sigma_r, method="eigh")}
   if not isinstance(reference, tuple):  # moments alone cannot give precision/recall
     ref_images = real_digits()[0] if reference is None else reference
-    out["precision"], out["recall"] = metrics.precision_recall(proxy_features(ref_images), feats)
+    # float32 distances: no published numbers to match here (ADM's float16 is for Inception).
+    out["precision"], out["recall"] = metrics.precision_recall(
+        proxy_features(ref_images), feats, distance_dtype="float32")
   if labels is not None:
     out["class_accuracy"] = class_accuracy(images, labels)
   return out
