@@ -132,35 +132,51 @@ def _run(cmd: list[str]) -> None:
   subprocess.run(cmd, check=True, cwd=presets.ROOT)
 
 
-def evaluate_proxy(preset: presets.Preset, workdir: str, steps: list[int], final_step: int,
-                   seed: int = 0) -> dict[int, dict]:
-  """Proxy FID etc. of the EMA weights at each step; the same noise and labels at every step."""
-  # pylint: disable=import-outside-toplevel
-  import jax
-  import jax.numpy as jnp
-  from dit_jax import checkpointing, sampling
-  from dit_jax.evaluation import proxy
-  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  sample_fn, out = None, {}
-  for step in steps:
-    t0 = time.time()
-    model, params, meta = checkpointing.load_ema_model(workdir, dev, step)
-    if sample_fn is None:
+class ProxySampler:
+  """Samples a grid model's checkpoints and scores them with the digits proxy (one compile)."""
+
+  def __init__(self, preset: presets.Preset, workdir: str):
+    self.preset, self.workdir, self._fn = preset, workdir, None
+
+  def __call__(self, step: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(uint8 images [N, H, W, C], labels [N], proxy metrics) of the EMA weights at `step`.
+
+    Labels are balanced over the classes; the noise depends on `seed` only, so every step and
+    every model of the same shape start from the same noise.
+    """
+    # pylint: disable=import-outside-toplevel
+    import jax
+    import jax.numpy as jnp
+    from dit_jax import checkpointing, sampling
+    from dit_jax.evaluation import proxy
+    p = self.preset
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    model, params, meta = checkpointing.load_ema_model(self.workdir, dev, step)
+    if self._fn is None:
       diffusion = meta.get("diffusion", {})
-      sample_fn = sampling.make_sample_fn(
-          model, respacing=preset.respacing, guided=preset.cfg_scale != 1.0, release_cfg=False,
+      self._fn = sampling.make_sample_fn(
+          model, respacing=p.respacing, guided=p.cfg_scale != 1.0, release_cfg=False,
           diffusion_steps=diffusion.get("steps", 1000),
           noise_schedule=diffusion.get("noise_schedule", "linear"))
     decoder = sampling.Decoder(meta.get("vae_path") or "identity", meta.get("scale_factor", 1.0))
-    labels = np.arange(preset.num_samples, dtype=np.int32) % model.num_classes  # balanced
+    labels = np.arange(p.num_samples, dtype=np.int32) % model.num_classes
     images = []
-    for i, start in enumerate(range(0, len(labels), preset.sample_batch)):
-      y = jnp.asarray(labels[start:start + preset.sample_batch])
-      lat = sample_fn(params, jax.random.fold_in(jax.random.PRNGKey(seed), i), y,
-                      jnp.float32(preset.cfg_scale))
+    for i, start in enumerate(range(0, len(labels), p.sample_batch)):
+      y = jnp.asarray(labels[start:start + p.sample_batch])
+      lat = self._fn(params, jax.random.fold_in(jax.random.PRNGKey(seed), i), y,
+                     jnp.float32(p.cfg_scale))
       images.append(np.asarray(decoder(lat)))
     images = np.concatenate(images)
-    values = proxy.proxy_metrics(images, labels)
+    return images, labels, proxy.proxy_metrics(images, labels)
+
+
+def evaluate_proxy(preset: presets.Preset, workdir: str, steps: list[int], final_step: int,
+                   seed: int = 0) -> dict[int, dict]:
+  """Proxy FID etc. of the EMA weights at each step; the same noise and labels at every step."""
+  sampler, out = ProxySampler(preset, workdir), {}
+  for step in steps:
+    t0 = time.time()
+    images, labels, values = sampler(step, seed)
     values.update(metric="proxy", respacing=preset.respacing, cfg_scale=preset.cfg_scale,
                   eval_seconds=round(time.time() - t0, 2))
     if step == final_step:  # the samples before the metrics: metrics of the final step imply both
