@@ -192,3 +192,25 @@ def test_report_names_the_pairs_that_break_a_finding(tmp_path):
   assert "holds for 6 of 7 pairs; fails for s2 -> b2" in md
   assert "proxy FID" in md and "paper FID-50K" not in md
   assert out["spearman"] > -0.9161
+
+
+def test_cli_print_and_report(tmp_path):
+  import subprocess
+  import sys
+  root_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="",
+             PYTHONPATH=root_dir + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  grid = str(tmp_path / "grid")
+  write_synthetic_grid(grid, "mini", paper_fids())
+  r = subprocess.run([sys.executable, "-m", "dit_jax.grid", "report", f"--root={grid}"],
+                     cwd=root_dir, env=env, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "Spearman rho (Gflops vs FID, final step): -0.916" in r.stdout
+  assert os.path.exists(os.path.join(grid, "fid_vs_compute.png"))
+  # The recorded preset is reused by a rerun; --mode=print runs nothing.
+  r = subprocess.run([sys.executable, "-m", "dit_jax.grid", "run", f"--root={grid}",
+                      "--models=xl2", "--mode=print", "--steps=3000"], cwd=root_dir, env=env,
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert ("python -m dit_jax.main --config=configs/mini.py:xl2 --workdir=" in r.stdout
+          and "--config.total_steps=3000" in r.stdout)

@@ -77,7 +77,7 @@ def resolve(root: str) -> tuple[presets.Preset, str, dict]:
       raise app.UsageError(f"--set={item}: expected key=value")
     extra[key] = _value(value)
   data = FLAGS.data if FLAGS.data is not None else (
-      grid.get("data", "") if grid.get("preset") == name and FLAGS.preset is None else "")
+      grid.get("data", "") if grid.get("preset") == name else "")
   return preset, data, extra
 
 

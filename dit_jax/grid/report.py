@@ -42,11 +42,11 @@ def fid_key(grid: dict) -> str:
   return "proxy_fid" if grid.get("settings", {}).get("metric") == "proxy" else "fid"
 
 
-def fid_label(grid: dict) -> str:
+def fid_label(grid: dict, short: bool = False) -> str:
   s = grid.get("settings", {})
   n = s.get("num_samples")
   if s.get("metric") == "proxy":
-    return f"proxy FID-{n} (digits classifier features)"
+    return f"proxy FID-{n}" + ("" if short else " (digits classifier features)")
   return f"FID-{n // 1000}K" if n and n % 1000 == 0 else f"FID-{n}"
 
 
@@ -254,7 +254,8 @@ def markdown(grid: dict, found: list[dict]) -> str:
   # Final-step table.
   extra = [k for k in ("precision", "recall", "class_accuracy", "sfid", "inception_score")
            if any(k in r for r in finals.values())]
-  head = ["model", "patch", "tokens", "params", "Gflops", f"{fid_label(grid)} @ {total:,}", *extra]
+  head = ["model", "patch", "tokens", "params", "Gflops", f"{fid_label(grid, True)} @ {total:,}",
+          *extra]
   if paper:
     head += ["paper params", "paper Gflops", "paper FID-50K @ 400K"]
   lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -272,14 +273,14 @@ def markdown(grid: dict, found: list[dict]) -> str:
   # Matrix view, as the paper's Figure 2/Table 4 reads: sizes x patches.
   fid = {(r["size"], r["patch"]): r["fid"] for r in finals.values()}
   if fid:
-    lines += [f"{fid_label(grid)} at step {total:,} (rows: model size, columns: patch):", "",
+    lines += [f"{fid_label(grid, True)} at step {total:,} (rows: model size, columns: patch):", "",
               "| | " + " | ".join(f"/{p}" for p in PATCHES) + " |", "|---|---|---|---|"]
     for size in SIZES:
       lines.append(f"| {size} | " + " | ".join(_fmt(fid.get((size, p), float("nan")))
                                               for p in PATCHES) + " |")
     lines.append("")
   rho, pvalue, n = spearman(finals)
-  lines += [f"Spearman's rho between Gflops and {fid_label(grid)} at step {total:,}: "
+  lines += [f"Spearman's rho between Gflops and {fid_label(grid, True)} at step {total:,}: "
             f"**{_fmt(rho, 3)}** (p = {_fmt(pvalue, 2)}, {n} models). The paper's Table 4 "
             f"(FID-50K at 400K steps): {paper_spearman():.3f}.", ""]
   f = findings(finals)
