@@ -1,4 +1,4 @@
-"""How much of a mini-grid's ranking is sampling noise? Re-scores the final checkpoints with other seeds.
+"""How much of a mini-grid's ranking is sampling noise? Re-scores final checkpoints, new seeds.
 
   python -m dit_jax.grid run --preset=mini --root=/tmp/dit_grid_mini
   python benchmarks/grid_seeds.py --root=/tmp/dit_grid_mini --seeds=1,2

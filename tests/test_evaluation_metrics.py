@@ -218,7 +218,8 @@ def test_precision_recall_float16_matches_adm_emulation():
 def test_precision_recall_float16_overflow_falls_back_to_float32():
   # Squared norms of ~200,000 overflow float16 (max 65,504): ADM recomputes in float32.
   # (Values on a 1/2 grid below 128 keep the float32 sums exact.)
-  reference, samples = _clustered(12, 120, offset=56.0, grid=2), _clustered(13, 100, offset=56.0, grid=2)
+  reference = _clustered(12, 120, offset=56.0, grid=2)
+  samples = _clustered(13, 100, offset=56.0, grid=2)
   with np.errstate(over="ignore"):
     assert np.isinf(np.square(reference.astype(np.float16)).sum(1, dtype=np.float32)
                     .astype(np.float16)).all()

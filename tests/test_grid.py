@@ -1,4 +1,4 @@
-"""The scaling-grid runner (idempotence, resume) on tiny models, and the report on synthetic metrics."""
+"""The scaling-grid runner (idempotence, resume) on tiny models; the report on synthetic metrics."""
 
 import dataclasses
 import io

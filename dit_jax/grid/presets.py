@@ -86,7 +86,8 @@ def training_overrides(preset: Preset, data: str = "", extra: dict | None = None
   return out
 
 
-def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+def apply_overrides(config: ml_collections.ConfigDict,
+                    overrides: dict) -> ml_collections.ConfigDict:
   for key, value in overrides.items():
     node = config
     *path, last = key.split(".")

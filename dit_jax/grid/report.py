@@ -126,7 +126,8 @@ def findings(final_rows: dict[str, dict]) -> dict[str, list[tuple[str, str, bool
   for patch in PATCHES:
     for a, b in zip(SIZES, SIZES[1:]):
       if (a, patch) in fid and (b, patch) in fid:
-        out["size"].append((fid[a, patch][0], fid[b, patch][0], fid[b, patch][1] < fid[a, patch][1]))
+        out["size"].append((fid[a, patch][0], fid[b, patch][0],
+                            fid[b, patch][1] < fid[a, patch][1]))
   return out
 
 
@@ -297,8 +298,9 @@ def markdown(grid: dict, found: list[dict]) -> str:
     lines += ["Wall time per model (training / evaluation, seconds): " + "; ".join(
         f"{n} {t.get('train_seconds', 0):.0f} / {t.get('eval_seconds', 0):.0f}" for n, t in times)
               + ".", ""]
-  lines += ["Figures: [FID vs training steps](fid_vs_steps.png), [FID vs Gflops](fid_vs_gflops.png),"
-            " [FID vs training compute](fid_vs_compute.png); all rows in results.csv.", ""]
+  lines += ["Figures: [FID vs training steps](fid_vs_steps.png), [FID vs Gflops]"
+            "(fid_vs_gflops.png), [FID vs training compute](fid_vs_compute.png); all rows in "
+            "results.csv.", ""]
   return "\n".join(lines)
 
 

@@ -276,7 +276,8 @@ def run(preset: presets.Preset, root: str, models: list[str] | None = None, *, d
   models = list(models or preset.models)
   unknown = [m for m in models if m not in preset.models]
   if unknown:
-    raise ValueError(f"unknown models {unknown}; the {preset.name} grid has {','.join(preset.models)}")
+    raise ValueError(f"unknown models {unknown}; the {preset.name} grid has "
+                     f"{','.join(preset.models)}")
   if mode not in ("inprocess", "subprocess", "print"):
     raise ValueError(f"mode must be inprocess, subprocess or print, not {mode!r}")
   eval_files = eval_files or {}
