@@ -214,3 +214,36 @@ def test_cli_print_and_report(tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   assert ("python -m dit_jax.main --config=configs/mini.py:xl2 --workdir=" in r.stdout
           and "--config.total_steps=3000" in r.stdout)
+
+
+def test_inception_evaluation_bookkeeping(tmp_path):
+  # The paper preset's evaluation with the sample/evaluate CLIs replaced by fakes.
+  preset = presets.get_preset("paper", total_steps=4, eval_every=2, num_samples=6)
+  workdir = str(tmp_path / "grid" / "xl2")
+  calls = []
+
+  def fake(cmd):
+    calls.append(cmd)
+    args = dict(a[2:].split("=", 1) for a in cmd if a.startswith("--") and "=" in a)
+    if "dit_jax.sample" in cmd:
+      assert args["cfg_scale"] == "1" and args["respacing"] == "250"
+      os.makedirs(os.path.dirname(args["out"]), exist_ok=True)
+      np.savez(args["out"], arr_0=np.full((6, 4, 4, 3), int(args["step"]), np.uint8),
+               arr_1=np.arange(6))
+    else:
+      assert args["reference"] == "ref.npz" and args["reference_cache"].endswith(
+          os.path.join("grid", "reference_stats.npz"))
+      with np.load(args["samples"]) as f:
+        fid = 100.0 / f["arr_0"][0, 0, 0, 0]
+      with open(args["out"], "w") as f:
+        json.dump({"fid": fid, "precision": 0.5}, f)
+
+  files = {"reference": "ref.npz", "inception": "inc.pth"}
+  done = runner.evaluate_inception(preset, workdir, [2, 4], 4, files, runner=fake)
+  assert len(calls) == 4 and {s: v["fid"] for s, v in done.items()} == {2: 50.0, 4: 25.0}
+  assert runner.read_metrics(workdir)[4]["fid"] == 25.0
+  with np.load(os.path.join(workdir, "samples.npz")) as f:  # the final step's samples
+    assert f["arr_0"][0, 0, 0, 0] == 4
+  assert not [f for f in os.listdir(os.path.join(workdir, "eval")) if f.endswith(".npz")]
+  with pytest.raises(ValueError, match="--reference"):
+    runner.evaluate_inception(preset, workdir, [2], 4, {}, runner=fake)

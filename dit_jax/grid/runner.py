@@ -118,7 +118,9 @@ def inception_commands(preset: presets.Preset, workdir: str, step: int, out_npz:
   evaluate = [sys.executable, "-m", "dit_jax.evaluate", f"--samples={out_npz}",
               f"--reference={eval_files.get('reference') or 'REFERENCE.npz'}",
               f"--inception={eval_files.get('inception') or 'INCEPTION.pth'}",
-              f"--out={out_json}"]
+              f"--out={out_json}",
+              # One cache of the reference's Inception features for the whole grid.
+              f"--reference_cache={os.path.join(os.path.dirname(workdir), 'reference_stats.npz')}"]
   return [sample, evaluate]
 
 
