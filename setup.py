@@ -24,7 +24,8 @@ setup(
         "scipy",                     # FID matrix square root
         "pillow",
         "safetensors",               # reading diffusers VAE weights without torch
-        "scikit-learn",              # ships the digits of the demo
+        "scikit-learn",              # ships the digits of the demo; the proxy FID's classifier
+        "matplotlib",                # the scaling grid's figures (python -m dit_jax.grid report)
     ],
     extras_require={
         # Parity references for the tests. The pinned torch is a CPU build where it is on disk;
