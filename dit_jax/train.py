@@ -303,7 +303,8 @@ def make_evaluator(config: ml_collections.ConfigDict, b: Built, workdir: str, de
     raise ValueError(f"config.eval needs images, but latents with {model.in_channels} channels are "
                      "decoded with the identity: set config.vae.path to the SD VAE folder")
   sample_fn = sampling.make_sample_fn(
-      model, respacing=e.respacing, guided=e.cfg_scale != 1.0,
+      model, sampler=e.sampler, steps=e.steps, spacing=e.spacing,
+      guidance_interval=e.guidance_interval, respacing=e.respacing, guided=e.cfg_scale != 1.0,
       release_cfg=config.sample.release_cfg, diffusion_steps=config.diffusion.steps,
       noise_schedule=config.diffusion.noise_schedule,
       in_shardings=(b.state_sh.ema_params, b.repl, b.batch_sh, b.repl), out_shardings=b.batch_sh)
@@ -381,7 +382,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     decoder = sampling.Decoder(vae_path(config, info), scale, repl)
   if config.sample.num_images:
     sample_fn = sampling.make_sample_fn(
-        model, respacing=config.sample.respacing, guided=has_null_class(model),
+        model, sampler=config.sample.sampler, steps=config.sample.steps,
+        spacing=config.sample.spacing, guidance_interval=config.sample.guidance_interval,
+        respacing=config.sample.respacing, guided=has_null_class(model),
         release_cfg=config.sample.release_cfg, diffusion_steps=config.diffusion.steps,
         noise_schedule=config.diffusion.noise_schedule,
         in_shardings=(state_sh.ema_params, repl, repl, repl), out_shardings=repl)
