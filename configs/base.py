@@ -97,9 +97,9 @@ def get_config(model: str = "DiT-XL/2", image_size: int = 256) -> ml_collections
   # optimizer state are sharded over 'fsdp' by the rules in dit_jax/sharding.py; the batch
   # over both. Several slices (multi-slice TPU jobs) multiply 'data' over the DCN.
   c.mesh.data = -1
-  # 0 = auto: data parallel where the compiled step fits a device's memory (every DiT on
-  # v4/v5p/v6e/H100 chips), else the smallest power-of-two FSDP within a slice that fits
-  # (e.g. XL on 16 GiB v5e chips); or a size (-1 = all devices of a slice).
+  # 0 = auto: data parallel where the compiled step fits 90% of a device's memory (XL/2 at
+  # batch 256 on v5p-8 and up), else the smallest power-of-two FSDP within a slice that fits
+  # (e.g. XL on small slices of 16 GiB v5e chips); or a size (-1 = all devices of a slice).
   c.mesh.fsdp = 0
 
   c.checkpoint = ml_collections.ConfigDict()
@@ -126,8 +126,20 @@ def get_config(model: str = "DiT-XL/2", image_size: int = 256) -> ml_collections
   c.sample.every_steps = 20_000
   # Images in the periodic grid (0 = no grids).
   c.sample.num_images = 16
-  # Sampling steps of the grid ('250' is the release default; 'ddim50' for DDIM).
-  c.sample.respacing = "250"
+  # Sampler: 'ddpm' (ancestral, the release), 'ddim', 'dpm++2m', 'dpm++3m', 'dpm++2m-sde'.
+  c.sample.sampler = "ddpm"
+  # Model calls per image (x2 images each with guidance); the release: 250 DDPM steps.
+  # DPM-Solver++ needs about 20 (see README, "Fast sampling").
+  c.sample.steps = 250
+  # Where the steps sit: 'time' (uniform in t; for DDPM the release's 250-step list),
+  # 'logsnr' (uniform in log SNR) or 'karras' (Karras et al. 2022, rho 7).
+  c.sample.spacing = "time"
+  # Guide only where the noise level sigma_t = sqrt((1 - abar_t) / abar_t) lies in (lo, hi]
+  # (Kynkaanniemi et al. 2024); scale 1 elsewhere, at half the cost. (0, inf): every step.
+  c.sample.guidance_interval = (0.0, float("inf"))
+  # The release's respacing string ('250', 'ddim50'); when set it replaces sampler, steps and
+  # spacing (DDIM for 'ddimN', else DDPM). Kept for old command lines.
+  c.sample.respacing = ""
   # Guidance scale of the grid (1.5 reproduces the paper's FID; 4.0 looks best).
   c.sample.cfg_scale = 4.0
   # Guide only the first 3 latent channels as the release does (False: all channels).
@@ -146,8 +158,13 @@ def get_config(model: str = "DiT-XL/2", image_size: int = 256) -> ml_collections
   c.eval.batch_size = 256
   # Guidance scale (1.5: the paper's headline; 1.0: the grid's unguided FIDs).
   c.eval.cfg_scale = 1.5
-  # Sampling steps ('250' as the paper).
-  c.eval.respacing = "250"
+  # Sampler, steps, spacing and guidance interval as in `sample` ('ddpm', 250 as the paper).
+  c.eval.sampler = "ddpm"
+  c.eval.steps = 250
+  c.eval.spacing = "time"
+  c.eval.guidance_interval = (0.0, float("inf"))
+  # The release's respacing string; when set it replaces sampler, steps and spacing.
+  c.eval.respacing = ""
   # FID Inception weights: pt_inception-2015-12-05-6726825d.pth or its converted .npz.
   c.eval.inception = ""
   # Reference: ADM batch .npz (VIRTUAL_imagenet256_labeled.npz), an image folder or tfds:NAME.

@@ -30,7 +30,7 @@ def get_config():
   c.checkpoint.every_steps = 500
   c.sample.every_steps = 1_000
   c.sample.num_images = 40
-  c.sample.respacing = "100"
+  c.sample.steps = 100
   c.sample.cfg_scale = 3.0
   # One channel: guide it (the release's 3-channel rule is for 4-channel SD latents).
   c.sample.release_cfg = False

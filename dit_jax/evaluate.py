@@ -36,6 +36,10 @@ _BATCH = flags.DEFINE_integer("batch_size_per_device", 32, "Inception batch per 
 _FID_METHOD = flags.DEFINE_enum(
     "fid_method", "sqrtm", ["sqrtm", "eigh"],
     "sqrtm: ADM's scipy sqrtm; eigh: same value, faster, robust for N < 2048.")
+_DISTANCES = flags.DEFINE_enum(
+    "distance_dtype", "float16", ["float16", "float32"],
+    "Precision/recall pairwise distances: float16 as ADM's evaluator (comparable with published "
+    "numbers), or float32.")
 runtime.define_flags()
 
 
@@ -62,7 +66,8 @@ def main(argv: list[str]) -> None:
                jax.device_count())
   result = evaluator.evaluate_samples(reference.iter_npz_array(_SAMPLES.value), variables, ref,
                                       batch_size_per_device=_BATCH.value,
-                                      fid_method=_FID_METHOD.value)
+                                      fid_method=_FID_METHOD.value,
+                                      distance_dtype=_DISTANCES.value)
   result.update(samples=_SAMPLES.value, reference=_REFERENCE.value)
   if jax.process_index() == 0:
     for key in ("inception_score", "fid", "sfid", "precision", "recall"):

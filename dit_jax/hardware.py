@@ -1,4 +1,4 @@
-"""Per-device peak bf16 FLOP/s and memory of the accelerators dit_jax targets.
+"""Per-device peak bf16 FLOP/s, memory and bandwidths of the accelerators dit_jax targets.
 
 Keyed by `device.device_kind` as JAX reports it: v5p reports "TPU v5", v5e "TPU v5 lite",
 v6e "TPU v6 lite". Figures are per JAX device (one chip, or one core on v2/v3), from the
@@ -8,30 +8,40 @@ not chosen by memory.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 GiB = 2**30
 
-# device_kind: (dense bf16 FLOP/s, memory bytes) per JAX device.
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  peak_flops: float      # dense bf16 FLOP/s
+  memory: int            # bytes of HBM
+  hbm_bandwidth: float   # bytes/s
+  ici_bandwidth: float   # bytes/s out of one device over the chip interconnect (ICI / NVLink)
+
+
 CHIPS = {
-    "TPU v2": (22.5e12, 8 * GiB),
-    "TPU v3": (61.5e12, 16 * GiB),
-    "TPU v4": (275e12, 32 * GiB),
-    "TPU v5 lite": (197e12, 16 * GiB),    # v5e
-    "TPU v5e": (197e12, 16 * GiB),
-    "TPU v5": (459e12, 95 * GiB),         # v5p
-    "TPU v5p": (459e12, 95 * GiB),
-    "TPU v6 lite": (918e12, 32 * GiB),    # v6e (Trillium)
-    "TPU v6e": (918e12, 32 * GiB),
-    "NVIDIA A100-SXM4-40GB": (312e12, 40 * 10**9),
-    "NVIDIA A100-SXM4-80GB": (312e12, 80 * 10**9),
-    "NVIDIA A100": (312e12, 80 * 10**9),
-    "NVIDIA H100": (989e12, 80 * 10**9),
-    "NVIDIA H200": (989e12, 141 * 10**9),
+    "TPU v2": Chip(22.5e12, 8 * GiB, 0.35e12, 62e9),
+    "TPU v3": Chip(61.5e12, 16 * GiB, 0.45e12, 82e9),
+    "TPU v4": Chip(275e12, 32 * GiB, 1.2e12, 300e9),
+    "TPU v5 lite": Chip(197e12, 16 * GiB, 0.82e12, 200e9),    # v5e
+    "TPU v5e": Chip(197e12, 16 * GiB, 0.82e12, 200e9),
+    "TPU v5": Chip(459e12, 95 * GiB, 2.76e12, 600e9),         # v5p
+    "TPU v5p": Chip(459e12, 95 * GiB, 2.76e12, 600e9),
+    "TPU v6 lite": Chip(918e12, 32 * GiB, 1.64e12, 448e9),    # v6e (Trillium)
+    "TPU v6e": Chip(918e12, 32 * GiB, 1.64e12, 448e9),
+    "NVIDIA A100-SXM4-40GB": Chip(312e12, 40 * 10**9, 1.56e12, 300e9),
+    "NVIDIA A100-SXM4-80GB": Chip(312e12, 80 * 10**9, 2.04e12, 300e9),
+    "NVIDIA A100": Chip(312e12, 80 * 10**9, 2.04e12, 300e9),
+    "NVIDIA H100": Chip(989e12, 80 * 10**9, 3.35e12, 450e9),
+    "NVIDIA H200": Chip(989e12, 141 * 10**9, 4.8e12, 450e9),
 }
 
 
-def _spec(device: Any) -> tuple[float, int] | None:
+def chip(device: Any) -> Chip | None:
+  """The table's entry for a device, or None (CPUs, unknown kinds)."""
   kind = getattr(device, "device_kind", "")
   if kind in CHIPS:
     return CHIPS[kind]
@@ -42,8 +52,8 @@ def _spec(device: Any) -> tuple[float, int] | None:
 
 
 def peak_flops(device: Any) -> float | None:
-  spec = _spec(device)
-  return spec[0] if spec else None
+  spec = chip(device)
+  return spec.peak_flops if spec else None
 
 
 def memory_bytes(device: Any) -> int | None:
@@ -54,5 +64,5 @@ def memory_bytes(device: Any) -> int | None:
       return int(stats["bytes_limit"])
   except Exception:  # pylint: disable=broad-except  (AOT topology devices, CPUs)
     pass
-  spec = _spec(device)
-  return spec[1] if spec else None
+  spec = chip(device)
+  return spec.memory if spec else None

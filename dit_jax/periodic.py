@@ -30,12 +30,17 @@ def _compile(fn: Any, precision: str | None, mesh: Any, *args: Any) -> Any:
     return fn.lower(*args).compile()
 
 
-def _sample_fn(config: ml_collections.ConfigDict, model: models.DiT, respacing: str,
-               guided: bool, in_shardings: Any, out_shardings: Any) -> Any:
+def _sample_fn(config: ml_collections.ConfigDict, model: models.DiT,
+               options: ml_collections.ConfigDict, guided: bool, in_shardings: Any,
+               out_shardings: Any) -> Any:
+  """The sampler of `options` (config.sample or config.eval: sampler, steps, spacing,
+  guidance_interval, or the release's respacing string)."""
   return sampling.make_sample_fn(
-      model, respacing=respacing, guided=guided, release_cfg=config.sample.release_cfg,
-      diffusion_steps=config.diffusion.steps, noise_schedule=config.diffusion.noise_schedule,
-      in_shardings=in_shardings, out_shardings=out_shardings)
+      model, sampler=options.sampler, steps=options.steps, spacing=options.spacing,
+      guidance_interval=options.guidance_interval, respacing=options.respacing, guided=guided,
+      release_cfg=config.sample.release_cfg, diffusion_steps=config.diffusion.steps,
+      noise_schedule=config.diffusion.noise_schedule, in_shardings=in_shardings,
+      out_shardings=out_shardings)
 
 
 class SampleGrid:
@@ -51,7 +56,7 @@ class SampleGrid:
     self.args = jax.device_put(
         (jax.random.PRNGKey(config.seed + 1), jnp.arange(n, dtype=jnp.int32) % model.num_classes,
          jnp.float32(config.sample.cfg_scale)), repl)
-    fn = _sample_fn(config, model, config.sample.respacing, models.has_null_class(model),
+    fn = _sample_fn(config, model, config.sample, models.has_null_class(model),
                     (b.state_sh.ema_params, repl, repl, repl), repl)
     self.sample = _compile(fn, config.sample.matmul_precision, b.mesh,
                            _abstract(b.abstract.ema_params, b.state_sh.ema_params),
@@ -108,7 +113,7 @@ class Evaluator:
     labels = np.asarray(jax.random.randint(jax.random.PRNGKey(config.seed + 3),
                                            (e.num_samples,), 0, model.num_classes), np.int32)
     self.labels = np.resize(labels, -(-e.num_samples // n) * n)
-    fn = _sample_fn(config, model, e.respacing, e.cfg_scale != 1.0,
+    fn = _sample_fn(config, model, e, e.cfg_scale != 1.0,
                     (repl, repl, batch_sh, repl), batch_sh)
     key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=repl)
     self.sample = _compile(fn, config.sample.matmul_precision, b.mesh,

@@ -2,7 +2,8 @@
 
 `make_sample_fn` returns ONE jitted function (params, key, labels, cfg_scale) -> latents
 whose whole denoising loop is a single compiled computation (lax.scan inside the
-diffusion); the guidance scale is a traced argument, so changing it never recompiles.
+diffusion) for any sampler (DDPM, DDIM, DPM-Solver++ 2M/3M/2M-SDE), step count and spacing;
+the guidance scale is a traced argument, so changing it never recompiles.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 import os
 import tempfile
 import zipfile
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,24 +21,47 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from dit_jax.diffusion import create_diffusion, sample_with_cfg
+from dit_jax.diffusion import (check_guidance_interval, create_sampler, get_named_beta_schedule,
+                               limit_guidance, sample_with_cfg)
 from dit_jax.models import DiT
 
 
-def make_sample_fn(model: DiT, *, respacing: str = "250", guided: bool = True,
-                   release_cfg: bool = True, diffusion_steps: int = 1000,
-                   noise_schedule: str = "linear", progress: bool = False,
-                   in_shardings: Any = None, out_shardings: Any = None) -> Callable:
+def make_sample_fn(model: DiT, *, sampler: str | None = None, steps: int | None = None,
+                   spacing: str = "time", guidance_interval: Sequence[float] | None = None,
+                   respacing: str | None = None, guided: bool = True, release_cfg: bool = True,
+                   diffusion_steps: int = 1000, noise_schedule: str = "linear",
+                   progress: bool = False, in_shardings: Any = None,
+                   out_shardings: Any = None) -> Callable:
   """Builds `sample(params, key, labels [N], cfg_scale) -> latents [N, h, w, c]` (jitted).
 
-  `respacing` '250' (DDPM, the release default) or 'ddimN' (deterministic DDIM). With
-  `guided`, each model call is doubled as the release does ([x; x], labels [y; null]);
-  `release_cfg` guides only the first 3 channels (the release's quirk, needed to reproduce
-  its FIDs), else all channels.
+  Args:
+    model: the DiT (its learn_sigma, input_size, in_channels, num_classes are used).
+    sampler: 'ddpm' (the release), 'ddim', 'dpm++2m', 'dpm++3m' or 'dpm++2m-sde'; None:
+      DDPM, or DDIM for a 'ddimN' respacing (the old behaviour).
+    steps: model calls per sample (x2 images each with guidance); None: the sampler's
+      default (diffusion.DEFAULT_STEPS: 250 DDPM, 50 DDIM, 20 DPM-Solver++).
+    spacing: 'time', 'logsnr' or 'karras' (see diffusion.create_sampler).
+    guidance_interval: (sigma_lo, sigma_hi): guide only where lo < sigma_t <= hi,
+      sigma_t = sqrt((1 - abar_t) / abar_t); elsewhere scale 1 at half the cost. None or
+      (0, inf): every step, as the release.
+    respacing: the release's respacing string ('250', 'ddim50'); when set it replaces
+      sampler/steps/spacing (DDIM for 'ddimN', else DDPM).
+    guided: double each model call as the release does ([x; x], labels [y; null]).
+    release_cfg: guide only the first 3 channels (the release's quirk, needed to reproduce
+      its FIDs), else all eps channels.
+    diffusion_steps, noise_schedule: the training process.
+    progress: print sampling progress from the device.
+    in_shardings, out_shardings: for jax.jit.
   """
-  diffusion = create_diffusion(respacing, noise_schedule=noise_schedule,
-                               learn_sigma=model.learn_sigma, diffusion_steps=diffusion_steps)
-  sampler = "ddim" if respacing.startswith("ddim") else "ddpm"
+  if respacing:
+    sampler, steps = ("ddim" if respacing.startswith("ddim") else "ddpm"), None
+  elif sampler is None:
+    sampler = "ddpm"
+  process = create_sampler(sampler, steps, spacing, respacing=respacing or None,
+                           noise_schedule=noise_schedule, diffusion_steps=diffusion_steps,
+                           learn_sigma=model.learn_sigma)
+  interval = check_guidance_interval(guidance_interval)
+  abar = np.cumprod(1.0 - get_named_beta_schedule(noise_schedule, diffusion_steps))
   h = w = model.input_size
   null = model.num_classes  # the null-class row of the label table
 
@@ -46,17 +70,16 @@ def make_sample_fn(model: DiT, *, respacing: str = "250", guided: bool = True,
     k_noise, k_loop = jax.random.split(key)
     z = jax.random.normal(k_noise, (n, h, w, model.in_channels), jnp.float32)
     variables = {"params": params}
+    cond = lambda x, t: model.apply(variables, x, t, labels)
     if guided:
       # The loop carries the N kept samples; each step runs the model on [x; x] with
       # labels [y; null], so both halves see the same noise, as in the release.
       y = jnp.concatenate([labels, jnp.full_like(labels, null)])
       fn = lambda x, t: model.apply(variables, x, t, y, cfg_scale, not release_cfg,
                                     method=DiT.forward_with_cfg)
-      return sample_with_cfg(diffusion, fn, z.shape, k_loop, noise=z, sampler=sampler,
-                             progress=progress)
-    fn = lambda x, t: model.apply(variables, x, t, labels)
-    loop = diffusion.ddim_sample_loop if sampler == "ddim" else diffusion.p_sample_loop
-    return loop(fn, z.shape, k_loop, noise=z, progress=progress)
+      fn = limit_guidance(fn, cond, interval, abar)
+      return sample_with_cfg(process, fn, z.shape, k_loop, noise=z, progress=progress)
+    return process.sample(cond, z.shape, k_loop, noise=z, progress=progress)
 
   return jax.jit(sample, in_shardings=in_shardings, out_shardings=out_shardings)
 

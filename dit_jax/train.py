@@ -273,11 +273,11 @@ def _compile(config: ml_collections.ConfigDict, info: input_pipeline.DataInfo,
   sharding.log_mesh(mesh)
   state_sh = sharding.state_shardings(boxed, mesh)
   abstract = nn.meta.unbox(boxed)
-  _, repl_bytes = sharding.replicated_bytes(state_sh.params, abstract.params)
+  sharded_bytes, repl_bytes = sharding.replicated_bytes(state_sh.params, abstract.params)
   logging.info("Parameters: %s (%s)",
                f"{sum(x.size for x in jax.tree.leaves(abstract.params)):,}",
                sharding.describe(state_sh.params, abstract.params))
-  if mesh.shape["fsdp"] > 1 and repl_bytes > 2**20:
+  if mesh.shape["fsdp"] > 1 and repl_bytes > 0.01 * (sharded_bytes + repl_bytes):
     logging.warning("%.1f MiB of parameters stay replicated at fsdp=%d (no dimension divides): "
                     "each device holds them, their EMA and Adam moments whole",
                     repl_bytes / 2**20, mesh.shape["fsdp"])

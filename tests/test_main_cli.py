@@ -144,3 +144,21 @@ def test_sample_cli_writes_adm_npz(digits_dir, tmp_path):  # noqa: F811
                       f"--out={out}"], cwd=ROOT, env=env(), capture_output=True, text=True,
                      timeout=300)
   assert r.returncode != 0 and "no checkpoint found" in r.stderr
+
+
+def test_sample_cli_fast_samplers(digits_dir, tmp_path):  # noqa: F811
+  wd = str(tmp_path / "run")
+  train.train_and_evaluate(tiny_config(digits_dir, total_steps=2), wd)
+  out = str(tmp_path / "dpm.npz")
+  r = subprocess.run([sys.executable, "-m", "dit_jax.sample", f"--workdir={wd}",
+                      "--num_samples=8", "--batch_size=8", "--sampler=dpm++3m", "--steps=4",
+                      "--spacing=karras", "--guidance_interval=0.5,20", "--cfg_scale=2",
+                      f"--out={out}"], cwd=ROOT, env=env(), capture_output=True, text=True,
+                     timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  with np.load(out) as f:
+    assert f["arr_0"].shape == (8, 8, 8, 1) and f["arr_0"].dtype == np.uint8
+  r = subprocess.run([sys.executable, "-m", "dit_jax.sample", f"--workdir={wd}",
+                      "--respacing=250", "--steps=20", f"--out={out}"], cwd=ROOT, env=env(),
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode != 0 and "--respacing replaces" in r.stderr

@@ -5,7 +5,7 @@ recomputed so that its cumulative alphas equal the original ones at the kept
 steps (beta_k = 1 - abar[s_k] / abar[s_{k-1}]), and the model is called with
 the original timestep s_k.
 """
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
@@ -87,7 +87,8 @@ def create_diffusion(timestep_respacing: Respacing = "",
                      predict_xstart: bool = False,
                      learn_sigma: bool = True,
                      rescale_learned_sigmas: bool = False,
-                     diffusion_steps: int = 1000) -> GaussianDiffusion:
+                     diffusion_steps: int = 1000,
+                     use_timesteps: Optional[Sequence[int]] = None) -> GaussianDiffusion:
   """The diffusion of the release (DiT's `create_diffusion`, same arguments).
 
   Args:
@@ -101,6 +102,7 @@ def create_diffusion(timestep_respacing: Respacing = "",
       log variance between the clipped posterior variance and beta.
     rescale_learned_sigmas: scale vb by T / 1000 ("rescaled_mse" loss).
     diffusion_steps: steps of the original process.
+    use_timesteps: the original timesteps to keep, instead of timestep_respacing.
 
   Returns:
     A GaussianDiffusion whose num_timesteps is the number of kept steps.
@@ -118,7 +120,15 @@ def create_diffusion(timestep_respacing: Respacing = "",
     var_type = "learned_range"
   else:
     var_type = "fixed_small" if sigma_small else "fixed_large"
-  use_timesteps = space_timesteps(diffusion_steps, timestep_respacing)
+  if use_timesteps is None:
+    use_timesteps = space_timesteps(diffusion_steps, timestep_respacing)
+  else:
+    if timestep_respacing:
+      raise ValueError("pass either timestep_respacing or use_timesteps, not both.")
+    use_timesteps = sorted(set(int(t) for t in use_timesteps))
+    if not use_timesteps or use_timesteps[0] < 0 or use_timesteps[-1] >= diffusion_steps:
+      raise ValueError(f"use_timesteps: expected timesteps in [0, {diffusion_steps}), got "
+                       f"{use_timesteps[:3]}...{use_timesteps[-3:]}.")
   return GaussianDiffusion(
       respaced_betas(base_betas, use_timesteps),
       model_mean_type="start_x" if predict_xstart else "epsilon",
