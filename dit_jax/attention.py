@@ -98,12 +98,24 @@ def _splash_local(q: jax.Array, k: jax.Array, v: jax.Array, interpret: bool) -> 
   return jnp.swapaxes(out, 1, 2)
 
 
+def _with_default_precision(fn):
+  def wrapped(*args):
+    with jax.default_matmul_precision('default'):
+      return fn(*args)
+  return wrapped
+
+
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                      interpret: bool = False) -> jax.Array:
   """Pallas splash attention: q, k, v [N, T, heads, head_dim] -> [N, T, heads, head_dim]."""
   scale = np.float32(q.shape[-1] ** -0.5)
   q = (q.astype(jnp.float32) * scale).astype(q.dtype)  # splash does not scale the logits
   local = functools.partial(_splash_local, interpret=interpret)
+  if q.dtype != jnp.float32:
+    # bf16 x bf16 products are exact with float32 accumulation whatever the precision, and
+    # Mosaic rejects an fp32 contract precision on bf16 operands (e.g. sampling under
+    # jax.default_matmul_precision('highest')).
+    local = _with_default_precision(local)
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return local(q, k, v)

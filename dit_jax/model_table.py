@@ -79,9 +79,13 @@ def _eqn_macs(eqn) -> int:
 
 def jaxpr_macs(jaxpr, loop_trips: bool = True) -> int:
   """MACs of the dot/conv contractions of a jaxpr and its nested bodies; a scan body counts
-  once per iteration (once in all with loop_trips=False, as XLA's cost analysis counts loops)."""
+  once per iteration (once in all with loop_trips=False, as XLA's cost analysis counts loops).
+  Pallas kernels (splash attention) are skipped: their body is one block of a grid, and XLA's
+  cost analysis does not count them either."""
   total = 0
   for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'pallas_call':
+      continue
     total += _eqn_macs(eqn)
     trips = eqn.params.get('length', 1) if loop_trips and eqn.primitive.name == 'scan' else 1
     for sub in _subjaxprs(eqn):  # pjit / remat / custom_jvp / scan bodies
