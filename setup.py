@@ -24,14 +24,18 @@ setup(
         "scipy",                     # FID matrix square root
         "pillow",
         "safetensors",               # reading diffusers VAE weights without torch
-        "scikit-learn",              # ships the digits of the demo
+        "scikit-learn",              # ships the digits of the demo; the proxy FID's classifier
+        "matplotlib",                # the scaling grid's figures (python -m dit_jax.grid report)
     ],
     extras_require={
         # Parity references for the tests. The pinned torch is a CPU build where it is on disk;
         # an unpinned torch pulls a multi-GB CUDA build.
-        "test": ["pytest", "torch==2.13.0", "diffusers"],
+        # jax[tpu] brings libtpu at the installed jax's version: tests compile train steps for
+        # TPU topologies (jax.experimental.topologies) on a CPU-only machine; no TPU is used.
+        "test": ["pytest", "torch==2.13.0", "diffusers", "jax[tpu]"],
         # Reading the released .pt checkpoints (dit_jax.convert) and Inception weights.
         "torch": ["torch"],
+        # TPU VMs, and AOT compilation for TPU topologies on any machine (python -m dit_jax.aot).
         "tpu": ["jax[tpu]"],
         "gpu": ["jax[cuda12]"],
     },

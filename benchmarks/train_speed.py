@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from dit_jax import input_pipeline, train  # noqa: E402
+from dit_jax import hardware, input_pipeline, train  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=False)
@@ -60,7 +60,7 @@ def main(_):
   sps = FLAGS.steps / dt
   n = b.mesh.size
   params = sum(x.size for x in jax.tree.leaves(b.abstract.params))
-  peak = train.peak_flops(jax.devices()[0])
+  peak = hardware.peak_flops(jax.devices()[0])
   print(f"config            {config.model.name} latents {info.latent_shape} batch {gbs} "
         f"dtype {config.model.dtype} remat {config.model.remat}")
   print(f"devices           {n} x {jax.devices()[0].device_kind}  mesh {dict(b.mesh.shape)}")

@@ -15,6 +15,9 @@ def get_config(model: str = "DiT-XL/2", image_size: int = 256) -> ml_collections
   c.seed = 0
   # Training length in optimizer steps (the paper's grid: 400K; DiT-XL/2 headline: 7M).
   c.total_steps = 400_000
+  # JAX's persistent compilation cache, so a restart after preemption does not compile again;
+  # empty: WORKDIR/compilation_cache (or $JAX_COMPILATION_CACHE_DIR when that is set).
+  c.compilation_cache_dir = ""
 
   c.model = ml_collections.ConfigDict()
   # A name of dit_jax.models.DiT_models: 'DiT-S/8' ... 'DiT-XL/2'.
@@ -77,16 +80,28 @@ def get_config(model: str = "DiT-XL/2", image_size: int = 256) -> ml_collections
   c.ema_decay = 0.9999
 
   c.mesh = ml_collections.ConfigDict()
-  # Device mesh (data, fsdp); -1 = all remaining devices. Parameters, EMA and optimizer
-  # state are sharded over 'fsdp' by the rules in dit_jax/sharding.py; the batch over both.
+  # Device mesh (data, fsdp) of ONE slice; -1 = the remaining devices. Parameters, EMA and
+  # optimizer state are sharded over 'fsdp' by the rules in dit_jax/sharding.py; the batch
+  # over both. Several slices (multi-slice TPU jobs) multiply 'data' over the DCN.
   c.mesh.data = -1
-  c.mesh.fsdp = 1
+  # 0 = auto: data parallel where the compiled step fits 90% of a device's memory (XL/2 at
+  # batch 256 on v5p-8 and up), else the smallest power-of-two FSDP within a slice that fits
+  # (e.g. XL on small slices of 16 GiB v5e chips); or a size (-1 = all devices of a slice).
+  c.mesh.fsdp = 0
 
   c.checkpoint = ml_collections.ConfigDict()
   # Save every N steps (and at the end, and on SIGTERM).
   c.checkpoint.every_steps = 5_000
   # Checkpoints kept in WORKDIR/checkpoints.
   c.checkpoint.keep = 3
+  # Also keep every checkpoint whose step is a multiple of this, for good (0 = none); the
+  # scaling grid's FID-vs-steps needs 50_000 (checkpoints at 50K, 100K ... 400K).
+  c.checkpoint.keep_period = 0
+  # Reading a checkpoint is tried this many times, waiting restore_backoff_s, then 4x longer
+  # after each failure (2, 8, 32 s), before it is set aside as unreadable and the previous
+  # checkpoint is used: a transient storage error on one host must not lose the newest one.
+  c.checkpoint.restore_attempts = 4
+  c.checkpoint.restore_backoff_s = 2.0
   # Write checkpoints in the background while training continues.
   c.checkpoint.async_save = True
 
@@ -116,6 +131,9 @@ def get_config(model: str = "DiT-XL/2", image_size: int = 256) -> ml_collections
   c.sample.cfg_scale = 4.0
   # Guide only the first 3 latent channels as the release does (False: all channels).
   c.sample.release_cfg = True
+  # Matmul precision of sampling and decoding (grids and evaluation): 'highest' computes
+  # float32 as the release does, also on TPUs (whose default is one bfloat16 pass).
+  c.sample.matmul_precision = "highest"
 
   c.eval = ml_collections.ConfigDict()
   # FID/sFID/IS/precision/recall of EMA samples every N steps and at the end (0 = off); the

@@ -11,6 +11,4 @@ def get_config():
   c.total_steps = 3_000_000
   c.model.dtype = "bfloat16"
   c.model.remat = True
-  c.mesh.data = 1
-  c.mesh.fsdp = -1
   return c

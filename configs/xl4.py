@@ -9,8 +9,4 @@ from configs import base
 def get_config():
   c = base.get_config("DiT-XL/4", image_size=256)
   c.model.dtype = "bfloat16"
-  # Large model: shard parameters, EMA and Adam state over all devices (FSDP);
-  # on several slices set --config.mesh.data=NUM_SLICES.
-  c.mesh.data = 1
-  c.mesh.fsdp = -1
   return c

@@ -31,7 +31,8 @@ def write_digits(out_dir: str, num_shards: int = 4) -> dict:
       records.write_shard(path, d.target[idx], mean[idx], np.zeros_like(mean[idx]),
                           dtype="float32")
   return records.write_manifest(out_dir, vae="identity", scale_factor=1.0, num_classes=10,
-                                extra={"image_size": 8, "source": "sklearn.datasets.load_digits"})
+                                extra={"image_size": 8, "downsample_factor": 1,
+                                       "source": "sklearn.datasets.load_digits"})
 
 
 def ensure(name: str, workdir: str) -> str:

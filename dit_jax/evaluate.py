@@ -15,6 +15,7 @@ import re
 
 from absl import app, flags, logging
 import jax
+import tensorflow as tf
 
 from dit_jax import runtime
 from dit_jax.evaluation import convert, evaluator, reference
@@ -35,13 +36,18 @@ _BATCH = flags.DEFINE_integer("batch_size_per_device", 32, "Inception batch per 
 _FID_METHOD = flags.DEFINE_enum(
     "fid_method", "sqrtm", ["sqrtm", "eigh"],
     "sqrtm: ADM's scipy sqrtm; eigh: same value, faster, robust for N < 2048.")
+_DISTANCES = flags.DEFINE_enum(
+    "distance_dtype", "float16", ["float16", "float32"],
+    "Precision/recall pairwise distances: float16 as ADM's evaluator (comparable with published "
+    "numbers), or float32.")
 runtime.define_flags()
 
 
 def default_cache_path(reference_source: str, out: str | None, samples: str) -> str:
   name = os.path.basename(reference_source.rstrip("/"))
   name = re.sub(r"[^A-Za-z0-9._-]+", "_", name[:-4] if name.endswith(".npz") else name)
-  directory = os.path.dirname(os.path.abspath(out or samples))
+  target = out or samples
+  directory = os.path.dirname(target if "://" in target else os.path.abspath(target))
   return os.path.join(directory, f"{name}.inception_stats.npz")
 
 
@@ -60,14 +66,15 @@ def main(argv: list[str]) -> None:
                jax.device_count())
   result = evaluator.evaluate_samples(reference.iter_npz_array(_SAMPLES.value), variables, ref,
                                       batch_size_per_device=_BATCH.value,
-                                      fid_method=_FID_METHOD.value)
+                                      fid_method=_FID_METHOD.value,
+                                      distance_dtype=_DISTANCES.value)
   result.update(samples=_SAMPLES.value, reference=_REFERENCE.value)
   if jax.process_index() == 0:
     for key in ("inception_score", "fid", "sfid", "precision", "recall"):
       if key in result:
         print(f"{key}: {result[key]:.4f}")
     if _OUT.value:
-      with open(_OUT.value, "w") as f:
+      with tf.io.gfile.GFile(_OUT.value, "w") as f:  # local or gs://
         json.dump(result, f, indent=2)
 
 

@@ -99,6 +99,22 @@ def iterate(ds: tf.data.Dataset, files: tuple[str, ...] = ()) -> Iterator[dict[s
       yield next(it)
     except StopIteration:
       return
-    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
+    except tf.errors.DataLossError as e:
+      # The reader's CRC error does not say which of the interleaved shards failed: find it.
+      culprit = next((f for f in files if not _readable(f)), None)
+      where = culprit or f"one of {list(files)}"
       raise ValueError(
-          f"Corrupt or mis-shaped latent record while reading {list(files)}: {e.message}") from None
+          f"{where}: corrupt TFRecord shard ({e.message.splitlines()[0]}); write it again with "
+          "dit_jax.prepare_latents (--config.data.verify_checksums=True checks every shard "
+          "against the manifest's sha256 at start-up)") from None
+    except tf.errors.InvalidArgumentError as e:  # decode_fn's size check names the file
+      raise ValueError(f"Mis-shaped latent record: {e.message}") from None
+
+
+def _readable(path: str) -> bool:
+  """Whether every record of a TFRecord file passes its CRC checks (one pass over the file)."""
+  try:
+    tf.data.TFRecordDataset(path).reduce(np.int64(0), lambda n, _: n + 1).numpy()
+    return True
+  except tf.errors.DataLossError:
+    return False

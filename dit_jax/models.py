@@ -333,6 +333,11 @@ DiT_models: dict[str, Callable[..., DiT]] = {
 }
 
 
+def has_null_class(model: DiT) -> bool:
+  """Whether the label table has the null class that classifier-free guidance needs."""
+  return model.num_classes > 1 and model.class_dropout_prob > 0
+
+
 def get_model(name: str, **kwargs: Any) -> DiT:
   """Builds a configured DiT by release name, e.g. get_model('DiT-XL/2', input_size=64)."""
   if name not in DiT_models:

@@ -135,7 +135,8 @@ def make_encoder(vae: str, image_size: int, precision: str | None = "high"
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   if vae == "identity":
     module, params = None, None
-    info = {"vae": "identity", "scale_factor": 1.0, "latent_shape": [image_size, image_size, 3]}
+    info = {"vae": "identity", "scale_factor": 1.0, "latent_shape": [image_size, image_size, 3],
+            "downsample_factor": 1}
   else:
     config = vae_lib.load_config(vae)
     module, params = vae_lib.load(vae, precision=precision)
@@ -146,7 +147,8 @@ def make_encoder(vae: str, image_size: int, precision: str | None = "high"
     info = {"vae": os.path.basename(os.path.normpath(vae)), "vae_path": vae,
             "vae_config": {k: v for k, v in config.items() if not k.startswith("_")},
             "scale_factor": float(config.get("scaling_factor", vae_lib.DEFAULT_SCALE_FACTOR)),
-            "latent_shape": [image_size // f, image_size // f, module.latent_channels]}
+            "latent_shape": [image_size // f, image_size // f, module.latent_channels],
+            "downsample_factor": f}
 
   @jax.jit
   def encode_pairs(params, x):

@@ -177,19 +177,40 @@ def read_manifest(data_dir: str) -> dict:
 
 def check_shards(data_dir: str, manifest: dict, files: Sequence[str] | None = None,
                  verify_checksums: bool = False) -> None:
-  """Checks that shards exist with the manifest's byte size (and sha256 if asked)."""
+  """Checks that shards exist with the manifest's byte size (and sha256 if asked), and that
+  their sidecars (written with each shard) agree with the manifest's shape and dtype."""
   by_name = {s["file"]: s for s in manifest["shards"]}
   for name in files if files is not None else list(by_name):
     s = by_name[name]
     path = os.path.join(data_dir, name)
     if not tf.io.gfile.exists(path):
       raise FileNotFoundError(f"{path}: shard listed in the manifest is missing")
+    _check_sidecar(data_dir, manifest, path, s)
     size = tf.io.gfile.stat(path).length
     if size != s["bytes"]:
       raise ValueError(f"{path}: shard is {size} bytes but the manifest says {s['bytes']} "
                        "(truncated or corrupt; re-run dit_jax.prepare_latents for it)")
     if verify_checksums and sha256(path) != s["sha256"]:
       raise ValueError(f"{path}: sha256 does not match the manifest (corrupt shard)")
+
+
+def _check_sidecar(data_dir: str, manifest: dict, path: str, entry: dict) -> None:
+  side = path + ".json"
+  if not tf.io.gfile.exists(side):
+    return  # a dataset copied without its sidecars: only the manifest speaks for the shards
+  try:
+    with tf.io.gfile.GFile(side) as f:
+      info = json.load(f)
+  except ValueError as e:
+    raise ValueError(f"{side}: not valid JSON ({e})") from None
+  want = {"latent_shape": manifest["latent_shape"], "dtype": manifest["dtype"],
+          "count": entry["count"], "bytes": entry["bytes"]}
+  for key, value in want.items():
+    if key in info and info[key] != value:
+      raise ValueError(
+          f"{os.path.join(data_dir, MANIFEST)}: {key} is {value} for {os.path.basename(path)}, "
+          f"but the shard was written with {key} {info[key]} ({side}): the manifest was edited or "
+          "belongs to other shards; write it again with records.write_manifest")
 
 
 def example_spec() -> dict[str, Any]:

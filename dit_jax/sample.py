@@ -9,6 +9,11 @@ Loads the EMA weights of the newest checkpoint in --workdir (or a checkpoint wri
 and processes (one compiled loop per batch shape), decodes with the VAE and writes
 `arr_0` uint8 [N, H, W, C] and `arr_1` int labels (uniform over classes unless given),
 plus a PNG grid of the first 64 images next to the .npz.
+
+On several hosts each process keeps only the images its own devices made and writes them as
+OUT.part-<i>-of-<n>.npz; process 0 then streams the parts into OUT (process-major order,
+`arr_1` matching `arr_0`) and removes them (--keep_parts keeps them). Nothing is
+all-gathered: 50K images at 256 px are 9.8 GB. Paths may be local or gs://.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tensorflow as tf
 from absl import app, flags, logging
 from jax.experimental import multihost_utils
 
@@ -51,7 +57,14 @@ flags.DEFINE_string("vae", None, "Decoder: diffusers AutoencoderKL folder or 'id
 flags.DEFINE_string("dtype", "float32", "Activation dtype of sampling (float32 as the release; "
                     "bfloat16 is faster on TPUs/GPUs).")
 flags.DEFINE_float("scale_factor", None, "Latent scale factor (default: from the checkpoint).")
-flags.DEFINE_string("out", "samples.npz", "Output .npz (ADM layout).")
+flags.DEFINE_string("out", "samples.npz", "Output .npz (ADM layout), local or gs://.")
+flags.DEFINE_bool("keep_parts", False, "Keep the per-process parts after merging them (several "
+                  "hosts).")
+flags.DEFINE_string("matmul_precision", "highest", "Matmul precision of sampling and decoding: "
+                    "'highest' computes float32 as the release, also on TPUs (default: one "
+                    "bfloat16 pass); 'default' is faster.")
+flags.DEFINE_string("compilation_cache_dir", None, "JAX persistent compilation cache (default: "
+                    "WORKDIR/compilation_cache with --workdir).")
 runtime.define_flags()
 
 
@@ -75,6 +88,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   runtime.setup()
+  if FLAGS.compilation_cache_dir or FLAGS.workdir:
+    runtime.enable_compilation_cache(
+        FLAGS.compilation_cache_dir or os.path.join(FLAGS.workdir, "compilation_cache"),
+        override=bool(FLAGS.compilation_cache_dir))
   mesh = sharding.create_mesh(-1, 1)
   batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
   model, params, meta = load_model(mesh)
@@ -82,8 +99,7 @@ def main(argv):
   bs = FLAGS.batch_size
   if bs % mesh.size:
     raise app.UsageError(f"--batch_size={bs} must divide by the {mesh.size} devices")
-  has_null = model.num_classes > 1 and model.class_dropout_prob > 0
-  if FLAGS.cfg_scale != 1.0 and not has_null:
+  if FLAGS.cfg_scale != 1.0 and not models.has_null_class(model):
     raise app.UsageError(f"--cfg_scale={FLAGS.cfg_scale} needs a model trained with class dropout "
                          "(a null class); this one has none: use --cfg_scale=1")
   if FLAGS.respacing and (FLAGS.steps is not None or FLAGS["sampler"].present):
@@ -96,7 +112,8 @@ def main(argv):
       release_cfg=FLAGS.release_cfg, diffusion_steps=diffusion.get("steps", 1000),
       noise_schedule=diffusion.get("noise_schedule", "linear"),
       in_shardings=(repl, repl, batch_sh, repl), out_shardings=batch_sh)
-  decoder = sampling.Decoder(FLAGS.vae or meta.get("vae_path") or "identity", scale, repl)
+  decoder = sampling.Decoder(FLAGS.vae or meta.get("vae_path") or "identity", scale, repl,
+                             matmul_precision=FLAGS.matmul_precision)
 
   rng = np.random.default_rng(FLAGS.seed)
   n = FLAGS.num_samples
@@ -109,23 +126,56 @@ def main(argv):
     raise app.UsageError(f"--labels: {bad[0]} is outside [0, {model.num_classes})")
   padded = np.resize(labels, -(-n // bs) * bs)
   key = jax.random.PRNGKey(FLAGS.seed)
-  images, t0 = [], time.time()
+  mine, mine_labels, t0 = [], [], time.time()
   for i in range(len(padded) // bs):
     chunk = padded[i * bs:(i + 1) * bs]
     y = jax.make_array_from_callback(chunk.shape, batch_sh, lambda idx, c=chunk: c[idx])
-    lat = sample_fn(params, jax.random.fold_in(key, i), y, jnp.float32(FLAGS.cfg_scale))
-    img = multihost_utils.process_allgather(decoder(lat), tiled=True)
-    images.append(np.asarray(img))
+    with jax.default_matmul_precision(FLAGS.matmul_precision):
+      lat = sample_fn(params, jax.random.fold_in(key, i), y, jnp.float32(FLAGS.cfg_scale))
+    images, rows = local_rows(decoder(lat), i * bs, n)
+    mine.append(images)
+    mine_labels.append(padded[rows])
     done = (i + 1) * bs
     rate = done / (time.time() - t0)
     logging.info("%d/%d images, %.2f images/s, ETA %.0fs", min(done, n), n, rate,
                  max(0, n - done) / rate)
-  arr = np.concatenate(images)[:n]
-  if jax.process_index() == 0:
-    sampling.save_npz(FLAGS.out, arr_0=arr, arr_1=labels)
-    grid = sampling.make_grid(arr[:64], upscale=max(1, 128 // arr.shape[1]))
-    sampling.save_png(os.path.splitext(FLAGS.out)[0] + ".png", grid)
-    logging.info("Wrote %s: arr_0 %s uint8, arr_1 labels", FLAGS.out, arr.shape)
+  write(np.concatenate(mine), np.concatenate(mine_labels), FLAGS.out)
+
+
+def local_rows(images: jax.Array, offset: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+  """This process's rows of a batch-sharded global array (global row = offset + index),
+  below n, in order: (images, global row numbers)."""
+  shards = sorted((s for s in images.addressable_shards if s.replica_id == 0),
+                  key=lambda s: s.index[0].start or 0)
+  rows = np.concatenate([offset + np.arange(s.index[0].start or 0,
+                                            (s.index[0].start or 0) + s.data.shape[0])
+                         for s in shards])
+  data = np.concatenate([np.asarray(s.data) for s in shards])
+  keep = rows < n
+  return data[keep], rows[keep]
+
+
+def write(images: np.ndarray, labels: np.ndarray, out: str) -> None:
+  """One .npz (ADM layout), from one process or merged from every process's part."""
+  pid, nproc = jax.process_index(), jax.process_count()
+  if nproc == 1:
+    sampling.save_npz(out, arr_0=images, arr_1=labels)
+  else:
+    stem = out[:-4] if out.endswith(".npz") else out
+    parts = [f"{stem}.part-{p:05d}-of-{nproc:05d}.npz" for p in range(nproc)]
+    sampling.save_npz(parts[pid], arr_0=images, arr_1=labels)
+    multihost_utils.sync_global_devices("sample parts written")
+    if pid == 0:
+      sampling.merge_npz_parts(parts, out)
+      if not FLAGS.keep_parts:
+        for part in parts:
+          tf.io.gfile.remove(part)
+    multihost_utils.sync_global_devices("samples merged")
+  if pid == 0:
+    grid = sampling.make_grid(images[:64], upscale=max(1, 128 // images.shape[1]))
+    sampling.save_png((out[:-4] if out.endswith(".npz") else out) + ".png", grid)
+    logging.info("Wrote %s: arr_0 uint8 images (%s per process here), arr_1 labels", out,
+                 images.shape)
 
 
 if __name__ == "__main__":

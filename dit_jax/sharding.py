@@ -5,7 +5,13 @@ over the batch AND parameter sharding). The batch is split over both. Parameters
 and the Adam moments follow `LOGICAL_RULES`: the model's hidden width 'embed' is sharded
 over 'fsdp'. Where that dimension does not divide by the fsdp size the largest dimension
 that does is sharded instead, and a tensor with none (biases, tiny layers) is replicated.
-With fsdp = 1 every parameter is replicated (plain data parallelism for small models).
+With fsdp = 1 every parameter is replicated (plain data parallelism).
+
+`config.mesh.data` x `config.mesh.fsdp` lay out ONE slice (ICI); with several slices
+(multi-slice TPU jobs, devices with distinct `slice_index`) the mesh is a hybrid ICI x DCN
+mesh whose 'data' axis also spans the slices, so only data-parallel gradient reductions
+cross the data-centre network. fsdp = 0 ("auto") is resolved by `train.build` from the
+compiled step's memory (`fsdp_candidates`).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp")
@@ -40,11 +47,34 @@ def mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int]:
   return sizes[0], sizes[1]
 
 
+def num_slices(devices: Sequence[Any]) -> int:
+  return len({getattr(d, "slice_index", 0) for d in devices})
+
+
 def create_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
-  devices = jax.devices() if devices is None else devices
-  shape = mesh_shape(data, fsdp, len(devices))
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2,
-                       devices=devices)
+  """(data, fsdp) mesh; `data` x `fsdp` lay out one slice, slices add to 'data' (DCN)."""
+  devices = list(jax.devices() if devices is None else devices)
+  slices = num_slices(devices)
+  if len(devices) % slices:
+    raise ValueError(f"{len(devices)} devices do not split evenly into {slices} slices")
+  if fsdp == 0:
+    raise ValueError("config.mesh.fsdp=0 (auto) is resolved by train.build; pass a size here")
+  d, f = mesh_shape(data, fsdp, len(devices) // slices)
+  if slices == 1:
+    return jax.make_mesh((d, f), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2,
+                         devices=devices)
+  grid = mesh_utils.create_hybrid_device_mesh(
+      (d, f), (slices, 1), devices=devices, allow_split_physical_axes=True)
+  return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def fsdp_candidates(devices: Sequence[Any], data: int = -1) -> list[int]:
+  """fsdp sizes to try, smallest first: powers of two dividing the devices of one slice
+  (only the one that completes an explicit `data`)."""
+  per_slice = len(devices) // num_slices(devices)
+  if data != -1:
+    return [per_slice // data] if data > 0 and per_slice % data == 0 else []
+  return [f for f in (2**i for i in range(per_slice.bit_length())) if per_slice % f == 0]
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -90,16 +120,22 @@ def state_shardings(boxed_abstract_state: Any, mesh: Mesh) -> Any:
       logical, shapes, is_leaf=lambda x: isinstance(x, P))
 
 
-def describe(shardings: Any, shapes: Any) -> str:
-  """Short human summary: how many parameters are sharded vs replicated."""
+def replicated_bytes(shardings: Any, shapes: Any) -> tuple[int, int]:
+  """(bytes of arrays sharded over some mesh axis, bytes of fully replicated arrays)."""
   sharded = replicated_n = 0
   for s, x in zip(jax.tree.leaves(shardings), jax.tree.leaves(shapes)):
-    n = int(np.prod(x.shape))
+    n = int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
     if any(a is not None for a in s.spec):
       sharded += n
     else:
       replicated_n += n
-  return f"{sharded:,} values sharded, {replicated_n:,} replicated"
+  return sharded, replicated_n
+
+
+def describe(shardings: Any, shapes: Any) -> str:
+  """Short human summary: how many parameter bytes are sharded vs replicated."""
+  sharded, repl = replicated_bytes(shardings, shapes)
+  return f"{sharded / 2**20:,.1f} MiB sharded, {repl / 2**20:,.1f} MiB replicated"
 
 
 def log_mesh(mesh: Mesh) -> None:

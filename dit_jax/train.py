@@ -6,9 +6,9 @@ Stages of `train_and_evaluate` (read top to bottom):
      train step: one jax.jit with in/out shardings and donated state, compiled ahead of time
      with its FLOPs and memory logged (benchmarks/train_speed.py uses the same `build`);
   3. restore the newest readable checkpoint, or initialise the state directly sharded;
-  4. sample-grid and evaluation functions (EMA weights, decoded with the dataset's VAE);
-  5. the loop: metrics, grids, evaluation, checkpoints, SIGTERM handling; the data stream
-     restarts where the restored step left it.
+  4. sample grids and evaluation (dit_jax/periodic.py), compiled before training starts;
+  5. the loop: metrics, checkpoints (saved before grids and evaluation), SIGTERM handling;
+     the data stream restarts where the restored step left it.
 """
 
 from __future__ import annotations
@@ -31,15 +31,12 @@ import optax
 from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
 
-from dit_jax import checkpointing, demo_data, input_pipeline, models, sampling, sharding
+from dit_jax import (checkpointing, demo_data, hardware, input_pipeline, models, periodic,
+                     runtime, sampling, sharding)
 from dit_jax.diffusion import create_diffusion
 
-# bf16 dense peak FLOP/s per JAX device, for MFU. Unknown kinds (CPU) report no MFU.
-PEAK_FLOPS = {
-    "TPU v3": 61.5e12, "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
-    "TPU v5p": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
-    "NVIDIA A100": 312e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
-}
+# A layout fits when the compiled step needs at most this share of a device's memory.
+MEMORY_HEADROOM = 0.9
 
 
 @flax.struct.dataclass
@@ -49,14 +46,9 @@ class TrainState:
   ema_params: Any
   opt_state: Any
   rng: jax.Array  # base key; step s uses fold_in(rng, s)
-
-
-def peak_flops(device: Any) -> float | None:
-  kind = getattr(device, "device_kind", "")
-  for name, flops in PEAK_FLOPS.items():
-    if kind.startswith(name):
-      return flops
-  return None
+  # The first step whose loss or gradient norm was NaN/inf, else -1. Accumulated on device
+  # every step and fetched only when logging or saving; never checkpointed.
+  first_bad_step: jax.Array
 
 
 def create_model(config: ml_collections.ConfigDict, info: input_pipeline.DataInfo) -> models.DiT:
@@ -68,6 +60,14 @@ def create_model(config: ml_collections.ConfigDict, info: input_pipeline.DataInf
   if made_from and config.data.image_size and int(made_from) != int(config.data.image_size):
     raise ValueError(f"config.data.image_size={config.data.image_size} but the latents in "
                      f"{config.data.dir} were made from {made_from}px images")
+  vae = info.manifest.get("vae")  # every manifest names one; synthetic DataInfo may not
+  factor = int(info.manifest.get("downsample_factor", 1 if vae == "identity" else 8))
+  size = int(made_from or config.data.image_size or 0)
+  if vae and size and h * factor != size:
+    raise ValueError(
+        f"{config.data.dir}/manifest.json: latent_shape {list(info.latent_shape)} does not fit "
+        f"{size}px images through the {vae!r} VAE (downsampling {factor}x gives "
+        f"{size // factor}x{size // factor}): the manifest's latent_shape or image_size is wrong")
   overrides = {k: v for k, v in config.model.get("overrides", {}).items() if v is not None}
   model = models.get_model(
       config.model.name, input_size=h, in_channels=c, num_classes=info.num_classes,
@@ -107,7 +107,8 @@ def init_state(key: jax.Array, model: models.DiT, tx: optax.GradientTransformati
   x = jnp.zeros((1, *local_shape), jnp.float32)
   params = model.init(k_init, x, jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32))["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                    opt_state=tx.init(params), rng=k_train)
+                    opt_state=tx.init(params), rng=k_train,
+                    first_bad_step=jnp.full((), -1, jnp.int32))
 
 
 def sample_latents(batch: dict, key: jax.Array, scale: float, random_flip: bool) -> jax.Array:
@@ -148,9 +149,14 @@ def train_step(state: TrainState, batch: dict, *, model: models.DiT, diffusion: 
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema = optax.incremental_update(params, state.ema_params, step_size=1.0 - ema_decay)
+  grad_norm = optax.tree.norm(grads)
   metrics = {"loss": loss, "mse": terms["mse"].mean(), "vb": terms["vb"].mean(),
-             "grad_norm": optax.global_norm(grads), "learning_rate": schedule(state.step)}
-  new = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
+             "grad_norm": grad_norm, "learning_rate": schedule(state.step)}
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  first_bad = jnp.where((state.first_bad_step < 0) & ~finite, state.step + 1,
+                        state.first_bad_step)
+  new = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state,
+                      first_bad_step=first_bad)
   return new, metrics
 
 
@@ -184,13 +190,6 @@ class _Preemption:
     return self.requested
 
 
-def _write_grid(writer, workdir: str, step: int, images: np.ndarray, columns: int) -> None:
-  grid = sampling.make_grid(images, columns=columns, upscale=max(1, 128 // images.shape[1]))
-  if jax.process_index() == 0:
-    sampling.save_png(os.path.join(workdir, "samples", f"step_{step:08d}.png"), grid)
-  writer.write_images(step, {"samples": grid[None]})
-
-
 @dataclasses.dataclass
 class Built:
   """Everything derived from (config, data) that training, benchmarks and tools share."""
@@ -210,25 +209,66 @@ class Built:
 
 def build(config: ml_collections.ConfigDict, info: input_pipeline.DataInfo,
           devices: Any = None) -> Built:
-  """Model, diffusion, optimizer, mesh, shardings, and the train step compiled ahead of time."""
+  """Model, diffusion, optimizer, mesh, shardings, and the train step compiled ahead of time.
+
+  `devices` default to jax.devices(); AOT topology devices (jax.experimental.topologies)
+  compile for hardware that is not attached. With config.mesh.fsdp = 0 (auto) the layout is
+  data parallel if the compiled step fits a device's memory, else the smallest power-of-two
+  FSDP within a slice that does.
+  """
   gbs = config.data.global_batch_size
   model = create_model(config, info)
   diffusion = create_diffusion("", noise_schedule=config.diffusion.noise_schedule,
                                learn_sigma=model.learn_sigma,
                                diffusion_steps=config.diffusion.steps)
   tx, schedule = create_optimizer(config)
-
-  mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp, devices)
-  sharding.log_mesh(mesh)
-  if gbs % mesh.size:
-    raise ValueError(f"config.data.global_batch_size={gbs} must divide by the {mesh.size} devices")
+  devices = list(jax.devices() if devices is None else devices)
+  if gbs % len(devices):
+    raise ValueError(f"config.data.global_batch_size={gbs} must divide by the {len(devices)} "
+                     "devices (one image per device at least: raise the batch on large pods)")
   init_fn = functools.partial(init_state, model=model, tx=tx, local_shape=info.latent_shape)
   boxed = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+  auto = config.mesh.fsdp == 0
+  sizes = sharding.fsdp_candidates(devices, config.mesh.data) if auto else [config.mesh.fsdp]
+  if not sizes:
+    raise ValueError(f"config.mesh.data={config.mesh.data} does not divide the "
+                     f"{len(devices) // sharding.num_slices(devices)} devices of a slice")
+  limit = hardware.memory_bytes(devices[0])
+  state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nn.meta.unbox(boxed)))
+  for i, fsdp in enumerate(sizes):
+    last = i == len(sizes) - 1
+    if auto and limit and not last and state_bytes / fsdp > MEMORY_HEADROOM * limit:
+      continue  # the sharded state alone would not fit: no need to compile
+    b = _compile(config, info, model, diffusion, tx, schedule, init_fn, boxed,
+                 sharding.create_mesh(config.mesh.data, fsdp, devices))
+    need = b.memory_gib * 2**30
+    if not (auto and limit) or need <= MEMORY_HEADROOM * limit:
+      break
+    if last:
+      logging.warning("The train step needs %.1f GiB per device even at fsdp=%d, more than "
+                      "%.0f%% of the %.1f GiB a device has: use model.remat=True or a smaller "
+                      "batch", b.memory_gib, fsdp, 100 * MEMORY_HEADROOM, limit / 2**30)
+    else:
+      logging.info("fsdp=%d needs %.1f GiB per device (> %.0f%% of %.1f GiB): trying more "
+                   "sharding", fsdp, b.memory_gib, 100 * MEMORY_HEADROOM, limit / 2**30)
+  return b
+
+
+def _compile(config: ml_collections.ConfigDict, info: input_pipeline.DataInfo,
+             model: models.DiT, diffusion: Any, tx: Any, schedule: Any, init_fn: Any,
+             boxed: Any, mesh: jax.sharding.Mesh) -> Built:
+  gbs = config.data.global_batch_size
+  sharding.log_mesh(mesh)
   state_sh = sharding.state_shardings(boxed, mesh)
   abstract = nn.meta.unbox(boxed)
+  sharded_bytes, repl_bytes = sharding.replicated_bytes(state_sh.params, abstract.params)
   logging.info("Parameters: %s (%s)",
                f"{sum(x.size for x in jax.tree.leaves(abstract.params)):,}",
                sharding.describe(state_sh.params, abstract.params))
+  if mesh.shape["fsdp"] > 1 and repl_bytes > 0.01 * (sharded_bytes + repl_bytes):
+    logging.warning("%.1f MiB of parameters stay replicated at fsdp=%d (no dimension divides): "
+                    "each device holds them, their EMA and Adam moments whole",
+                    repl_bytes / 2**20, mesh.shape["fsdp"])
   batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
 
   step_fn = jax.jit(
@@ -260,11 +300,6 @@ def build(config: ml_collections.ConfigDict, info: input_pipeline.DataInfo,
                flops=flops, memory_gib=mem_gib, compile_seconds=compile_s)
 
 
-def has_null_class(model: models.DiT) -> bool:
-  """Whether the label table has the null class that classifier-free guidance needs."""
-  return model.num_classes > 1 and model.class_dropout_prob > 0
-
-
 def vae_path(config: ml_collections.ConfigDict, info: input_pipeline.DataInfo,
              required: bool = True) -> str | None:
   """config.vae.path, else the VAE folder prepare_latents recorded, else identity (pixel data)."""
@@ -279,54 +314,6 @@ def vae_path(config: ml_collections.ConfigDict, info: input_pipeline.DataInfo,
   return path
 
 
-def make_evaluator(config: ml_collections.ConfigDict, b: Built, workdir: str, decoder: Any):
-  """FID/sFID/IS/precision/recall of `config.eval.num_samples` EMA samples (e.g. FID-5K).
-
-  Returns eval_fn(ema_params, step) -> dict of floats, identical on every process.
-  """
-  from dit_jax import evaluation  # pylint: disable=import-outside-toplevel
-  e = config.eval
-  if not (e.inception and e.reference):
-    raise ValueError("config.eval.every_steps is set: config.eval.inception (the "
-                     "pt_inception-2015-12-05 .pth or converted .npz) and config.eval.reference "
-                     "(an ADM reference batch .npz, image folder or tfds:NAME) are needed")
-  inception = evaluation.load_inception(e.inception)
-  reference = evaluation.compute_reference(
-      e.reference, inception, cache_path=os.path.join(workdir, "eval_reference_stats.npz"),
-      batch_size_per_device=e.inception_batch_per_device)
-  model = b.model
-  if e.batch_size % b.mesh.size:
-    raise ValueError(f"config.eval.batch_size={e.batch_size} must divide by {b.mesh.size} devices")
-  if e.cfg_scale != 1.0 and not has_null_class(model):
-    raise ValueError(f"config.eval.cfg_scale={e.cfg_scale} needs class dropout (a null class)")
-  if decoder.path == "identity" and model.in_channels not in (1, 3):
-    raise ValueError(f"config.eval needs images, but latents with {model.in_channels} channels are "
-                     "decoded with the identity: set config.vae.path to the SD VAE folder")
-  sample_fn = sampling.make_sample_fn(
-      model, sampler=e.sampler, steps=e.steps, spacing=e.spacing,
-      guidance_interval=e.guidance_interval, respacing=e.respacing, guided=e.cfg_scale != 1.0,
-      release_cfg=config.sample.release_cfg, diffusion_steps=config.diffusion.steps,
-      noise_schedule=config.diffusion.noise_schedule,
-      in_shardings=(b.state_sh.ema_params, b.repl, b.batch_sh, b.repl), out_shardings=b.batch_sh)
-
-  def eval_fn(ema_params, step):
-    key = jax.random.fold_in(jax.random.PRNGKey(config.seed + 2), step)
-    labels = np.asarray(jax.random.randint(jax.random.PRNGKey(config.seed + 3),
-                                           (e.num_samples,), 0, model.num_classes), np.int32)
-    labels = np.resize(labels, -(-e.num_samples // e.batch_size) * e.batch_size)
-    images = []
-    for i in range(len(labels) // e.batch_size):
-      chunk = labels[i * e.batch_size:(i + 1) * e.batch_size]
-      y = jax.make_array_from_callback(chunk.shape, b.batch_sh, lambda idx, c=chunk: c[idx])
-      lat = sample_fn(ema_params, jax.random.fold_in(key, i), y, jnp.float32(e.cfg_scale))
-      images.append(np.asarray(multihost_utils.process_allgather(decoder(lat), tiled=True)))
-    images = np.concatenate(images)[:e.num_samples]
-    return evaluation.evaluate_samples(images, inception, reference, fid_method="eigh",
-                                       batch_size_per_device=e.inception_batch_per_device)
-
-  return eval_fn
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        devices: Any = None) -> dict[int, dict]:
   """Trains (resuming from `workdir` if it holds checkpoints); returns the logged metrics by step.
@@ -334,6 +321,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   `devices` restricts the mesh to a subset of jax.devices() (default: all).
   """
   pid, nproc = jax.process_index(), jax.process_count()
+  runtime.enable_compilation_cache(
+      config.compilation_cache_dir or os.path.join(workdir, "compilation_cache"),
+      override=bool(config.compilation_cache_dir))
   writer = metric_writers.create_default_writer(workdir, just_logging=pid > 0)
 
   # 1. Data.
@@ -354,19 +344,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   # 3. Restore or initialise; the state is created sharded (never whole on one device).
   mngr = checkpointing.create_manager(workdir, config.checkpoint.keep,
-                                      config.checkpoint.async_save)
+                                      config.checkpoint.async_save,
+                                      config.checkpoint.get("keep_period"))
   train_part = lambda s: {"step": s.step, "params": s.params, "opt_state": s.opt_state,
                           "rng": s.rng}
   restored = checkpointing.restore_latest(
       mngr, train_part(abstract), train_part(state_sh), abstract.ema_params,
-      state_sh.ema_params, model_kwargs=model_kwargs(model))
+      state_sh.ema_params, model_kwargs=model_kwargs(model),
+      attempts=config.checkpoint.restore_attempts, backoff_s=config.checkpoint.restore_backoff_s)
   if restored is None:
     state = b.init(key)
+    # Compile the checkpoint integrity check now (a restore compiles it while verifying):
+    # a preemption save must not wait for a compilation.
+    checkpointing.summarize(train_part(state), state.ema_params)
     logging.info("Initialised a new model in %s", workdir)
   else:
     tr, ema, meta = restored
     state = TrainState(step=tr["step"], params=tr["params"], ema_params=ema,
-                       opt_state=tr["opt_state"], rng=tr["rng"])
+                       opt_state=tr["opt_state"], rng=tr["rng"],
+                       first_bad_step=jax.device_put(jnp.int32(-1), state_sh.first_bad_step))
     was = meta.get("data", {})
     if (was.get("local_batch_size"), was.get("process_count")) != (local_bs, nproc):
       logging.warning("Resuming with %d processes x batch %d, the checkpoint was written with %s x "
@@ -374,31 +370,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                       local_bs, was.get("process_count"), was.get("local_batch_size"))
     logging.info("Resumed from step %d in %s", int(state.step), workdir)
   start_step = int(jax.device_get(state.step))
-  peak = peak_flops(jax.devices()[0])
+  peak = hardware.peak_flops(mesh.devices.flat[0])
+  # With remat the compiled step recomputes the forward pass: its FLOPs give hardware FLOPs
+  # utilisation (HFU), not model FLOPs utilisation.
+  utilisation = "hfu" if config.model.remat else "mfu"
 
-  # 4. Sample grids and evaluation decode with the dataset's VAE (identity for pixel data).
-  sample_fn = decoder = eval_fn = None
+  # 4. Sample grids and evaluation, compiled now (dit_jax/periodic.py); they decode with the
+  #    dataset's VAE (identity for pixel data).
+  grid = evaluate = None
   if config.sample.num_images or config.eval.every_steps:
-    decoder = sampling.Decoder(vae_path(config, info), scale, repl)
-  if config.sample.num_images:
-    sample_fn = sampling.make_sample_fn(
-        model, sampler=config.sample.sampler, steps=config.sample.steps,
-        spacing=config.sample.spacing, guidance_interval=config.sample.guidance_interval,
-        respacing=config.sample.respacing, guided=has_null_class(model),
-        release_cfg=config.sample.release_cfg, diffusion_steps=config.diffusion.steps,
-        noise_schedule=config.diffusion.noise_schedule,
-        in_shardings=(state_sh.ema_params, repl, repl, repl), out_shardings=repl)
-  if config.eval.every_steps:
-    eval_fn = make_evaluator(config, b, workdir, decoder)
-
-  def write_samples(step):
-    n = config.sample.num_images
-    labels = jnp.arange(n, dtype=jnp.int32) % model.num_classes
-    lat = sample_fn(state.ema_params, jax.random.PRNGKey(config.seed + 1), labels,
-                    jnp.float32(config.sample.cfg_scale))
-    # Labels cycle through the classes: with one column per class, a column is a class.
-    _write_grid(writer, workdir, step, np.asarray(jax.device_get(decoder(lat))),
-                columns=min(n, model.num_classes, 16))
+    decoder = sampling.Decoder(vae_path(config, info), scale, repl,
+                               matmul_precision=config.sample.matmul_precision)
+    if config.sample.num_images:
+      grid = periodic.SampleGrid(config, b, decoder, writer, workdir)
+    if config.eval.every_steps:
+      evaluate = periodic.Evaluator(config, b, decoder, workdir)
 
   # 5. The loop.
   ds = input_pipeline.create_dataset(
@@ -412,7 +398,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   report = periodic_actions.ReportProgress(num_train_steps=config.total_steps,
                                            every_steps=config.log_every_steps)
 
+  def check_finite(step):
+    bad = int(jax.device_get(state.first_bad_step))
+    if bad >= 0:
+      mngr.wait_until_finished()
+      raise FloatingPointError(
+          f"The loss or gradient norm became NaN/inf at step {bad} (stopped at step {step}, "
+          f"nothing saved after it): the checkpoints in {mngr.directory} are kept (newest: "
+          f"step {mngr.latest_step()}). Lower config.optim.learning_rate or set "
+          "config.optim.grad_clip_norm, then run again to resume from there.")
+
   def save(step):
+    check_finite(step)  # a checkpoint never holds a diverged state
     epoch, offset = input_pipeline.stream_position(step, local_bs, info.local_count)
     meta = {"step": step, "model": config.model.name, "model_kwargs": model_kwargs(model),
             "data": {"dir": data_dir, "epoch": epoch, "offset": offset,
@@ -433,39 +430,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     scalars = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
     scalars.update(steps_per_sec=sps, images_per_sec_per_device=sps * gbs / mesh.size)
     if peak and flops:
-      scalars["mfu"] = flops * sps / peak
+      scalars[utilisation] = flops * sps / peak
     writer.write_scalars(step, scalars)
     history.setdefault(step, {}).update(scalars)
     pending, t_log = [], time.time()
-    if not np.isfinite(scalars["loss"]):
-      raise FloatingPointError(f"loss became {scalars['loss']} at step {step}")
+    check_finite(step)
 
-  with _Preemption() as preempt:
-    while step < config.total_steps:
-      local = next(batches)
-      batch = {k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in local.items()}
-      state, metrics = compiled(state, batch)
-      step += 1
-      pending.append(metrics)
-      report(step)
-      if step % config.log_every_steps == 0 or step == config.total_steps:
-        log(step)
-      if sample_fn and (step % (config.sample.every_steps or -1) == 0 or
-                        step == config.total_steps):
-        write_samples(step)
-      if eval_fn and (step % config.eval.every_steps == 0 or step == config.total_steps):
-        t_eval = time.time()
-        results = {f"eval/{k}": float(v) for k, v in eval_fn(state.ema_params, step).items()}
-        writer.write_scalars(step, results)
-        history.setdefault(step, {}).update(results)
-        logging.info("Evaluation at step %d took %.0fs: %s", step, time.time() - t_eval, results)
-        t_log += time.time() - t_eval
-      preempted = preempt.check(mngr, step)
-      if step % config.checkpoint.every_steps == 0 or step == config.total_steps or preempted:
-        save(step)
-      if preempted:
-        logging.warning("Preempted: checkpoint of step %d written, exiting", step)
-        break
+  try:
+    with _Preemption() as preempt:
+      while step < config.total_steps:
+        local = next(batches)
+        batch = {k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in local.items()}
+        state, metrics = compiled(state, batch)
+        step += 1
+        pending.append(metrics)
+        report(step)
+        if step % config.log_every_steps == 0 or step == config.total_steps:
+          log(step)
+        preempted = preempt.check(mngr, step)
+        # Save before sampling or evaluating, so that nothing there can lose training steps.
+        if step % config.checkpoint.every_steps == 0 or step == config.total_steps or preempted:
+          save(step)
+        if preempted:
+          logging.warning("Preempted: checkpoint of step %d written, exiting", step)
+          break
+        if grid and (step % (config.sample.every_steps or -1) == 0 or step == config.total_steps):
+          grid(state.ema_params, step)
+        if evaluate and (step % config.eval.every_steps == 0 or step == config.total_steps):
+          t_eval = time.time()
+          results = {f"eval/{k}": float(v) for k, v in evaluate(state.ema_params, step).items()}
+          writer.write_scalars(step, results)
+          history.setdefault(step, {}).update(results)
+          logging.info("Evaluation at step %d took %.0fs: %s", step, time.time() - t_eval, results)
+          t_log += time.time() - t_eval
+  except BaseException:
+    mngr.wait_until_finished()  # complete a checkpoint that was being written
+    raise
   if pending:
     log(step)
   mngr.wait_until_finished()

@@ -19,10 +19,10 @@ if [ -z "$REPO" ]; then echo "set DIT_JAX_REPO to the git URL of dit_jax" >&2; e
 SETUP="set -e; if [ ! -d ~/dit_jax ]; then git clone -b $BRANCH $REPO ~/dit_jax; fi; cd ~/dit_jax; \
 git fetch -q origin $BRANCH && git checkout -q origin/$BRANCH; \
 pip install -q -e . 'jax[tpu]' -f https://storage.googleapis.com/jax-releases/libtpu_releases.html"
-# --distributed=true: GCE TPU VMs are found through the metadata server, which the automatic
-# detection in dit_jax/runtime.py does not query; jax.distributed also brings the preemption
-# notice service that makes every host save and exit at the same step.
-RUN="cd ~/dit_jax && python -m dit_jax.main --distributed=true $(printf '%q ' "--config=$CONFIG" "--workdir=$WORKDIR" "$@")"
+# jax.distributed starts by itself: JAX's cluster detection finds the TPU VM pod through its
+# metadata server (dit_jax/runtime.py); with it comes the preemption notice service that makes
+# every host save and exit at the same step.
+RUN="cd ~/dit_jax && python -m dit_jax.main $(printf '%q ' "--config=$CONFIG" "--workdir=$WORKDIR" "$@")"
 gcloud compute tpus tpu-vm ssh "$TPU" --zone "$ZONE" --worker=all --command "$SETUP"
 gcloud compute tpus tpu-vm ssh "$TPU" --zone "$ZONE" --worker=all \
   --command "nohup bash -c $(printf '%q' "$RUN") > ~/dit_jax_run.log 2>&1 &"

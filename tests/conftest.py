@@ -11,6 +11,8 @@ if "xla_force_host_platform_device_count" not in _flags:
 # TensorFlow is only used for tf.data; keep it off any accelerator and quiet.
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# libtpu (installed for the AOT TPU-topology tests) allows one process per machine unless told.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import sys  # noqa: E402
 

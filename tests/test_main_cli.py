@@ -58,9 +58,13 @@ def test_sigterm_saves_and_resumes(digits_dir, tmp_path):  # noqa: F811
     log.append(line)
     if "] [3] " in line and "loss=" in line:
       break
+  t_term = time.time()
   p.send_signal(signal.SIGTERM)
   out, _ = p.communicate(timeout=300)
   assert p.returncode == 0, "".join(log) + out
+  # TPU VMs give ~30 s of notice: the checkpoint and the exit must fit (a hang, or compiling
+  # on the save path, would not; a normal exit takes a few seconds).
+  assert time.time() - t_term < 30, "".join(log) + out
   saved = steps_saved(wd)
   assert len(saved) == 1 and saved[0] >= 3, saved
   k = saved[0]

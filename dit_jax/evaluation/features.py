@@ -11,6 +11,7 @@ import functools
 from typing import Any, Iterable, Iterator
 
 import jax
+import jax.numpy as jnp
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
@@ -67,6 +68,30 @@ def make_extract_fn(mesh: Mesh, precision: jax.lax.Precision = jax.lax.Precision
   model = inception.FIDInceptionV3(precision=precision)
   replicated, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
   return jax.jit(model.apply, in_shardings=(replicated, batch), out_shardings=batch)
+
+
+def make_sharded_extract_fn(sharding: NamedSharding,
+                            precision: jax.lax.Precision = jax.lax.Precision.HIGHEST):
+  """jit of (variables, images) -> features for images that are ALREADY a global batch on
+  devices with `sharding` (e.g. decoded samples in a training job): each device runs the
+  Inception on its own rows, nothing goes through the hosts. 1-channel images are repeated
+  to RGB. Features keep the batch sharding; gather them with `gather_features`."""
+  model = inception.FIDInceptionV3(precision=precision)
+
+  def extract(variables, images):
+    if images.shape[-1] == 1:
+      images = jnp.repeat(images, 3, axis=-1)
+    return model.apply(variables, images)
+
+  replicated = NamedSharding(sharding.mesh, P())
+  return jax.jit(extract, in_shardings=(replicated, sharding), out_shardings=sharding)
+
+
+def gather_features(outputs: list[dict[str, jax.Array]], count: int) -> dict[str, np.ndarray]:
+  """Batch-sharded feature dicts -> the first `count` rows as numpy, on every process."""
+  gathered = [multihost_utils.process_allgather(o, tiled=True) if jax.process_count() > 1
+              else jax.device_get(o) for o in outputs]
+  return {k: np.concatenate([np.asarray(g[k]) for g in gathered])[:count] for k in FEATURE_KEYS}
 
 
 def extract_features(images: np.ndarray | Iterable[np.ndarray], variables: Any, *,

@@ -6,6 +6,7 @@ precomputed moments are used for FID/sFID when present, and the images' pool fea
 precision/recall. Computed statistics are cached as an .npz with the same keys plus
 `pool` (the reference pool features) and `source`, so later runs skip the Inception pass.
 """
+import contextlib
 import dataclasses
 import os
 import zipfile
@@ -68,6 +69,26 @@ def _read_npy_header(f: Any) -> tuple[tuple[int, ...], bool, np.dtype] | None:
   return None
 
 
+@contextlib.contextmanager
+def _open_npz(path: str) -> Iterator[zipfile.ZipFile]:
+  """An .npz (local or gs://, through tf.io.gfile) as a zip archive; errors name the path."""
+  if not tf.io.gfile.exists(path):
+    raise FileNotFoundError(f"{path}: no such file")
+  with tf.io.gfile.GFile(path, "rb") as f:
+    try:
+      archive = zipfile.ZipFile(f)
+    except (zipfile.BadZipFile, tf.errors.InvalidArgumentError) as e:  # TF: seek before start
+      raise ValueError(f"{path}: not an .npz file ({e}); expected np.savez output with arr_0 "
+                       "(uint8 images [N, H, W, 3])") from None
+    with archive:
+      yield archive
+
+
+def _load_npz_array(path: str, key: str) -> np.ndarray:
+  with tf.io.gfile.GFile(path, "rb") as f, np.load(f) as data:
+    return data[key]
+
+
 def _open_member(archive: zipfile.ZipFile, path: str, key: str) -> Any:
   if f"{key}.npy" not in archive.namelist():
     names = [n[:-4] for n in archive.namelist()]
@@ -80,10 +101,10 @@ def iter_npz_array(path: str, key: str = "arr_0", batch_size: int = 256) -> Iter
 
   A 50K x 256 x 256 x 3 sample file is 9.8 GB; this reads batch_size rows at a time.
   """
-  with zipfile.ZipFile(path) as archive, _open_member(archive, path, key) as f:
+  with _open_npz(path) as archive, _open_member(archive, path, key) as f:
     header = _read_npy_header(f)
     if header is None or header[1] or header[2].hasobject or not header[0]:
-      array = np.load(path)[key]
+      array = _load_npz_array(path, key)
       for start in range(0, len(array), batch_size):
         yield array[start:start + batch_size]
       return
@@ -99,10 +120,10 @@ def iter_npz_array(path: str, key: str = "arr_0", batch_size: int = 256) -> Iter
 
 def npz_array_info(path: str, key: str = "arr_0") -> tuple[tuple[int, ...], np.dtype]:
   """(shape, dtype) of one array of an .npz, read from its header only."""
-  with zipfile.ZipFile(path) as archive, _open_member(archive, path, key) as f:
+  with _open_npz(path) as archive, _open_member(archive, path, key) as f:
     header = _read_npy_header(f)
   if header is None:
-    array = np.load(path)[key]
+    array = _load_npz_array(path, key)
     return array.shape, array.dtype
   return tuple(header[0]), header[2]
 
@@ -142,11 +163,16 @@ def _batched(images: Iterator[np.ndarray], batch_size: int, source: str) -> Iter
 def folder_images(directory: str, resolution: int | None = None,
                   max_images: int | None = None) -> Iterator[np.ndarray]:
   """uint8 [H, W, 3] images of a folder tree (sorted paths), ADM center-cropped if resolution."""
-  paths = sorted(os.path.join(root, name) for root, _, names in os.walk(directory)
+  paths = sorted(os.path.join(root, name) for root, _, names in tf.io.gfile.walk(directory)
                  for name in names if name.lower().endswith(IMAGE_EXTENSIONS))
   if not paths:
     raise ValueError(f"{directory}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
-  return _center_cropped(iter(paths[:max_images]), resolution)
+  return _center_cropped((_read_bytes(p) for p in paths[:max_images]), resolution)
+
+
+def _read_bytes(path: str) -> bytes:
+  with tf.io.gfile.GFile(path, "rb") as f:
+    return f.read()
 
 
 def tfds_images(name: str, split: str = "train", resolution: int | None = None,
@@ -193,11 +219,11 @@ def compute_reference(source: str, variables: Any, *, resolution: int | None = N
     name, _, split = source[len("tfds:"):].partition(":")
     images = tfds_images(name, split or "train", resolution, max_images)
     stats = ReferenceStats.from_features(extract(_batched(images, 256, source)), key)
-  elif os.path.isdir(source):
+  elif tf.io.gfile.isdir(source):
     images = folder_images(source, resolution, max_images)
     stats = ReferenceStats.from_features(extract(_batched(images, 256, source)), key)
-  elif source.endswith(".npz") and os.path.isfile(source):
-    with np.load(source) as data:
+  elif source.endswith(".npz") and tf.io.gfile.exists(source):
+    with tf.io.gfile.GFile(source, "rb") as f, np.load(f) as data:
       files = data.files
       moments = [data[k] for k in _MOMENT_KEYS] if all(k in files for k in _MOMENT_KEYS) else None
     if "arr_0" in files:

@@ -1,0 +1,142 @@
+"""Periodic work of the training loop: sample grids and in-job evaluation (FID-K).
+
+Both are built, and their sampler, decoder and Inception compiled ahead of time, when the
+job starts: a compile error or an out-of-memory there stops the job before it trains, not
+after a training step that a restart would lose again and again. The loop calls each with
+the EMA parameters and the step, after that step's checkpoint was written.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from dit_jax import models, sampling
+
+
+def _abstract(tree: Any, shardings: Any) -> Any:
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
+def _compile(fn: Any, precision: str | None, *args: Any) -> Any:
+  with jax.default_matmul_precision(precision):
+    return fn.lower(*args).compile()
+
+
+def _sample_fn(config: ml_collections.ConfigDict, model: models.DiT,
+               options: ml_collections.ConfigDict, guided: bool, in_shardings: Any,
+               out_shardings: Any) -> Any:
+  """The sampler of `options` (config.sample or config.eval: sampler, steps, spacing,
+  guidance_interval, or the release's respacing string)."""
+  return sampling.make_sample_fn(
+      model, sampler=options.sampler, steps=options.steps, spacing=options.spacing,
+      guidance_interval=options.guidance_interval, respacing=options.respacing, guided=guided,
+      release_cfg=config.sample.release_cfg, diffusion_steps=config.diffusion.steps,
+      noise_schedule=config.diffusion.noise_schedule, in_shardings=in_shardings,
+      out_shardings=out_shardings)
+
+
+class SampleGrid:
+  """A class-conditional grid from the EMA weights: PNG under WORKDIR/samples and TensorBoard."""
+
+  def __init__(self, config: ml_collections.ConfigDict, b: Any, decoder: sampling.Decoder,
+               writer: Any, workdir: str):
+    model, repl = b.model, b.repl
+    n = config.sample.num_images
+    self.decoder, self.writer, self.workdir = decoder, writer, workdir
+    # Labels cycle through the classes: with one column per class, a column is a class.
+    self.columns = min(n, model.num_classes, 16)
+    self.args = jax.device_put(
+        (jax.random.PRNGKey(config.seed + 1), jnp.arange(n, dtype=jnp.int32) % model.num_classes,
+         jnp.float32(config.sample.cfg_scale)), repl)
+    fn = _sample_fn(config, model, config.sample, models.has_null_class(model),
+                    (b.state_sh.ema_params, repl, repl, repl), repl)
+    self.sample = _compile(fn, config.sample.matmul_precision,
+                           _abstract(b.abstract.ema_params, b.state_sh.ema_params),
+                           *_abstract(self.args, (repl,) * 3))
+    h, w, c = model.input_size, model.input_size, model.in_channels
+    decoder.compile(jax.ShapeDtypeStruct((n, h, w, c), jnp.float32, sharding=repl))
+
+  def __call__(self, ema_params: Any, step: int) -> None:
+    images = np.asarray(jax.device_get(self.decoder(self.sample(ema_params, *self.args))))
+    grid = sampling.make_grid(images, columns=self.columns,
+                              upscale=max(1, 128 // images.shape[1]))
+    if jax.process_index() == 0:
+      sampling.save_png(os.path.join(self.workdir, "samples", f"step_{step:08d}.png"), grid)
+    self.writer.write_images(step, {"samples": grid[None]})
+
+
+class Evaluator:
+  """FID/sFID/IS/precision/recall of `config.eval.num_samples` EMA samples (e.g. FID-5K).
+
+  A progress signal, not the paper's protocol (which is FID-50K of `dit_jax.sample` output
+  through `dit_jax.evaluate`): fewer samples bias FID upwards. The EMA weights are gathered
+  (replicated) once per evaluation, so the sampling loop does no per-step all-gathers; the
+  decoded images stay on the devices that made them and go straight into the Inception;
+  only features cross hosts. `__call__` returns the same floats on every process.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, b: Any, decoder: sampling.Decoder,
+               workdir: str):
+    from dit_jax import evaluation  # pylint: disable=import-outside-toplevel
+    from dit_jax.evaluation import features  # pylint: disable=import-outside-toplevel
+    e, model, repl, batch_sh = config.eval, b.model, b.repl, b.batch_sh
+    if not (e.inception and e.reference):
+      raise ValueError("config.eval.every_steps is set: config.eval.inception (the "
+                       "pt_inception-2015-12-05 .pth or converted .npz) and config.eval.reference "
+                       "(an ADM reference batch .npz, image folder or tfds:NAME) are needed")
+    if e.batch_size % b.mesh.size:
+      raise ValueError(f"config.eval.batch_size={e.batch_size} must divide by {b.mesh.size} "
+                       "devices")
+    if e.cfg_scale != 1.0 and not models.has_null_class(model):
+      raise ValueError(f"config.eval.cfg_scale={e.cfg_scale} needs class dropout (a null class)")
+    if decoder.path == "identity" and model.in_channels not in (1, 3):
+      raise ValueError(f"config.eval needs images, but latents with {model.in_channels} channels "
+                       "are decoded with the identity: set config.vae.path to the SD VAE folder")
+    self.config, self.decoder, self.features = config, decoder, features
+    self.inception = jax.device_put(evaluation.load_inception(e.inception), repl)
+    self.reference = evaluation.compute_reference(
+        e.reference, self.inception, cache_path=os.path.join(workdir, "eval_reference_stats.npz"),
+        batch_size_per_device=e.inception_batch_per_device)
+    self.metrics = evaluation.compute_metrics
+    abstract_ema = _abstract(b.abstract.ema_params, b.state_sh.ema_params)
+    repl_tree = jax.tree.map(lambda _: repl, b.abstract.ema_params)
+    self.replicate = jax.jit(lambda p: p, out_shardings=repl_tree).lower(abstract_ema).compile()
+    n = e.batch_size
+    labels = np.asarray(jax.random.randint(jax.random.PRNGKey(config.seed + 3),
+                                           (e.num_samples,), 0, model.num_classes), np.int32)
+    self.labels = np.resize(labels, -(-e.num_samples // n) * n)
+    fn = _sample_fn(config, model, e, e.cfg_scale != 1.0,
+                    (repl, repl, batch_sh, repl), batch_sh)
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=repl)
+    self.sample = _compile(fn, config.sample.matmul_precision, _abstract(b.abstract.ema_params,
+                                                                         repl_tree),
+                           key, jax.ShapeDtypeStruct((n,), jnp.int32, sharding=batch_sh),
+                           jax.ShapeDtypeStruct((), jnp.float32, sharding=repl))
+    h, w, c = model.input_size, model.input_size, model.in_channels
+    out = decoder.compile(jax.ShapeDtypeStruct((n, h, w, c), jnp.float32, sharding=batch_sh))
+    images = jax.ShapeDtypeStruct(out.shape, out.dtype, sharding=batch_sh)
+    self.extract = features.make_sharded_extract_fn(batch_sh).lower(
+        _abstract(self.inception, jax.tree.map(lambda _: repl, self.inception)), images).compile()
+    self.batch_sh, self.repl = batch_sh, repl
+
+  def __call__(self, ema_params: Any, step: int) -> dict[str, float]:
+    e, n = self.config.eval, self.config.eval.batch_size
+    params = self.replicate(ema_params)
+    key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed + 2), step)
+    scale = jax.device_put(jnp.float32(e.cfg_scale), self.repl)
+    outputs = []
+    for i in range(len(self.labels) // n):
+      chunk = self.labels[i * n:(i + 1) * n]
+      y = jax.make_array_from_callback(chunk.shape, self.batch_sh, lambda idx, c=chunk: c[idx])
+      k = jax.device_put(jax.random.fold_in(key, i), self.repl)
+      images = self.decoder(self.sample(params, k, y, scale))
+      outputs.append(self.extract(self.inception, images))
+    feats = self.features.gather_features(outputs, e.num_samples)
+    return self.metrics(feats, self.reference, fid_method="eigh")
