@@ -10,10 +10,12 @@ each guidance scale, and prints a markdown table of
     the features of an MLP classifier trained on the real digits; comparable only between rows
     with the same number of samples),
   - the share of samples that this classifier assigns to the requested digit,
-  - wall time per image of the compiled sampling loop (compile excluded; guided rows evaluate
-    the model on 2 images per sample and step), on this machine.
-Every row starts from the same initial noise. The 250-step DDPM reference is sampled again with
-a second seed: the difference between its two rows is the seed-to-seed noise of the figures.
+  - NFE, the network evaluations per image (steps, twice with guidance, once outside a
+    guidance interval), and the wall time per image of the compiled sampling loop (compile
+    excluded; the fastest of the seeds' runs: the machine may be shared).
+Every row starts from the same initial noise (per seed). With --seeds=K each row is sampled
+with K seeds and shows mean +- standard deviation; with K = 1 the 250-step DDPM reference is
+sampled again with a second seed, to show the seed-to-seed noise of the figures.
 """
 
 import itertools
@@ -29,6 +31,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from dit_jax import checkpointing, sampling  # noqa: E402
+from dit_jax.diffusion import create_sampler, guidance_active  # noqa: E402
 from dit_jax.evaluation import proxy  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -43,6 +46,7 @@ flags.DEFINE_list("guidance_interval", None, "Also run each guided DPM-Solver++ 
                   "guidance limited to (SIGMA_LO, SIGMA_HI].")
 flags.DEFINE_integer("reference_steps", 250, "Steps of the DDPM reference.")
 flags.DEFINE_integer("seed", 0, "Seed of the initial noise (shared by all rows).")
+flags.DEFINE_integer("seeds", 1, "Seeds per row (seed, seed + 1, ...).")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -59,31 +63,39 @@ def main(_):
         flush=True)
   interval = tuple(float(v) for v in FLAGS.guidance_interval or ())
 
-  def run(sampler, steps, spacing, scale, seed=FLAGS.seed, limit=()):
+  def run(sampler, steps, spacing, scale, seeds=None, limit=()):
     fn = sampling.make_sample_fn(model, sampler=sampler, steps=steps, spacing=spacing,
                                  guidance_interval=limit or None, guided=scale != 1.0,
                                  release_cfg=False)
-    args = (params, jax.random.PRNGKey(seed), labels, jnp.float32(scale))
+    args = (params, jax.random.PRNGKey(FLAGS.seed), labels, jnp.float32(scale))
     start = time.perf_counter()
     compiled = fn.lower(*args).compile()
     compile_s = time.perf_counter() - start
-    start = time.perf_counter()
-    latents = jax.block_until_ready(compiled(*args))
-    seconds = time.perf_counter() - start
-    images = np.asarray(decoder(latents))
-    row = dict(sampler=sampler, steps=steps, spacing=spacing, cfg=scale, seed=seed,
-               interval=limit, fid=proxy.proxy_fid(images),
-               acc=proxy.class_accuracy(images, np.asarray(labels)),
-               ms=1e3 * seconds / len(labels), compile_s=compile_s)
+    fids, accs, secs = [], [], []
+    for seed in seeds or range(FLAGS.seed, FLAGS.seed + FLAGS.seeds):
+      start = time.perf_counter()
+      latents = jax.block_until_ready(compiled(params, jax.random.PRNGKey(seed), *args[2:]))
+      secs.append(time.perf_counter() - start)
+      images = np.asarray(decoder(latents))
+      fids.append(proxy.proxy_fid(images))
+      accs.append(proxy.class_accuracy(images, np.asarray(labels)))
+    t = create_sampler(sampler, steps, spacing).timesteps
+    guided_steps = (0 if scale == 1.0 else len(t) if not limit else
+                    int(np.asarray(guidance_active(t, limit)).sum()))
+    row = dict(sampler=sampler, steps=steps, spacing=spacing, cfg=scale, seeds=len(fids),
+               first_seed=(seeds or [FLAGS.seed])[0], interval=limit, nfe=len(t) + guided_steps,
+               fid=np.mean(fids), fid_sd=np.std(fids, ddof=1) if len(fids) > 1 else 0.0,
+               acc=np.mean(accs), acc_sd=np.std(accs, ddof=1) if len(accs) > 1 else 0.0,
+               ms=1e3 * min(secs) / len(labels), compile_s=compile_s)
     print(_line(row), flush=True)
     return row
 
   print(_header(), flush=True)
   rows = []
   for scale in map(float, FLAGS.cfg_scales):
-    ref = run("ddpm", FLAGS.reference_steps, "time", scale)
-    rows.append(ref)
-    rows.append(run("ddpm", FLAGS.reference_steps, "time", scale, seed=FLAGS.seed + 1))
+    rows.append(run("ddpm", FLAGS.reference_steps, "time", scale))
+    if FLAGS.seeds == 1:
+      rows.append(run("ddpm", FLAGS.reference_steps, "time", scale, seeds=[FLAGS.seed + 1]))
     for sampler, steps in itertools.product(FLAGS.samplers, map(int, FLAGS.steps)):
       spacings = FLAGS.spacings if sampler.startswith("dpm") else ["time"]
       for spacing in spacings:
@@ -100,15 +112,18 @@ def main(_):
 
 def _header(relative=False):
   extra = " FID / ref | acc - ref |" if relative else ""
-  line = "| sampler | steps | spacing | cfg | guidance interval | proxy FID | class acc | ms/image |"
-  return line + extra + "\n" + "|---" * (8 + 2 * relative) + "|"
+  line = ("| sampler | steps | spacing | cfg | guidance interval | NFE | proxy FID | class acc "
+          "| ms/image |")
+  return line + extra + "\n" + "|---" * (9 + 2 * relative) + "|"
 
 
 def _line(r, ref=None):
   interval = "({:g}, {:g}]".format(*r["interval"]) if r["interval"] else "all steps"
-  name = r["sampler"] + (f" (seed {r['seed']})" if r["seed"] != FLAGS.seed else "")
-  line = (f"| {name} | {r['steps']} | {r['spacing']} | {r['cfg']:g} | {interval} | "
-          f"{r['fid']:.2f} | {r['acc']:.3f} | {r['ms']:.2f} |")
+  name = r["sampler"] + (f" (seed {r['first_seed']})" if r["first_seed"] != FLAGS.seed else "")
+  sd = lambda v, f: f" +- {v:{f}}" if r["seeds"] > 1 else ""
+  line = (f"| {name} | {r['steps']} | {r['spacing']} | {r['cfg']:g} | {interval} | {r['nfe']} | "
+          f"{r['fid']:.2f}{sd(r['fid_sd'], '.2f')} | {r['acc']:.3f}{sd(r['acc_sd'], '.3f')} | "
+          f"{r['ms']:.2f} |")
   if ref is not None:
     line += f" {r['fid'] / ref['fid']:.2f} | {r['acc'] - ref['acc']:+.3f} |"
   return line
