@@ -130,7 +130,8 @@ def test_corrupt_latest_checkpoint_falls_back(digits_dir, tmp_path):
   for f in glob.glob(os.path.join(wd, "checkpoints", "6", "train", "**", "d", "*"), recursive=True):
     with open(f, "r+b") as fh:
       fh.truncate(max(1, os.path.getsize(f) // 3))
-  hist = train.train_and_evaluate(tiny_config(digits_dir, total_steps=7), wd)
+  hist = train.train_and_evaluate(
+      tiny_config(digits_dir, total_steps=7, **{"checkpoint.restore_backoff_s": 0.0}), wd)
   assert sorted(hist) == [4, 5, 6, 7]  # resumed from 3, the newest readable checkpoint
   # The damaged step was set aside, not deleted, and rewritten by the resumed run.
   assert os.listdir(os.path.join(wd, "checkpoints_unreadable"))[0].startswith("6-")

@@ -26,7 +26,8 @@ import numpy as np
 
 from dit_jax.diffusion.gaussian_diffusion import ModelFn
 from dit_jax.diffusion.gaussian_diffusion import Progress
-from dit_jax.diffusion.gaussian_diffusion import _default_progress
+from dit_jax.diffusion.gaussian_diffusion import loop_start
+from dit_jax.diffusion.gaussian_diffusion import progress_ticker
 
 # Spacings of the sampling steps over the training process.
 #   time:   uniform in t (diffusers' timestep_spacing="linspace": round(linspace(0, T-1, N+1)),
@@ -236,17 +237,9 @@ class DPMSolver:
     SDE's step i noise from fold_in(split(key)[1], i). `progress` as there.
     """
     shape = tuple(shape)
-    key_init, key_steps = jax.random.split(key)
-    if noise is None:
-      x = jax.random.normal(key_init, shape, jnp.float32)
-    else:
-      if tuple(noise.shape) != shape:
-        raise ValueError(f"noise: shape {tuple(noise.shape)} does not match shape {shape}.")
-      x = jnp.asarray(noise, jnp.float32)
+    x, key_steps = loop_start(shape, key, noise)
     total = self.num_timesteps
-    if progress:
-      report = progress if callable(progress) else _default_progress
-      every = progress_every or max(1, total // 10)
+    tick = progress_ticker(progress, progress_every, total)
 
     def body(carry, xs):
       x, history = carry
@@ -259,11 +252,7 @@ class DPMSolver:
       if self.stochastic:
         z = jax.random.normal(jax.random.fold_in(key_steps, i), shape, jnp.float32)
       x, history = self._update(row, x0_row, out, x, history, z)
-      if progress:
-        done = i + 1
-        jax.lax.cond((done % every == 0) | (done == total),
-                     lambda d: jax.debug.callback(lambda v: report(int(v), total), d),
-                     lambda d: None, done)
+      tick(i + 1)
       return (x, history), None
 
     xs = (jnp.arange(total, dtype=jnp.int32), jnp.asarray(self.timesteps),

@@ -47,6 +47,35 @@ def get_named_beta_schedule(name: str, num_diffusion_timesteps: int) -> np.ndarr
                    "expected 'linear' or 'cosine'.")
 
 
+def loop_start(shape: Sequence[int], key: jax.Array,
+               noise: Optional[jax.Array]) -> tuple[jax.Array, jax.Array]:
+  """(x_T, key of the steps' noise) of a sampling loop: x_T is drawn from split(key)[0]
+  unless `noise` (of `shape`) is given."""
+  shape = tuple(shape)
+  key_init, key_steps = jax.random.split(key)
+  if noise is None:
+    return jax.random.normal(key_init, shape, jnp.float32), key_steps
+  if tuple(noise.shape) != shape:
+    raise ValueError(f"noise: shape {tuple(noise.shape)} does not match shape {shape}.")
+  return jnp.asarray(noise, jnp.float32), key_steps
+
+
+def progress_ticker(progress: Progress, every: Optional[int], total: int) -> Callable:
+  """tick(done) for inside a scan: reports (done, total) on the host every `every` steps and at
+  the end, through `progress` (a callable, or True for the default line); no-op if falsy."""
+  if not progress:
+    return lambda done: None
+  report = progress if callable(progress) else _default_progress
+  every = every or max(1, total // 10)
+
+  def tick(done):
+    jax.lax.cond((done % every == 0) | (done == total),
+                 lambda d: jax.debug.callback(lambda v: report(int(v), total), d),
+                 lambda d: None, done)
+
+  return tick
+
+
 def _check_choice(field: str, value: str, choices: Sequence[str]) -> None:
   if value not in choices:
     raise ValueError(f"{field}: got {value!r}, expected one of {list(choices)}.")
@@ -289,26 +318,14 @@ class GaussianDiffusion:
 
   def _loop(self, step_fn, shape, key, noise, progress, progress_every):
     shape = tuple(shape)
-    key_init, key_steps = jax.random.split(key)
-    if noise is None:
-      x = jax.random.normal(key_init, shape, jnp.float32)
-    else:
-      if tuple(noise.shape) != shape:
-        raise ValueError(f"noise: shape {tuple(noise.shape)} does not match shape {shape}.")
-      x = jnp.asarray(noise, jnp.float32)
+    x, key_steps = loop_start(shape, key, noise)
     total = self.num_timesteps
-    if progress:
-      report = progress if callable(progress) else _default_progress
-      every = progress_every or max(1, total // 10)
+    tick = progress_ticker(progress, progress_every, total)
 
     def body(x, i):
       t = jnp.full((shape[0],), i, jnp.int32)
       x = step_fn(x, t, jax.random.fold_in(key_steps, i))
-      if progress:
-        done = total - i
-        jax.lax.cond((done % every == 0) | (done == total),
-                     lambda d: jax.debug.callback(lambda v: report(int(v), total), d),
-                     lambda d: None, done)
+      tick(total - i)
       return x, None
 
     indices = jnp.arange(total - 1, -1, -1, dtype=jnp.int32)
