@@ -247,3 +247,20 @@ def test_inception_evaluation_bookkeeping(tmp_path):
   assert not [f for f in os.listdir(os.path.join(workdir, "eval")) if f.endswith(".npz")]
   with pytest.raises(ValueError, match="--reference"):
     runner.evaluate_inception(preset, workdir, [2], 4, {}, runner=fake)
+
+
+def test_grid_evaluates_with_a_fast_sampler(tmp_path):
+  preset = presets.get_preset("mini", total_steps=2, eval_every=2, num_samples=20,
+                              sample_batch=20, sampler="dpm++2m", sampler_steps=5)
+  root = str(tmp_path / "grid")
+  runner.run(preset, root, ["s8"], extra=TINY, out=io.StringIO())
+  metrics = runner.read_metrics(os.path.join(root, "s8"))
+  assert np.isfinite(metrics[2]["proxy_fid"])
+  assert metrics[2]["sampler"] == "dpm++2m, 5 steps (time)"
+  cmds = runner.inception_commands(presets.get_preset("paper", sampler="dpm++2m",
+                                                      sampler_steps=20), "/w/xl2", 50_000,
+                                   "s.npz", "m.json", {})
+  assert "--sampler=dpm++2m" in cmds[0] and "--steps=20" in cmds[0]
+  assert not any(a.startswith("--respacing") for a in cmds[0])
+  assert "--respacing=250" in runner.inception_commands(presets.get_preset("paper"), "/w/xl2",
+                                                        50_000, "s.npz", "m.json", {})[0]

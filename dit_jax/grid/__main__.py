@@ -33,6 +33,10 @@ flags.DEFINE_integer("steps", None, "Training steps of every model (preset: pape
 flags.DEFINE_integer("eval_every", None, "Evaluate at every multiple of this step.")
 flags.DEFINE_integer("num_samples", None, "Samples per evaluation (paper 50,000, mini 500).")
 flags.DEFINE_string("respacing", None, "Sampling steps of the evaluation (paper '250').")
+flags.DEFINE_string("sampler", None, "Sampler of the evaluation instead of --respacing: ddpm, ddim, "
+                    "dpm++2m, dpm++3m, dpm++2m-sde.")
+flags.DEFINE_integer("sampler_steps", None, "Steps of --sampler (default: the sampler's).")
+flags.DEFINE_string("spacing", None, "Step spacing of --sampler: time, logsnr or karras.")
 flags.DEFINE_integer("sample_batch", None, "Global batch of the evaluation's sampler.")
 flags.DEFINE_enum("mode", "inprocess", ["inprocess", "subprocess", "print"],
                   "Train in this process, as dit_jax.main subprocesses, or print the commands.")
@@ -49,7 +53,8 @@ flags.DEFINE_multi_string("set", [], "Config override for every model, key=value
 runtime.define_flags()
 
 _SETTINGS = {"steps": "total_steps", "eval_every": "eval_every", "num_samples": "num_samples",
-             "respacing": "respacing", "sample_batch": "sample_batch"}
+             "respacing": "respacing", "sample_batch": "sample_batch", "sampler": "sampler",
+             "sampler_steps": "sampler_steps", "spacing": "spacing"}
 
 
 def _value(text: str):

@@ -30,12 +30,31 @@ class Preset:
   eval_every: int          # evaluate the EMA weights at every multiple of this (and at the end)
   metric: str              # 'proxy' (digits classifier, in-process) or 'inception' (ADM's)
   num_samples: int         # samples per evaluation
-  respacing: str           # sampling steps of the evaluation
+  respacing: str           # sampling steps of the evaluation (the release's respacing string)
   cfg_scale: float = 1.0   # the paper's grid is evaluated without guidance
+  # A sampler of dit_jax.diffusion instead of `respacing` ('' = respacing): 'ddpm', 'ddim',
+  # 'dpm++2m', 'dpm++3m', 'dpm++2m-sde', with `sampler_steps` steps at `spacing`.
+  sampler: str = ""
+  sampler_steps: int = 0
+  spacing: str = "time"
   sample_batch: int = 256  # global batch of the evaluation's sampler
   latent_shape: tuple[int, int, int] = (32, 32, 4)  # for parameter and Gflops counts
   num_classes: int = 1000
   models: tuple[str, ...] = MODELS
+
+  def sampler_kwargs(self) -> dict[str, Any]:
+    """make_sample_fn's sampler keywords for the evaluation."""
+    if not self.sampler:
+      return {"respacing": self.respacing}
+    return {"sampler": self.sampler, "steps": self.sampler_steps or None,
+            "spacing": self.spacing}
+
+  def sampler_flags(self) -> list[str]:
+    """The same, as dit_jax.sample flags."""
+    return [f"--{k}={v}" for k, v in self.sampler_kwargs().items() if v is not None]
+
+  def sampler_name(self) -> str:
+    return sampler_name(dataclasses.asdict(self))
 
   def config_spec(self, model: str) -> str:
     return self.config_file.format(model=model)
@@ -54,6 +73,14 @@ PRESETS = {
                    eval_every=500, metric="proxy", num_samples=500, respacing="50",
                    sample_batch=500, latent_shape=(8, 8, 1), num_classes=10),
 }
+
+
+def sampler_name(settings: dict[str, Any]) -> str:
+  """How a grid samples, from its preset's settings (as recorded in ROOT/grid.json)."""
+  if not settings.get("sampler"):
+    return f"'{settings.get('respacing')}' steps"
+  return (f"{settings['sampler']}, {settings.get('sampler_steps') or 'default'} steps "
+          f"({settings.get('spacing', 'time')})")
 
 
 def get_preset(name: str, **changes: Any) -> Preset:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from dit_jax.grid import runner
+from dit_jax.grid import presets, runner
 
 SIZES = ("S", "B", "L", "XL")
 PATCHES = (8, 4, 2)
@@ -36,6 +36,7 @@ PAPER_FID_400K = {
     "DiT-B/4": 68.38, "DiT-B/2": 43.47, "DiT-L/8": 118.87, "DiT-L/4": 45.64, "DiT-L/2": 23.33,
     "DiT-XL/8": 106.41, "DiT-XL/4": 43.01, "DiT-XL/2": 19.47,
 }
+
 
 
 def fid_key(grid: dict) -> str:
@@ -244,7 +245,7 @@ def markdown(grid: dict, found: list[dict]) -> str:
   lines = [f"# DiT scaling grid: preset `{grid.get('preset')}`", "",
            f"{len(found)} models; {total:,} training steps each at batch "
            f"{found[0]['batch'] if found else '?'}; {fid_label(grid)}, sampled with "
-           f"'{s.get('respacing')}' steps, guidance {s.get('cfg_scale')}, evaluated every "
+           f"{presets.sampler_name(s)}, guidance {s.get('cfg_scale')}, evaluated every "
            f"{s.get('eval_every'):,} steps. Gflops: forward multiply-accumulates per image "
            "(dit_jax.model_table, the paper's convention); training compute = Gflops x batch x "
            "steps x 3.", ""]

@@ -111,7 +111,7 @@ def inception_commands(preset: presets.Preset, workdir: str, step: int, out_npz:
   """`dit_jax.sample` then `dit_jax.evaluate` of one checkpoint (the paper's FID-50K)."""
   sample = [sys.executable, "-m", "dit_jax.sample", f"--workdir={workdir}", f"--step={step}",
             f"--num_samples={preset.num_samples}", f"--cfg_scale={preset.cfg_scale:g}",
-            f"--respacing={preset.respacing}", f"--batch_size={preset.sample_batch}",
+            *preset.sampler_flags(), f"--batch_size={preset.sample_batch}",
             f"--out={out_npz}"]
   if eval_files.get("vae"):
     sample.append(f"--vae={eval_files['vae']}")
@@ -157,7 +157,7 @@ class ProxySampler:
     if self._fn is None:
       diffusion = meta.get("diffusion", {})
       self._fn = sampling.make_sample_fn(
-          model, respacing=p.respacing, guided=p.cfg_scale != 1.0, release_cfg=False,
+          model, **p.sampler_kwargs(), guided=p.cfg_scale != 1.0, release_cfg=False,
           diffusion_steps=diffusion.get("steps", 1000),
           noise_schedule=diffusion.get("noise_schedule", "linear"))
     decoder = sampling.Decoder(meta.get("vae_path") or "identity", meta.get("scale_factor", 1.0))
@@ -179,7 +179,7 @@ def evaluate_proxy(preset: presets.Preset, workdir: str, steps: list[int], final
   for step in steps:
     t0 = time.time()
     images, labels, values = sampler(step, seed)
-    values.update(metric="proxy", respacing=preset.respacing, cfg_scale=preset.cfg_scale,
+    values.update(metric="proxy", sampler=preset.sampler_name(), cfg_scale=preset.cfg_scale,
                   eval_seconds=round(time.time() - t0, 2))
     if step == final_step:  # the samples before the metrics: metrics of the final step imply both
       _save_samples(workdir, images, labels)
@@ -214,7 +214,7 @@ def evaluate_inception(preset: presets.Preset, workdir: str, steps: list[int], f
         runner(cmd)
       with open(result, encoding="utf-8") as f:
         values = json.load(f)
-    values.update(metric="inception", respacing=preset.respacing, cfg_scale=preset.cfg_scale,
+    values.update(metric="inception", sampler=preset.sampler_name(), cfg_scale=preset.cfg_scale,
                   eval_seconds=round(time.time() - t0, 2))
     if step == final_step:
       tf.io.gfile.rename(npz, os.path.join(workdir, SAMPLES_FILE), overwrite=True)
