@@ -5,7 +5,7 @@
 
 Prints compile time, XLA's FLOPs and memory per device, steps/s, images/s (total and per
 device) and MFU where the device's peak is known (TPU, A100/H100/H200). Uses the same
-`train.build` as the main job, so the step is exactly the one that trains.
+`step.build` as the main job, so the step is exactly the one that trains.
 """
 
 import os
@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from dit_jax import hardware, input_pipeline, train  # noqa: E402
+from dit_jax import hardware, step  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=False)
@@ -28,19 +28,10 @@ flags.DEFINE_integer("num_classes", 1000, "Classes of the synthetic data.")
 flags.mark_flags_as_required(["config"])
 
 
-def synthetic_info(config) -> input_pipeline.DataInfo:
-  s = config.data.image_size
-  shape = (s, s, 1) if config.data.get("builtin") == "digits" else (s // 8, s // 8, 4)
-  classes = 10 if config.data.get("builtin") == "digits" else FLAGS.num_classes
-  return input_pipeline.DataInfo(
-      latent_shape=shape, num_classes=classes, scale_factor=0.18215, count=0, local_count=0,
-      files=(), manifest={"dtype": "float16" if shape[-1] == 4 else "float32"})
-
-
 def main(_):
   config = FLAGS.config
-  info = synthetic_info(config)
-  b = train.build(config, info)
+  info = step.synthetic_info(config, FLAGS.num_classes)
+  b = step.build(config, info)
   gbs = config.data.global_batch_size
   rng = np.random.default_rng(0)
   dtype = np.dtype(info.manifest["dtype"])

@@ -40,10 +40,12 @@ def get_config(model: str = "DiT-XL/2", image_size: int = 256) -> ml_collections
   # LayerNorms, the residual stream and the final layer stay float32, as do parameters and
   # optimizer state.
   c.model.dtype = "float32"
-  # Attention kernel (dit_jax/attention.py). None: the XLA path (einsums, float32 softmax);
-  # 'xla' the same; 'cudnn': cuDNN fused attention (GPUs, bf16); 'auto': cuDNN on GPUs in
-  # bf16, else the XLA path; 'splash': the Pallas splash-attention kernel (TPUs only).
+  # Attention kernel (dit_jax/attention.py). 'auto' (default): cuDNN fused attention on GPUs
+  # in bf16/fp16, else the XLA path; 'xla' (or None): jax.nn.dot_product_attention's XLA path
+  # (einsums, float32 softmax); 'cudnn': cuDNN only (GPUs, bf16/fp16); 'splash': the Pallas
+  # splash-attention kernel (TPUs only; docs/performance.md compares it on v5p).
   c.model.attention_impl = ml_collections.config_dict.placeholder(str)
+  c.model.attention_impl = "auto"
   # Rematerialisation of each block in the backward pass (dit_jax.models.REMAT_POLICIES):
   # 'none'; 'full' (keep only each block's input: least memory, recomputes the forward);
   # 'dots_with_no_batch_dims_saveable' (keep the token matmuls' outputs, recompute attention

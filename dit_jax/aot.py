@@ -5,11 +5,12 @@ TPU topology (or the local devices), compiled on this machine; no TPU needed for
   python -m dit_jax.aot --config=configs/xl2.py --topology=v5e-256 --config.mesh.fsdp=4
   python -m dit_jax.aot --config=configs/s2.py --topology=v5p-8 --slices=2
   python -m dit_jax.aot --config=configs/demo.py --topology=local
+  python -m dit_jax.aot --table     # docs/performance.md (rows cached in docs/performance.json)
 
 Topologies are Cloud TPU slice names (v4-N and v5p-N count TensorCores, two per chip; v5e-N and
 v6e-N count chips), a libtpu name ('v5p:2x2x1'), or 'local'. TPU targets need libtpu
 (`pip install "jax[tpu]"` at the installed jax version). The train step is the main job's own
-(`train.build`, with the config's layout: by default the one its memory allows); the sampling
+(`step.build`, with the config's layout: by default the one its memory allows); the sampling
 step is one classifier-free-guided model call on [2B] latents (B = config.eval.batch_size),
 parameters replicated, as dit_jax.sample and the in-job evaluation run it: a 250-step sampler
 costs 250 of them.
@@ -24,9 +25,13 @@ overlap assumed, an upper bound of the ideal), beside XLA's own estimate where i
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
+import json
 import os
 import re
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -35,7 +40,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dit_jax import hardware, input_pipeline, model_table, models, sharding, train
+from dit_jax import hardware, model_table, models, sharding, step
 
 # Chips of the standard Cloud TPU slices (3-D tori for v4/v5p, 2-D for v5e/v6e).
 _3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
@@ -133,23 +138,23 @@ def _report(name: str, compiled: Any, compile_s: float, analytic: float | None,
   return StepReport(name, memory, flops, analytic, accessed, coll, compile_s, roofline, xla)
 
 
-def plan(config: ml_collections.ConfigDict, devices: list[Any],
-         sampling_step: bool = True) -> tuple[train.Built, list[StepReport]]:
-  """Compiles the train step (and the guided sampling step) of `config` for `devices`."""
-  s = config.data.image_size // 8
-  info = input_pipeline.DataInfo((s, s, 4), 1000, 0.18215, 0, 0, (), {"dtype": "float16"})
-  b = train.build(config, info, devices=devices)
-  chips, gbs = len(devices), config.data.global_batch_size
-  fwd_macs = model_table.matmul_gmacs(b.model.clone(dtype=jnp.float32, remat=False,
-                                                     attention_impl=None)) * 1e9
-  reports = [_report("train step", b.compiled, b.compile_seconds,
-                     3 * 2 * fwd_macs * gbs / chips, devices[0], flops=b.flops)]
+def plan(config: ml_collections.ConfigDict, devices: list[Any], sampling_step: bool = True,
+         sampler_loop: bool = False) -> tuple[step.Built, list[StepReport]]:
+  """Compiles the train step (and the guided sampling step; and the whole guided sampler of
+  config.eval) of `config` for `devices`."""
+  b = step.build(config, step.synthetic_info(config), devices=devices)
+  chips = len(devices)
+  fwd_macs = step.forward_flops(b.model) / 2
+  reports = [_report("train step", b.compiled, b.compile_seconds, b.model_flops, devices[0],
+                     flops=b.flops)]
   if sampling_step:
     reports.append(_sampling_report(config, b, fwd_macs, chips, devices[0]))
+  if sampler_loop:
+    reports.append(_sampler_loop_report(config, b, devices[0]))
   return b, reports
 
 
-def _sampling_report(config: ml_collections.ConfigDict, b: train.Built, fwd_macs: float,
+def _sampling_report(config: ml_collections.ConfigDict, b: step.Built, fwd_macs: float,
                      chips: int, device: Any) -> StepReport:
   model, n = b.model, 2 * config.eval.batch_size
   if n % b.mesh.size:
@@ -172,14 +177,40 @@ def _sampling_report(config: ml_collections.ConfigDict, b: train.Built, fwd_macs
     cost = compiled.cost_analysis() or {}
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = float(cost.get("flops", 0.0))
-    if model.scan_layers:  # XLA counts the scanned blocks' body once (see train._compile)
+    if model.scan_layers:  # XLA counts the scanned blocks' body once (see step._compile)
       flops += 2 * model_table.uncounted_loop_macs(step, params, x, ints, ints, scale) / b.mesh.size
   return _report(f"guided sampling step (batch {n // 2} x 2)", compiled, compile_s,
                  2 * fwd_macs * n / chips, device, flops=flops)
 
 
+def _sampler_loop_report(config: ml_collections.ConfigDict, b: step.Built,
+                         device: Any) -> StepReport:
+  """The whole guided sampler of config.eval (e.g. DDPM, 250 steps) as dit_jax.sample runs it:
+  one program whose loop body is the guided model call. Reported for its compile time and
+  memory; its FLOPs are steps x the sampling step's."""
+  from dit_jax import sampling  # pylint: disable=import-outside-toplevel  (imports TensorFlow)
+  e = config.eval
+  n = max(b.mesh.size, e.batch_size // b.mesh.size * b.mesh.size)
+  fn = sampling.make_sample_fn(
+      b.model, sampler=e.sampler, steps=e.steps, spacing=e.spacing,
+      guidance_interval=tuple(e.guidance_interval), respacing=e.respacing or None,
+      diffusion_steps=config.diffusion.steps, noise_schedule=config.diffusion.noise_schedule,
+      in_shardings=(b.repl, b.repl, b.batch_sh, b.repl), out_shardings=b.batch_sh)
+  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=b.repl),
+                        b.abstract.ema_params)
+  key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=b.repl)
+  labels = jax.ShapeDtypeStruct((n,), jnp.int32, sharding=b.batch_sh)
+  scale = jax.ShapeDtypeStruct((), jnp.float32, sharding=b.repl)
+  t0 = time.time()
+  with jax.default_matmul_precision(config.sample.matmul_precision), jax.set_mesh(b.mesh):
+    compiled = fn.lower(params, key, labels, scale).compile()
+  steps = e.steps or 250
+  return _report(f"whole sampler ({e.sampler or 'ddpm'}, {steps} steps, batch {n})", compiled,
+                 time.time() - t0, None, device)
+
+
 def format_reports(config: ml_collections.ConfigDict, name: str, devices: list[Any],
-                   b: train.Built, reports: list[StepReport]) -> str:
+                   b: step.Built, reports: list[StepReport]) -> str:
   hbm = hardware.memory_bytes(devices[0])
   lines = [f"{config.model.name} {config.data.image_size}px, global batch "
            f"{config.data.global_batch_size}, {config.model.dtype}, remat {config.model.remat}",
@@ -207,11 +238,211 @@ def format_reports(config: ml_collections.ConfigDict, name: str, devices: list[A
   return "\n".join(lines)
 
 
+def report_dict(config: ml_collections.ConfigDict, topology: str, devices: list[Any],
+                b: step.Built, reports: list[StepReport]) -> dict:
+  """One table row's facts, as JSON."""
+  spec = hardware.chip(devices[0])
+  return {"config": config.model.name, "image_size": int(config.data.image_size),
+          "global_batch": int(config.data.global_batch_size), "dtype": config.model.dtype,
+          "remat": str(config.model.remat), "attention": str(b.model.attention_impl),
+          "scan_layers": bool(b.model.scan_layers), "topology": topology,
+          "chips": len(devices), "device_kind": devices[0].device_kind,
+          "hbm_gib": (hardware.memory_bytes(devices[0]) or 0) / 2**30,
+          "peak_flops": spec.peak_flops if spec else None,
+          "mesh": {k: int(v) for k, v in b.mesh.shape.items()},
+          "steps": {r.name.split(" (")[0]: dataclasses.asdict(r) for r in reports}}
+
+
+# --table: the grid's 12 configs and xl2_512 on five slices, then the option studies.
+TABLE_CONFIGS = ("s8", "s4", "s2", "b8", "b4", "b2", "l8", "l4", "l2", "xl8", "xl4", "xl2",
+                 "xl2_512")
+TABLE_TOPOLOGIES = ("v5p-8", "v5p-64", "v5p-256", "v5e-256", "v6e-64")
+REMATS = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+
+
+def table_rows() -> list[tuple[str, str, tuple[str, ...]]]:
+  """(config, topology, --config overrides) of every row of docs/performance.md."""
+  rows = [(c, t, ()) for c in TABLE_CONFIGS for t in TABLE_TOPOLOGIES]
+  for c, default in (("xl2", "none"), ("xl2_512", "full")):
+    rows += [(c, "v5p-64", (f"model.remat={r}",)) for r in REMATS if r != default]
+    rows += [(c, "v5p-64", ("model.attention_impl=splash",))]
+  rows += [("xl2", "v5p-64", ("model.scan_layers=True",)),
+           ("xl2", "v5p-64", ("model.scan_layers=True", "model.remat=full"))]
+  return rows
+
+
+def row_key(config: str, topology: str, overrides: tuple[str, ...]) -> str:
+  return " ".join((config, topology) + tuple(overrides))
+
+
+def _run_row(config: str, topology: str, overrides: tuple[str, ...], sampling: bool,
+             timeout: float) -> dict:
+  """One row in a fresh process (compiles do not accumulate; a crash costs one row)."""
+  import tempfile  # pylint: disable=import-outside-toplevel
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, "row.json")
+    cmd = [sys.executable, "-m", "dit_jax.aot", f"--config={root}/configs/{config}.py",
+           f"--topology={topology}", f"--json={out}", f"--sampling={sampling}"]
+    cmd += [f"--config.{o}" for o in overrides]
+    t0 = time.time()
+    try:
+      proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=timeout,
+                            check=False)
+    except subprocess.TimeoutExpired:
+      return {"error": f"compile took over {timeout:.0f} s"}
+    if proc.returncode or not os.path.exists(out):
+      tail = [l for l in (proc.stderr or "").strip().splitlines() if l.strip()][-1:]
+      return {"error": (tail[0] if tail else f"exit {proc.returncode}")[:300]}
+    with open(out) as f:
+      row = json.load(f)
+    row["wall_seconds"] = time.time() - t0
+    return row
+
+
+def run_table(cache: str, jobs: int, timeout: float, only: str = "") -> dict[str, dict]:
+  """Compiles every missing row of `table_rows()` into the JSON `cache` (kept after each row,
+  so an interrupted run resumes)."""
+  rows = {}
+  if os.path.exists(cache):
+    with open(cache) as f:
+      rows = json.load(f)
+  todo = [r for r in table_rows() if row_key(*r) not in rows or "error" in rows[row_key(*r)]]
+  todo = [r for r in todo if re.search(only, row_key(*r))]
+  print(f"{len(rows)} rows cached in {cache}; compiling {len(todo)} with {jobs} process(es)")
+  sampling = lambda c, t, o: c in ("xl2", "xl2_512") and not o
+  with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+    futures = {pool.submit(_run_row, *r, sampling(*r), timeout): r for r in todo}
+    for fut in concurrent.futures.as_completed(futures):
+      key = row_key(*futures[fut])
+      rows[key] = fut.result()
+      print(f"  {key}: " + (rows[key].get("error") or
+                            f"{rows[key]['steps']['train step']['memory']['total']:.1f} GiB, "
+                            f"{rows[key]['wall_seconds']:.0f} s"), flush=True)
+      tmp = cache + ".tmp"
+      with open(tmp, "w") as f:
+        json.dump(rows, f, indent=1, sort_keys=True)
+      os.replace(tmp, cache)
+  return rows
+
+
+def _fits(row: dict) -> bool:
+  return row["steps"]["train step"]["memory"]["total"] <= row["hbm_gib"]
+
+
+def _cells(row: dict) -> dict[str, str]:
+  """Formatted facts of one row's train step."""
+  tr = row["steps"]["train step"]
+  mem = tr["memory"]["total"]
+  peak = row["peak_flops"]
+  mesh = row["mesh"]
+  out = {"mesh": f"{mesh.get('data', 1)}x{mesh.get('fsdp', 1)}",
+         "memory": f"{mem:.1f} / {row['hbm_gib']:.0f}" + ("" if _fits(row) else " **no fit**"),
+         "flops": f"{tr['flops'] / tr['analytic_flops']:.2f}" if tr["analytic_flops"] else "",
+         "coll": f"{sum(tr['collectives'].values()) / 2**20:.0f}",
+         "compile": f"{tr['compile_seconds']:.0f}"}
+  if tr["roofline_seconds"] and peak:
+    out["roof"] = f"{tr['roofline_seconds'] * 1e3:.1f}"
+    out["mfu"] = f"{tr['analytic_flops'] / (tr['roofline_seconds'] * peak):.0%}"
+    out["ips"] = f"{row['global_batch'] / tr['roofline_seconds']:,.0f}"
+  return out
+
+
+def render_table(rows: dict[str, dict]) -> str:
+  """The Markdown of docs/performance.md's generated part."""
+  def get(c, t, o=()):
+    return rows.get(row_key(c, t, o))
+  head = ("| config | topology | mesh data x fsdp | memory/chip GiB (of HBM) | FLOPs / analytic | "
+          "collectives MiB/step | roofline ms/step | images/s at roofline | MFU at roofline | "
+          "compile s |\n|---|---|---|---|---|---|---|---|---|---|")
+  lines = ["### Train step: every grid config and xl2_512 on five slices (global batch 256, "
+           "bf16, default layout and remat)", "", head]
+  for c in TABLE_CONFIGS:
+    for t in TABLE_TOPOLOGIES:
+      r = get(c, t)
+      if not r:
+        continue
+      if "error" in r:
+        lines.append(f"| {c} | {t} | | {r['error']} | | | | | | |")
+        continue
+      x = _cells(r)
+      name = f"{r['config']} {r['image_size']}px" + (f" (remat {r['remat']})"
+                                                     if r["remat"] != "none" else "")
+      lines.append(f"| {name} | {t} | {x['mesh']} | {x['memory']} | {x['flops']} | {x['coll']} | "
+                   f"{x.get('roof', '')} | {x.get('ips', '')} | {x.get('mfu', '')} | "
+                   f"{x['compile']} |")
+  lines += ["", "### Options on v5p-64 (XL/2, 256 and 512 px): remat, attention, layer scan", "",
+            "| config | option | memory/chip GiB | FLOPs / analytic | roofline ms/step | "
+            "MFU at roofline | compile s |", "|---|---|---|---|---|---|---|"]
+  options = [(c, ()) for c in ("xl2", "xl2_512")]
+  options += [(c, (f"model.remat={m}",)) for c in ("xl2", "xl2_512") for m in REMATS]
+  options += [(c, ("model.attention_impl=splash",)) for c in ("xl2", "xl2_512")]
+  options += [("xl2", ("model.scan_layers=True",)),
+              ("xl2", ("model.scan_layers=True", "model.remat=full"))]
+  for c, o in options:
+    r = get(c, "v5p-64", o)
+    if not r and len(o) == 1 and o[0].startswith("model.remat="):
+      r = get(c, "v5p-64")  # the default row, where its remat is this one
+      r = r if r and "error" not in r and r["remat"] == o[0].split("=")[1] else None
+    if not r:
+      continue
+    label = ", ".join(x.replace("model.", "") for x in o) or "default"
+    if "error" in r:
+      lines.append(f"| {c} | {label} | {r['error']} | | | | |")
+      continue
+    x = _cells(r)
+    lines.append(f"| {r['config']} {r['image_size']}px | {label} (remat {r['remat']}, attention "
+                 f"{r['attention']}) | {x['memory']} | {x['flops']} | {x.get('roof', '')} | "
+                 f"{x.get('mfu', '')} | {x['compile']} |")
+  lines += ["", "### Guided sampling step (one model call on 2B latents, B = eval.batch_size; "
+            "parameters replicated)", "",
+            "| config | topology | memory/chip GiB | roofline ms/step | 50K samples, 250 steps, "
+            "at roofline | compile s |", "|---|---|---|---|---|---|"]
+  for c in ("xl2", "xl2_512"):
+    for t in TABLE_TOPOLOGIES:
+      r = get(c, t)
+      sm = r and "error" not in r and r["steps"].get("guided sampling step")
+      if not sm:
+        continue
+      batch = int(re.search(r"batch (\d+)", sm["name"]).group(1))
+      per_call = sm["roofline_seconds"]
+      total = per_call * 250 * -(-50_000 // batch) if per_call else None
+      lines.append(f"| {r['config']} {r['image_size']}px | {t} | {sm['memory']['total']:.1f} | "
+                   f"{per_call * 1e3:.1f} | {total / 60:.0f} min | {sm['compile_seconds']:.0f} |"
+                   if per_call else f"| {c} | {t} | {sm['memory']['total']:.1f} | | | |")
+  return "\n".join(lines)
+
+
+BEGIN, END = "<!-- aot-table:begin -->", "<!-- aot-table:end -->"
+
+
+def write_table(md_path: str, rows: dict[str, dict]) -> None:
+  """Replaces the generated part of `md_path` (between BEGIN and END), keeping the rest."""
+  text = open(md_path).read() if os.path.exists(md_path) else f"# Performance\n\n{BEGIN}\n{END}\n"
+  if BEGIN not in text or END not in text:
+    text = text.rstrip() + f"\n\n{BEGIN}\n{END}\n"
+  head, rest = text.split(BEGIN, 1)
+  _, tail = rest.split(END, 1)
+  with open(md_path, "w") as f:
+    f.write(head + BEGIN + "\n" + render_table(rows) + "\n" + END + tail)
+
+
 def main(argv: list[str]) -> None:
   del argv
+  if FLAGS.table:
+    rows = run_table(FLAGS.table_cache, FLAGS.jobs, FLAGS.row_timeout, FLAGS.only)
+    write_table(FLAGS.table_out, rows)
+    print(f"wrote {FLAGS.table_out}")
+    return
+  if FLAGS.config is None:
+    raise app.UsageError("--config is required (or --table)")
   devices = topology_devices(FLAGS.topology, FLAGS.slices)
-  b, reports = plan(FLAGS.config, devices)
+  b, reports = plan(FLAGS.config, devices, sampling_step=FLAGS.sampling,
+                    sampler_loop=FLAGS.sampler_loop)
   print(format_reports(FLAGS.config, FLAGS.topology, devices, b, reports))
+  if FLAGS.json:
+    with open(FLAGS.json, "w") as f:
+      json.dump(report_dict(FLAGS.config, FLAGS.topology, devices, b, reports), f, indent=1)
 
 
 if __name__ == "__main__":
@@ -221,5 +452,16 @@ if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=False)
   flags.DEFINE_string("topology", "v5p-8", "v5p-64, v5e-256, v6e-64, v4-32, v5p:2x2x1 or local.")
   flags.DEFINE_integer("slices", 1, "Slices (multi-slice over the data-centre network).")
-  flags.mark_flags_as_required(["config"])
+  flags.DEFINE_bool("sampling", True, "Also compile the guided sampling step.")
+  flags.DEFINE_string("json", "", "Also write the figures to this JSON file.")
+  flags.DEFINE_bool("sampler_loop", False, "Also compile config.eval's whole guided sampler "
+                    "(e.g. 250 DDPM steps): its compile time and memory.")
+  flags.DEFINE_bool("table", False, "Compile every row of docs/performance.md and write it.")
+  flags.DEFINE_string("table_out", "docs/performance.md", "--table: the Markdown to update.")
+  flags.DEFINE_string("table_cache", "docs/performance.json",
+                      "--table: rows compiled so far (rerunning compiles only missing rows).")
+  flags.DEFINE_integer("jobs", 2, "--table: rows compiled at once (one process each).")
+  flags.DEFINE_string("only", "", "--table: compile only rows whose key matches this regex "
+                      "(e.g. '^xl2 v5p-64').")
+  flags.DEFINE_float("row_timeout", 1800, "--table: seconds before a row is given up.")
   app.run(main)

@@ -14,7 +14,7 @@ Non-causal, no mask, scale head_dim**-0.5. The implementation is `DiT.attention_
 
 Splash works on [heads, T, head_dim] per example with T a multiple of 128 (the TPU lane width):
 shorter or odd token counts (16 and 64 tokens of the /8 and /4 models) are padded, and segment
-ids keep real and padded tokens apart. Under a context mesh (`jax.set_mesh`; `train.build` lowers
+ids keep real and padded tokens apart. Under a context mesh (`jax.set_mesh`; `step.build` lowers
 the step under its mesh) the kernel runs in a shard_map over the batch, so XLA's partitioner never
 has to gather the batch around the custom call.
 """
@@ -42,6 +42,15 @@ def resolve_auto(dtype, platform: str) -> str:
   """'auto' -> 'cudnn' on GPUs for bf16/fp16 inputs, else 'xla'."""
   half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
   return 'cudnn' if platform == 'gpu' and half else 'xla'
+
+
+def resolve_for(impl: str | None, dtype, platform: str) -> str | None:
+  """The implementation a model compiled for `platform` uses: 'auto' is decided here when the
+  target is not the default backend (AOT compiles for TPU topologies from a CPU host), and
+  left to trace time otherwise (where a cuDNN rejection falls back to XLA)."""
+  if impl != 'auto' or platform == jax.default_backend():
+    return impl
+  return resolve_auto(dtype, platform)
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
@@ -119,7 +128,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return local(q, k, v)
-  # The batch over every mesh axis that divides it (train.build's mesh: ('data', 'fsdp')).
+  # The batch over every mesh axis that divides it (step.build's mesh: ('data', 'fsdp')).
   axes, size = [], 1
   for name in mesh.axis_names:
     if q.shape[0] % (size * mesh.shape[name]) == 0:

@@ -15,7 +15,6 @@ Resuming rebuilds the stream at that epoch and skips the offset on serialized re
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Iterator
 
@@ -23,18 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from dit_jax import records
-
-
-@dataclasses.dataclass(frozen=True)
-class DataInfo:
-  """What the trainer needs to know about a latent dataset."""
-  latent_shape: tuple[int, int, int]
-  num_classes: int
-  scale_factor: float
-  count: int              # records in the whole dataset
-  local_count: int        # records read by this process
-  files: tuple[str, ...]  # this process's shards
-  manifest: dict
+from dit_jax.step import DataInfo  # noqa: F401  (defined beside the step, which needs no TensorFlow)
 
 
 def get_info(data_dir: str, process_index: int = 0, process_count: int = 1,

@@ -10,7 +10,7 @@ With fsdp = 1 every parameter is replicated (plain data parallelism).
 `config.mesh.data` x `config.mesh.fsdp` lay out ONE slice (ICI); with several slices
 (multi-slice TPU jobs, devices with distinct `slice_index`) the mesh is a hybrid ICI x DCN
 mesh whose 'data' axis also spans the slices, so only data-parallel gradient reductions
-cross the data-centre network. fsdp = 0 ("auto") is resolved by `train.build` from the
+cross the data-centre network. fsdp = 0 ("auto") is resolved by `step.build` from the
 compiled step's memory (`fsdp_candidates`).
 """
 
@@ -61,7 +61,7 @@ def create_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[Any] | None = N
   if len(devices) % slices:
     raise ValueError(f"{len(devices)} devices do not split evenly into {slices} slices")
   if fsdp == 0:
-    raise ValueError("config.mesh.fsdp=0 (auto) is resolved by train.build; pass a size here")
+    raise ValueError("config.mesh.fsdp=0 (auto) is resolved by step.build; pass a size here")
   d, f = mesh_shape(data, fsdp, len(devices) // slices)
   if slices == 1:
     return jax.make_mesh((d, f), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2,

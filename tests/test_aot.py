@@ -1,8 +1,13 @@
 """The AOT planner: topology names, collective accounting, a tiny DiT compiled for a TPU slice."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from dit_jax import aot
+from dit_jax import step as dit_step
 from test_train import digits_dir, tiny_config  # noqa: F401
 
 
@@ -33,11 +38,14 @@ def test_collective_bytes_from_hlo_text():
 
 
 def test_plan_compiles_train_and_sampling_steps_for_a_tpu_slice(digits_dir):  # noqa: F811
-  c = tiny_config(digits_dir, **{"data.image_size": 64, "eval.batch_size": 8,
+  c = tiny_config(digits_dir, **{"data.builtin": "", "data.image_size": 64, "eval.batch_size": 8,
                                  "mesh.fsdp": 2})
   devices = aot.topology_devices("v5p-8")
   b, (step, sample) = aot.plan(c, devices)
   assert dict(b.mesh.shape) == {"data": 2, "fsdp": 2}
+  # MFU's numerator: 3 x the forward's matmul FLOPs, per chip.
+  assert b.model_flops == step.analytic_flops == pytest.approx(
+      3 * dit_step.forward_flops(b.model) * c.data.global_batch_size / 4)
   # The compiled FLOPs are the analytic 3 x forward matmuls plus elementwise work.
   assert 1.0 <= step.flops / step.analytic_flops < 1.5
   assert 1.0 <= sample.flops / sample.analytic_flops < 1.5
@@ -50,7 +58,8 @@ def test_plan_compiles_train_and_sampling_steps_for_a_tpu_slice(digits_dir):  # 
 
 
 def test_plan_with_scanned_blocks_and_splash_attention(digits_dir):  # noqa: F811
-  c = tiny_config(digits_dir, **{"data.image_size": 64, "eval.batch_size": 8, "mesh.fsdp": 2,
+  c = tiny_config(digits_dir, **{"data.builtin": "", "data.image_size": 64, "eval.batch_size": 8,
+                                 "mesh.fsdp": 2,
                                  "model.overrides.depth": 3, "model.scan_layers": True,
                                  "model.remat": "dots_saveable", "model.dtype": "bfloat16",
                                  "model.attention_impl": "splash"})
@@ -62,3 +71,38 @@ def test_plan_with_scanned_blocks_and_splash_attention(digits_dir):  # noqa: F81
   assert 0.9 <= step.flops / step.analytic_flops < 1.5
   assert 0.9 <= sample.flops / sample.analytic_flops < 1.5
   assert "scan_layers" in aot.format_reports(c, "v5p-8", devices, b, [step, sample])
+
+
+def test_step_and_planner_import_without_tensorflow_clu_or_orbax():
+  # The exact train step must run where only JAX is installed (a GPU image, a TPU VM without
+  # TensorFlow): benchmarks/accelerator_speed.py relies on it.
+  code = ("import sys\n"
+          "for m in ('tensorflow', 'clu', 'orbax', 'orbax.checkpoint', 'tensorflow_datasets'):\n"
+          "  sys.modules[m] = None  # any import of them now fails\n"
+          "import dit_jax.step, dit_jax.aot, dit_jax.model_table\n"
+          "print('ok')\n")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                       check=False)
+  assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_table_row_in_a_subprocess_and_the_markdown_around_it(tmp_path):
+  # One real row: DiT-S/8 (one block) compiled for v5p-8 by the CLI in a fresh process.
+  row = aot._run_row("s8", "v5p-8", ("model.overrides.depth=1",), sampling=False, timeout=600)
+  assert "error" not in row, row
+  assert row["chips"] == 4 and row["mesh"] == {"data": 4, "fsdp": 1}
+  train = row["steps"]["train step"]
+  assert 0 < train["memory"]["total"] < row["hbm_gib"] == pytest.approx(95.0)
+  assert 1.0 <= train["flops"] / train["analytic_flops"] < 2.0
+  md = tmp_path / "performance.md"
+  md.write_text("# Performance\n\nHand-written intro.\n\n" + aot.BEGIN + "\nold\n" + aot.END +
+                "\n\n## GPU\nkept\n")
+  key = aot.row_key("s8", "v5p-8", ())
+  aot.write_table(str(md), {key: row, aot.row_key("s4", "v5p-8", ()): {"error": "too big"}})
+  text = md.read_text()
+  assert "Hand-written intro." in text and "## GPU\nkept" in text and "\nold\n" not in text
+  assert "| DiT-S/8 256px | v5p-8 | 4x1 |" in text
+  assert "| s4 | v5p-8 | | too big |" in text
+  # A failed row is compiled again by the next --table run; a good one is not.
+  assert aot.row_key("s8", "v5p-8", ()) in {aot.row_key(*r) for r in aot.table_rows()}

@@ -107,3 +107,13 @@ def test_splash_compiles_for_a_tpu_topology():
     hlo = step.lower(params, x, t).compile().as_text()
   assert hlo.count('tpu_custom_call') == 2 * 3  # per block: forward, dq and dkv kernels
   assert 'all-gather' not in hlo
+
+
+def test_auto_is_decided_for_the_target_when_compiling_for_other_hardware():
+  # Compiling for the default backend: left to trace time (with its cuDNN fallback).
+  assert attention.resolve_for('auto', jnp.bfloat16, jax.default_backend()) == 'auto'
+  # AOT for other hardware: decided by the target's platform.
+  assert attention.resolve_for('auto', jnp.bfloat16, 'tpu') == 'xla'
+  assert attention.resolve_for('auto', jnp.bfloat16, 'gpu') == 'cudnn'
+  assert attention.resolve_for('auto', jnp.float32, 'gpu') == 'xla'
+  assert attention.resolve_for('splash', jnp.bfloat16, 'tpu') == 'splash'
