@@ -5,9 +5,10 @@ Non-causal, no mask, scale head_dim**-0.5. The implementation is `DiT.attention_
 
   None, 'xla'        jax.nn.dot_product_attention's XLA path: two einsums, float32 softmax.
   'cudnn'            cuDNN fused attention through jax.nn.dot_product_attention (GPUs, bf16/fp16).
-  'auto'             cuDNN when the default backend is a GPU and q is bf16/fp16, else the XLA path;
-                     decided when tracing, with the XLA path as fallback where cuDNN rejects the call
-                     (old cuDNN or GPU). AOT compiles for TPU topologies from a CPU host get XLA.
+  'auto'             cuDNN on GPUs when q is bf16/fp16 (decided when tracing, with the XLA path as
+                     fallback where cuDNN rejects the call: old cuDNN or GPU); splash on TPUs from
+                     SPLASH_MIN_TOKENS tokens (DiT-XL/2 at 512 px); else the XLA path. `step.build`
+                     decides it for the devices it compiles for (AOT TPU topologies included).
   'splash'           Pallas splash attention, the TPU flash-attention kernel (Mosaic; TPU only).
   'splash_interpret' the same kernel run by the Pallas interpreter: any backend, slow; it checks
                      the kernel's numerics on a CPU.
@@ -38,19 +39,32 @@ def check_implementation(impl: str | None) -> None:
                      + ', '.join(str(i) for i in IMPLEMENTATIONS))
 
 
-def resolve_auto(dtype, platform: str) -> str:
-  """'auto' -> 'cudnn' on GPUs for bf16/fp16 inputs, else 'xla'."""
+# 'auto' picks splash on TPUs from this many tokens (DiT-XL/2 at 512 px has 1,024). There the
+# XLA path's [N, heads, T, T] float32 logits dominate memory traffic: on v5p-64 the XL/2 512 px
+# step's roofline halves and its memory drops (docs/performance.md). At 256 tokens the gain is
+# small (-6% roofline bytes, -0.8 GiB) and head_dim 72 pads to the kernel's 128 lanes, so the
+# XLA path stays.
+SPLASH_MIN_TOKENS = 1024
+
+
+def resolve_auto(dtype, platform: str, tokens: int | None = None) -> str:
+  """'auto' -> 'cudnn' on GPUs for bf16/fp16 inputs; 'splash' on TPUs for sequences of at
+  least SPLASH_MIN_TOKENS; else 'xla'."""
   half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-  return 'cudnn' if platform == 'gpu' and half else 'xla'
+  if platform == 'gpu' and half:
+    return 'cudnn'
+  if platform == 'tpu' and tokens is not None and tokens >= SPLASH_MIN_TOKENS:
+    return 'splash'
+  return 'xla'
 
 
-def resolve_for(impl: str | None, dtype, platform: str) -> str | None:
-  """The implementation a model compiled for `platform` uses: 'auto' is decided here when the
-  target is not the default backend (AOT compiles for TPU topologies from a CPU host), and
-  left to trace time otherwise (where a cuDNN rejection falls back to XLA)."""
-  if impl != 'auto' or platform == jax.default_backend():
+def resolve_for(impl: str | None, dtype, platform: str, tokens: int) -> str | None:
+  """The implementation a model compiled for `platform` uses. 'auto' is decided here, except
+  on a GPU that is the default backend, where it is left to trace time so that a cuDNN
+  rejection falls back to the XLA path."""
+  if impl != 'auto' or (platform == 'gpu' and jax.default_backend() == 'gpu'):
     return impl
-  return resolve_auto(dtype, platform)
+  return resolve_auto(dtype, platform, tokens)
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
@@ -60,7 +74,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   if impl in ('splash', 'splash_interpret'):
     return splash_attention(q, k, v, interpret=impl == 'splash_interpret')
   if impl == 'auto':
-    impl = resolve_auto(q.dtype, jax.default_backend())
+    impl = resolve_auto(q.dtype, jax.default_backend(), q.shape[1])
+    if impl in ('splash', 'splash_interpret'):
+      return splash_attention(q, k, v)
     if impl == 'cudnn':
       try:
         return jax.nn.dot_product_attention(q, k, v, implementation='cudnn')

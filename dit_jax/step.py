@@ -214,8 +214,9 @@ def build(config: ml_collections.ConfigDict, info: DataInfo,
   gbs = config.data.global_batch_size
   devices = list(jax.devices() if devices is None else devices)
   model = create_model(config, info)
+  tokens = (model.input_size // model.patch_size) ** 2
   model = model.clone(attention_impl=attention.resolve_for(model.attention_impl, model.dtype,
-                                                           devices[0].platform))
+                                                           devices[0].platform, tokens))
   diffusion = create_diffusion("", noise_schedule=config.diffusion.noise_schedule,
                                learn_sigma=model.learn_sigma,
                                diffusion_steps=config.diffusion.steps)

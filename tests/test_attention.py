@@ -110,10 +110,14 @@ def test_splash_compiles_for_a_tpu_topology():
 
 
 def test_auto_is_decided_for_the_target_when_compiling_for_other_hardware():
-  # Compiling for the default backend: left to trace time (with its cuDNN fallback).
-  assert attention.resolve_for('auto', jnp.bfloat16, jax.default_backend()) == 'auto'
-  # AOT for other hardware: decided by the target's platform.
-  assert attention.resolve_for('auto', jnp.bfloat16, 'tpu') == 'xla'
-  assert attention.resolve_for('auto', jnp.bfloat16, 'gpu') == 'cudnn'
-  assert attention.resolve_for('auto', jnp.float32, 'gpu') == 'xla'
-  assert attention.resolve_for('splash', jnp.bfloat16, 'tpu') == 'splash'
+  xl2_256, xl2_512 = 256, 1024  # tokens
+  # AOT for other hardware (and TPUs): decided by the target's platform and the tokens.
+  assert attention.resolve_for('auto', jnp.bfloat16, 'tpu', xl2_256) == 'xla'
+  assert attention.resolve_for('auto', jnp.bfloat16, 'tpu', xl2_512) == 'splash'
+  assert attention.resolve_for('auto', jnp.float32, 'tpu', xl2_512) == 'splash'
+  assert attention.resolve_for('auto', jnp.bfloat16, 'cpu', xl2_512) == 'xla'
+  assert attention.resolve_for('splash', jnp.bfloat16, 'tpu', xl2_256) == 'splash'
+  assert attention.resolve_for(None, jnp.bfloat16, 'tpu', xl2_512) is None
+  if jax.default_backend() != 'gpu':  # compiled from this CPU for a GPU: no trace-time fallback
+    assert attention.resolve_for('auto', jnp.bfloat16, 'gpu', xl2_256) == 'cudnn'
+    assert attention.resolve_for('auto', jnp.float32, 'gpu', xl2_256) == 'xla'
