@@ -25,6 +25,7 @@ import optax
 from dit_jax import attention, hardware, model_table, models, sharding
 from dit_jax.diffusion import create_diffusion
 
+
 @dataclasses.dataclass(frozen=True)
 class DataInfo:
   """What the trainer needs to know about a latent dataset."""

@@ -1,10 +1,10 @@
-"""DiT training: state, the sharded train step, and the resumable training loop.
+"""DiT training: the resumable training loop around the sharded train step (dit_jax/step.py).
 
 Stages of `train_and_evaluate` (read top to bottom):
   1. data: manifest and this process's shards (built-in digits written on first use);
-  2. `build`: model, diffusion, optimizer, mesh and shardings (dit_jax/sharding.py), and the
-     train step: one jax.jit with in/out shardings and donated state, compiled ahead of time
-     with its FLOPs and memory logged (benchmarks/train_speed.py uses the same `build`);
+  2. `step.build`: model, diffusion, optimizer, mesh and shardings (dit_jax/sharding.py), and
+     the train step: one jax.jit with in/out shardings and donated state, compiled ahead of
+     time with its FLOPs and memory logged (benchmarks and dit_jax.aot use the same `build`);
   3. restore the newest readable checkpoint, or initialise the state directly sharded;
   4. sample grids and evaluation (dit_jax/periodic.py), compiled before training starts;
   5. the loop: metrics, checkpoints (saved before grids and evaluation), SIGTERM handling;
