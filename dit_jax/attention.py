@@ -7,7 +7,7 @@ Non-causal, no mask, scale head_dim**-0.5. The implementation is `DiT.attention_
   'cudnn'            cuDNN fused attention through jax.nn.dot_product_attention (GPUs, bf16/fp16).
   'auto'             cuDNN on GPUs when q is bf16/fp16 (decided when tracing, with the XLA path as
                      fallback where cuDNN rejects the call: old cuDNN or GPU); splash on TPUs from
-                     SPLASH_MIN_TOKENS tokens (DiT-XL/2 at 512 px); else the XLA path. `step.build`
+                     SPLASH_MIN_TOKENS tokens (DiT-XL/2 at 512 px) in bf16/fp16; else the XLA path. `step.build`
                      decides it for the devices it compiles for (AOT TPU topologies included).
   'splash'           Pallas splash attention, the TPU flash-attention kernel (Mosaic; TPU only).
   'splash_interpret' the same kernel run by the Pallas interpreter: any backend, slow; it checks
@@ -48,12 +48,12 @@ SPLASH_MIN_TOKENS = 1024
 
 
 def resolve_auto(dtype, platform: str, tokens: int | None = None) -> str:
-  """'auto' -> 'cudnn' on GPUs for bf16/fp16 inputs; 'splash' on TPUs for sequences of at
-  least SPLASH_MIN_TOKENS; else 'xla'."""
+  """'auto' -> for bf16/fp16 inputs, 'cudnn' on GPUs and 'splash' on TPUs for sequences of at
+  least SPLASH_MIN_TOKENS; else (float32 included: the release's sampling) 'xla'."""
   half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
   if platform == 'gpu' and half:
     return 'cudnn'
-  if platform == 'tpu' and tokens is not None and tokens >= SPLASH_MIN_TOKENS:
+  if platform == 'tpu' and half and tokens is not None and tokens >= SPLASH_MIN_TOKENS:
     return 'splash'
   return 'xla'
 

@@ -114,7 +114,7 @@ def test_auto_is_decided_for_the_target_when_compiling_for_other_hardware():
   # AOT for other hardware (and TPUs): decided by the target's platform and the tokens.
   assert attention.resolve_for('auto', jnp.bfloat16, 'tpu', xl2_256) == 'xla'
   assert attention.resolve_for('auto', jnp.bfloat16, 'tpu', xl2_512) == 'splash'
-  assert attention.resolve_for('auto', jnp.float32, 'tpu', xl2_512) == 'splash'
+  assert attention.resolve_for('auto', jnp.float32, 'tpu', xl2_512) == 'xla'  # fp32 sampling
   assert attention.resolve_for('auto', jnp.bfloat16, 'cpu', xl2_512) == 'xla'
   assert attention.resolve_for('splash', jnp.bfloat16, 'tpu', xl2_256) == 'splash'
   assert attention.resolve_for(None, jnp.bfloat16, 'tpu', xl2_512) is None

@@ -162,3 +162,17 @@ def test_sample_cli_fast_samplers(digits_dir, tmp_path):  # noqa: F811
                       "--respacing=250", "--steps=20", f"--out={out}"], cwd=ROOT, env=env(),
                      capture_output=True, text=True, timeout=300)
   assert r.returncode != 0 and "--respacing replaces" in r.stderr
+  # The kernel choice: splash (run by the Pallas interpreter here) under the sampling mesh of
+  # 8 devices, in bf16; an unknown kernel is refused by name.
+  out2 = str(tmp_path / "splash.npz")
+  r = subprocess.run([sys.executable, "-m", "dit_jax.sample", f"--workdir={wd}",
+                      "--num_samples=8", "--batch_size=8", "--respacing=2", "--cfg_scale=2",
+                      "--dtype=bfloat16", "--attention_impl=splash_interpret", f"--out={out2}"],
+                     cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  with np.load(out2) as f:
+    assert f["arr_0"].shape == (8, 8, 8, 1)
+  r = subprocess.run([sys.executable, "-m", "dit_jax.sample", f"--workdir={wd}",
+                      "--attention_impl=flash", f"--out={out2}"], cwd=ROOT, env=env(),
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode != 0 and "--attention_impl: attention_impl='flash'" in r.stderr
