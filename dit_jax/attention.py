@@ -41,9 +41,10 @@ def check_implementation(impl: str | None) -> None:
 
 # 'auto' picks splash on TPUs from this many tokens (DiT-XL/2 at 512 px has 1,024). There the
 # XLA path's [N, heads, T, T] float32 logits dominate memory traffic: on v5p-64 the XL/2 512 px
-# step's roofline halves and its memory drops (docs/performance.md). At 256 tokens the gain is
-# small (-6% roofline bytes, -0.8 GiB) and head_dim 72 pads to the kernel's 128 lanes, so the
-# XLA path stays.
+# step's roofline halves and XLA's own estimate drops 40% (docs/performance.md). Both estimates
+# leave the Pallas kernel's own cost out; at 256 tokens their gain (6%, 0.8 GiB) is within what
+# the kernel may cost (head_dim 72 pads to its 128 lanes), so the XLA path stays there until a
+# TPU measures it.
 SPLASH_MIN_TOKENS = 1024
 
 
