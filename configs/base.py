@@ -49,7 +49,9 @@ def get_config(model: str = "DiT-XL/2", image_size: int = 256) -> ml_collections
   # Rematerialisation of each block in the backward pass (dit_jax.models.REMAT_POLICIES):
   # 'none'; 'full' (keep only each block's input: least memory, recomputes the forward);
   # 'dots_with_no_batch_dims_saveable' (keep the token matmuls' outputs, recompute attention
-  # and the elementwise work); 'dots_saveable' (also keep attention's [N, heads, T, T] logits).
+  # and the elementwise work); 'dots_saveable' (also keep attention's [N, heads, T, T] logits);
+  # 'auto': the first of none, dots_with_no_batch_dims_saveable, full whose compiled step fits
+  # 90% of a device's memory (step.build; needs a known device memory, else none).
   c.model.remat = "none"
   # nn.scan over the blocks: one compiled block instead of depth copies (faster compiles);
   # parameters are stacked [depth, ...] under 'blocks' instead of blocks_0 ... blocks_{depth-1}.

@@ -219,7 +219,7 @@ def format_reports(config: ml_collections.ConfigDict, name: str, devices: list[A
                    b: step.Built, reports: list[StepReport]) -> str:
   hbm = hardware.memory_bytes(devices[0])
   lines = [f"{config.model.name} {config.data.image_size}px, global batch "
-           f"{config.data.global_batch_size}, {config.model.dtype}, remat {config.model.remat}",
+           f"{config.data.global_batch_size}, {config.model.dtype}, remat {b.model.remat}",
            f"{name}: {len(devices)} x {devices[0].device_kind} "
            f"({sharding.num_slices(devices)} slice(s)), mesh {dict(b.mesh.shape)}"]
   for r in reports:
@@ -250,7 +250,7 @@ def report_dict(config: ml_collections.ConfigDict, topology: str, devices: list[
   spec = hardware.chip(devices[0])
   return {"config": config.model.name, "image_size": int(config.data.image_size),
           "global_batch": int(config.data.global_batch_size), "dtype": config.model.dtype,
-          "remat": str(config.model.remat), "attention": str(b.model.attention_impl),
+          "remat": str(b.model.remat), "attention": str(b.model.attention_impl),
           "scan_layers": bool(b.model.scan_layers), "topology": topology,
           "chips": len(devices), "device_kind": devices[0].device_kind,
           "hbm_gib": (hardware.memory_bytes(devices[0]) or 0) / 2**30,
@@ -274,7 +274,8 @@ OPTION_ROWS = (  # (config, overrides) compiled on v5p-64 beside each default
     ("xl2_512", ()), ("xl2_512", ("model.remat=none",)),
     ("xl2_512", ("model.remat=dots_saveable",)),
     ("xl2_512", ("model.remat=dots_with_no_batch_dims_saveable",)),
-    ("xl2_512", ("model.attention_impl=xla",)),
+    ("xl2_512", ("model.remat=full",)),
+    ("xl2_512", ("model.remat=full", "model.attention_impl=xla")),
     ("xl2_512", ("model.remat=none", "model.attention_impl=xla")),
     ("xl2_512", ("model.remat=dots_saveable", "model.attention_impl=xla")),
     ("xl2_512", ("model.remat=dots_with_no_batch_dims_saveable", "model.attention_impl=xla")),

@@ -49,6 +49,8 @@ def synthetic_info(config: ml_collections.ConfigDict, num_classes: int = 1000) -
 
 # A layout fits when the compiled step needs at most this share of a device's memory.
 MEMORY_HEADROOM = 0.9
+# model.remat='auto' tries these in order, lightest (least recomputation) first.
+REMAT_AUTO = ("none", "dots_with_no_batch_dims_saveable", "full")
 
 
 @flax.struct.dataclass
@@ -84,6 +86,8 @@ def create_model(config: ml_collections.ConfigDict, info: DataInfo) -> models.Di
   remat = config.model.remat
   if isinstance(remat, str) and remat.lower() in ("true", "false"):  # --config.model.remat=True
     remat = remat.lower() == "true"
+  if remat == "auto":  # decided by `build` from the compiled step's memory
+    remat = "none"
   for field, check in (("remat", lambda: models.remat_policy(remat)),
                        ("attention_impl", lambda: attention.check_implementation(
                            config.model.attention_impl))):
@@ -210,7 +214,8 @@ def build(config: ml_collections.ConfigDict, info: DataInfo,
   `devices` default to jax.devices(); AOT topology devices (jax.experimental.topologies)
   compile for hardware that is not attached. With config.mesh.fsdp = 0 (auto) the layout is
   data parallel if the compiled step fits a device's memory, else the smallest power-of-two
-  FSDP within a slice that does.
+  FSDP within a slice that does. With config.model.remat = 'auto' each layout tries the
+  policies of REMAT_AUTO, lightest first; `Built.model.remat` is the one chosen.
   """
   gbs = config.data.global_batch_size
   devices = list(jax.devices() if devices is None else devices)
@@ -233,24 +238,33 @@ def build(config: ml_collections.ConfigDict, info: DataInfo,
     raise ValueError(f"config.mesh.data={config.mesh.data} does not divide the "
                      f"{len(devices) // sharding.num_slices(devices)} devices of a slice")
   limit = hardware.memory_bytes(devices[0])
+  remat_auto = config.model.remat == "auto"
+  # remat 'auto': the lightest policy that fits, within each layout (FSDP shrinks the state,
+  # remat the activations); without a known memory size, no remat.
+  remats = REMAT_AUTO if remat_auto and limit else (model.remat,)
+  search = (auto or remat_auto) and limit
   state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nn.meta.unbox(boxed)))
-  for i, fsdp in enumerate(sizes):
-    last = i == len(sizes) - 1
+  candidates = [(fsdp, remat) for fsdp in sizes for remat in remats]
+  for i, (fsdp, remat) in enumerate(candidates):
+    last = i == len(candidates) - 1
     if auto and limit and not last and state_bytes / fsdp > MEMORY_HEADROOM * limit:
       continue  # the sharded state alone would not fit: no need to compile
-    b = _compile(config, info, model, diffusion, tx, schedule, init_fn, boxed,
+    b = _compile(config, info, model.clone(remat=remat), diffusion, tx, schedule, init_fn, boxed,
                  sharding.create_mesh(config.mesh.data, fsdp, devices))
     need = b.memory_gib * 2**30
-    if not (auto and limit) or need <= MEMORY_HEADROOM * limit:
+    if not search or need <= MEMORY_HEADROOM * limit:
+      if remat_auto:
+        logging.info("model.remat='auto': %r fits (%.1f GiB per device)", remat, b.memory_gib)
       break
     if last:
-      logging.warning("The train step needs %.1f GiB per device even at fsdp=%d, more than "
-                      "%.0f%% of the %.1f GiB a device has: use model.remat='full' (or a "
-                      "lighter policy) or a smaller batch", b.memory_gib, fsdp,
-                      100 * MEMORY_HEADROOM, limit / 2**30)
+      logging.warning("The train step needs %.1f GiB per device even at fsdp=%d with remat %r, "
+                      "more than %.0f%% of the %.1f GiB a device has: use %sa smaller batch",
+                      b.memory_gib, fsdp, remat, 100 * MEMORY_HEADROOM, limit / 2**30,
+                      "" if remat_auto else "model.remat='auto' (or 'full') or ")
     else:
-      logging.info("fsdp=%d needs %.1f GiB per device (> %.0f%% of %.1f GiB): trying more "
-                   "sharding", fsdp, b.memory_gib, 100 * MEMORY_HEADROOM, limit / 2**30)
+      logging.info("fsdp=%d with remat %r needs %.1f GiB per device (> %.0f%% of %.1f GiB): "
+                   "trying the next layout", fsdp, remat, b.memory_gib, 100 * MEMORY_HEADROOM,
+                   limit / 2**30)
   return b
 
 

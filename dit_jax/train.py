@@ -30,8 +30,8 @@ from dit_jax import (checkpointing, convert, demo_data, hardware, input_pipeline
                      runtime, sampling)
 # The step and what is built around it live in dit_jax/step.py (no TensorFlow there); their
 # names stay importable from here.
-from dit_jax.step import (MEMORY_HEADROOM, Built, TrainState, abstract_state, build,  # noqa: F401
-                          create_model, create_optimizer, init_state, model_kwargs,
+from dit_jax.step import (MEMORY_HEADROOM, REMAT_AUTO, Built, TrainState, abstract_state,  # noqa: F401
+                          build, create_model, create_optimizer, init_state, model_kwargs,
                           sample_latents, train_step)
 
 

@@ -6,6 +6,7 @@ import glob
 import os
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
@@ -13,6 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorflow as tf
 
+from dit_jax import step as dit_step
 from dit_jax import hardware, input_pipeline, periodic, runtime, sampling, sharding, train
 from dit_jax.evaluation import reference
 from test_main_cli import ROOT, _free_port, env, main_cmd, steps_saved
@@ -264,3 +266,37 @@ def test_transient_read_error_does_not_demote_the_newest(digits_dir, tmp_path, m
   assert failures == [6, 6] and sorted(hist) == [7]  # resumed from the newest, step 6
   assert "restore attempt 2/4 failed (OSError: 503" in caplog.text
   assert not os.path.exists(os.path.join(wd, "checkpoints_unreadable"))
+
+
+def test_auto_remat_takes_the_lightest_policy_that_fits(digits_dir, monkeypatch):  # noqa: F811
+  # The choice alone, with compiles faked by the policy's memory (real compiles of 'auto':
+  # the xl2_512 rows of docs/performance.md, e.g. none on v5p-64).
+  info = input_pipeline.get_info(digits_dir)
+  gib = {"none": 3.0, "dots_with_no_batch_dims_saveable": 2.0, "full": 1.0}
+  tried = []
+
+  def fake_compile(config, info, model, *args):
+    mesh = args[-1]
+    tried.append((mesh.shape["fsdp"], model.remat))
+    return types.SimpleNamespace(model=model, mesh=mesh, memory_gib=gib[model.remat])
+  monkeypatch.setattr(dit_step, "_compile", fake_compile)
+  auto = tiny_config(digits_dir, **{"model.remat": "auto", "mesh.fsdp": 1})
+  assert train.create_model(auto, info).remat == "none"
+  # No known device memory (a CPU): no remat, one compile.
+  assert dit_step.build(auto, info).model.remat == "none" and tried == [(1, "none")]
+  # 2.5 GiB devices (2.25 usable): the lightest policy under that, tried in order.
+  monkeypatch.setattr(hardware, "memory_bytes", lambda d: int(2.5 * 2**30))
+  tried.clear()
+  assert dit_step.build(auto, info).model.remat == "dots_with_no_batch_dims_saveable"
+  assert tried == [(1, "none"), (1, "dots_with_no_batch_dims_saveable")]
+  # Within each FSDP layout first: auto fsdp on 8 devices tries fsdp 1 with every policy.
+  monkeypatch.setattr(hardware, "memory_bytes", lambda d: int(1.05 * 2**30))
+  tried.clear()
+  both = tiny_config(digits_dir, **{"model.remat": "auto", "mesh.fsdp": 0})
+  assert dit_step.build(both, info).model.remat == "full"
+  assert tried[:3] == [(1, r) for r in train.REMAT_AUTO] and tried[3][0] > 1
+  # An explicit policy is never changed.
+  tried.clear()
+  assert dit_step.build(tiny_config(digits_dir, **{"model.remat": "none", "mesh.fsdp": 1}),
+                        info).model.remat == "none"
+  assert tried == [(1, "none")]
