@@ -35,32 +35,30 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dit_jax import hardware, models, step  # noqa: E402
+from dit_jax.grid import presets  # noqa: E402
 
 # In order of importance: a run cut short by --budget_s loses the last ones.
 DEFAULT_CASES = ("xl2:256", "s2:256", "b2:256", "sample:xl2:256",
                  "xl2:256:model.attention_impl=xla", "xl2:256:model.scan_layers=True", "xl2:max")
-HEADROOM = 0.9
+
+
+def _value(text: str):
+  """A --config-style override's value: bool, int, float or string."""
+  if text in ("True", "False"):
+    return text == "True"
+  for kind in (int, float):
+    try:
+      return kind(text)
+    except ValueError:
+      pass
+  return text
 
 
 def load_config(name: str, batch: int, overrides: list[str]):
-  import importlib  # pylint: disable=import-outside-toplevel
-  config = importlib.import_module(f"configs.{name}").get_config()
-  config.data.global_batch_size = batch
-  for o in overrides:
-    key, value = o.split("=", 1)
-    node = config
-    *path, leaf = key.split(".")
-    for p in path:
-      node = node[p]
-    old = node[leaf]
-    if isinstance(old, bool) or value in ("True", "False"):
-      value = value == "True"
-    elif isinstance(old, int):
-      value = int(value)
-    elif isinstance(old, float):
-      value = float(value)
-    node[leaf] = value
-  return config
+  """configs/NAME.py at global batch `batch`, with 'dotted.field=value' overrides."""
+  changes = {"data.global_batch_size": batch}
+  changes.update((k, _value(v)) for k, v in (o.split("=", 1) for o in overrides))
+  return presets.apply_overrides(presets.load_config(f"configs/{name}.py"), changes)
 
 
 def synthetic_batch(b: step.Built, info: step.DataInfo, gbs: int) -> dict:
@@ -85,10 +83,10 @@ def timed(fn, min_steps: int, min_seconds: float) -> tuple[int, float]:
   return n, time.perf_counter() - t0
 
 
-def train_case(name: str, batch: int, overrides: list[str], args) -> dict:
-  config = load_config(name, batch, overrides)
-  info = step.synthetic_info(config)
-  b = step.build(config, info)
+def time_train_step(b: step.Built, info: step.DataInfo, batch: int, min_steps: int,
+                    min_seconds: float) -> tuple[float, float, int]:
+  """(steps/s, last loss, timed steps) of b's compiled step on a synthetic batch, after 2
+  warm-up steps."""
   state = b.init(jax.random.PRNGKey(0))
   data = synthetic_batch(b, info, batch)
   for _ in range(2):
@@ -99,9 +97,15 @@ def train_case(name: str, batch: int, overrides: list[str], args) -> dict:
   def one():
     holder["state"], metrics = b.compiled(holder["state"], data)
     return metrics["loss"]
-  n, dt = timed(one, args.steps, args.min_seconds)
-  loss = float(jax.device_get(one()))
-  sps = n / dt
+  n, dt = timed(one, min_steps, min_seconds)
+  return n / dt, float(jax.device_get(one())), n
+
+
+def train_case(name: str, batch: int, overrides: list[str], args) -> dict:
+  config = load_config(name, batch, overrides)
+  info = step.synthetic_info(config)
+  b = step.build(config, info)
+  sps, loss, n = time_train_step(b, info, batch, args.steps, args.min_seconds)
   dev = jax.devices()[0]
   peak = hardware.peak_flops(dev)
   ndev = b.mesh.size
@@ -116,19 +120,21 @@ def train_case(name: str, batch: int, overrides: list[str], args) -> dict:
 
 
 def max_batch(name: str, overrides: list[str], limit: float) -> int:
-  """The largest multiple of 32 whose train step XLA says fits in HEADROOM x `limit` bytes."""
+  """The largest multiple of 32 whose train step XLA says fits in step.MEMORY_HEADROOM x `limit`
+  bytes."""
   config = load_config(name, 256, overrides)
   b = step.build(config, step.synthetic_info(config))
   state_gib = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(b.abstract)) / 2**30
   per_image = (b.memory_gib - 2 * state_gib) / 256  # arguments + outputs hold the state twice
-  batch = max(32, int((HEADROOM * limit / 2**30 - 2 * state_gib) / per_image) // 32 * 32)
+  usable = step.MEMORY_HEADROOM * limit / 2**30
+  batch = max(32, int((usable - 2 * state_gib) / per_image) // 32 * 32)
   print(f"  {name}: {b.memory_gib:.1f} GiB at batch 256 ({per_image * 1024:.0f} MiB per image "
         f"beyond the state): predicting batch {batch}", flush=True)
   while batch >= 32:
     if batch != 256:
       config = load_config(name, batch, overrides)
       b = step.build(config, step.synthetic_info(config))
-    if b.memory_gib * 2**30 <= HEADROOM * limit:
+    if b.memory_gib * 2**30 <= step.MEMORY_HEADROOM * limit:
       return batch
     print(f"  batch {batch} needs {b.memory_gib:.1f} GiB: trying {batch - 32}", flush=True)
     batch -= 32

@@ -10,8 +10,8 @@ update. Its loss omits the release's variational-bound term (a [B, 8, 32, 32]-si
 elementwise sum: under 1% of the step), so the comparison slightly favours PyTorch. The JAX side
 is the main job's own step (benchmarks/accelerator_speed.py, one fresh process per XLA_FLAGS
 variant). The runs alternate torch, JAX variants, torch again, so drift in the machine's load
-shows as a difference between the two torch figures. Seconds per step are medians of the timed
-steps.
+shows as a difference between the two torch figures. Seconds per step: the median of the timed
+PyTorch steps; for JAX, the mean (steps are dispatched asynchronously and timed together).
 """
 
 from __future__ import annotations
@@ -25,7 +25,12 @@ import sys
 import tempfile
 import time
 
+import numpy as np
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from dit_jax.diffusion import get_named_beta_schedule  # noqa: E402
 
 # XLA CPU options tried (flags of the installed jaxlib; see its --xla_cpu_* list).
 VARIANTS = {
@@ -48,8 +53,8 @@ def torch_step_seconds(model_name: str, batch: int, steps: int) -> list[float]:
                                 patch_size=2, num_embeds_ada_norm=1000, norm_eps=1e-6).train()
   ema = [p.detach().clone() for p in model.parameters()]
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
-  betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
-  abar = torch.cumprod(1 - betas, 0).float()
+  betas = get_named_beta_schedule("linear", 1000)  # the same schedule as the JAX side
+  abar = torch.from_numpy(np.cumprod(1.0 - betas)).float()
   x0 = torch.randn(batch, 4, 32, 32)
   y = torch.randint(0, 1000, (batch,))
   times = []

@@ -3,14 +3,13 @@
   python benchmarks/train_speed.py --config=configs/s2.py --config.data.global_batch_size=8
   python benchmarks/train_speed.py --config=configs/demo.py --steps=50
 
-Prints compile time, XLA's FLOPs and memory per device, steps/s, images/s (total and per
+Prints compile time, FLOPs (3 x forward, and XLA's count) and memory per device, steps/s, images/s (total and per
 device) and MFU where the device's peak is known (TPU, A100/H100/H200). Uses the same
 `step.build` as the main job, so the step is exactly the one that trains.
 """
 
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -21,9 +20,11 @@ from ml_collections import config_flags  # noqa: E402
 
 from dit_jax import hardware, step  # noqa: E402
 
+import accelerator_speed  # noqa: E402  (beside this file)
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=False)
-flags.DEFINE_integer("steps", 20, "Timed steps (after 2 warm-up steps).")
+flags.DEFINE_integer("steps", 20, "Timed steps (after 2 warm-up steps; at least).")
 flags.DEFINE_integer("num_classes", 1000, "Classes of the synthetic data.")
 flags.mark_flags_as_required(["config"])
 
@@ -33,22 +34,7 @@ def main(_):
   info = step.synthetic_info(config, FLAGS.num_classes)
   b = step.build(config, info)
   gbs = config.data.global_batch_size
-  rng = np.random.default_rng(0)
-  dtype = np.dtype(info.manifest["dtype"])
-  host = {"label": rng.integers(0, info.num_classes, gbs).astype(np.int32),
-          "mean": rng.normal(size=(gbs, 2, *info.latent_shape)).astype(dtype),
-          "std": np.full((gbs, 2, *info.latent_shape), 0.1, dtype)}
-  batch = {k: jax.device_put(v, b.batch_sh) for k, v in host.items()}
-  state = b.init(jax.random.PRNGKey(0))
-  for _ in range(2):
-    state, m = b.compiled(state, batch)
-  jax.block_until_ready(m)
-  t0 = time.perf_counter()
-  for _ in range(FLAGS.steps):
-    state, m = b.compiled(state, batch)
-  jax.block_until_ready((state, m))
-  dt = time.perf_counter() - t0
-  sps = FLAGS.steps / dt
+  sps, loss, _ = accelerator_speed.time_train_step(b, info, gbs, FLAGS.steps, 0.0)
   n = b.mesh.size
   params = sum(x.size for x in jax.tree.leaves(b.abstract.params))
   peak = hardware.peak_flops(jax.devices()[0])
@@ -57,13 +43,15 @@ def main(_):
   print(f"devices           {n} x {jax.devices()[0].device_kind}  mesh {dict(b.mesh.shape)}")
   print(f"parameters        {params:,}")
   print(f"compile           {b.compile_seconds:.1f} s")
-  print(f"XLA FLOPs/step    {b.flops:.4g} per device")
+  print(f"FLOPs/step        {b.model_flops:.4g} per device (3 x forward), XLA counts "
+        f"{b.flops:.4g}")
   print(f"memory            {b.memory_gib:.3f} GiB per device (args + outputs + temps)")
   print(f"steps/s           {sps:.3f}")
   print(f"images/s          {sps * gbs:.1f} total, {sps * gbs / n:.1f} per device")
   if peak:
-    print(f"MFU               {b.flops * sps / peak:.1%} of {peak / 1e12:.0f} TFLOP/s per device")
-  print(f"loss              {float(m['loss']):.4f} (finite: {np.isfinite(float(m['loss']))})")
+    print(f"MFU               {b.model_flops * sps / peak:.1%} of {peak / 1e12:.0f} TFLOP/s per "
+          "device")
+  print(f"loss              {loss:.4f} (finite: {np.isfinite(loss)})")
 
 
 if __name__ == "__main__":

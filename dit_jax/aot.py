@@ -32,6 +32,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -295,7 +296,6 @@ def row_key(config: str, topology: str, overrides: tuple[str, ...]) -> str:
 def _run_row(config: str, topology: str, overrides: tuple[str, ...], sampling: bool,
              timeout: float) -> dict:
   """One row in a fresh process (compiles do not accumulate; a crash costs one row)."""
-  import tempfile  # pylint: disable=import-outside-toplevel
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "row.json")

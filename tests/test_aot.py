@@ -1,6 +1,8 @@
 """The AOT planner: topology names, collective accounting, a tiny DiT compiled for a TPU slice."""
 
+import json
 import os
+import re
 import subprocess
 import sys
 
@@ -104,5 +106,21 @@ def test_table_row_in_a_subprocess_and_the_markdown_around_it(tmp_path):
   assert "Hand-written intro." in text and "## GPU\nkept" in text and "\nold\n" not in text
   assert "| DiT-S/8 256px | v5p-8 | 4x1 |" in text
   assert "| s4 | v5p-8 | | too big |" in text
-  # A failed row is compiled again by the next --table run; a good one is not.
-  assert aot.row_key("s8", "v5p-8", ()) in {aot.row_key(*r) for r in aot.table_rows()}
+
+
+def test_table_run_compiles_only_missing_and_failed_rows(tmp_path, monkeypatch):
+  rows = aot.table_rows()
+  good, failed = aot.row_key(*rows[0]), aot.row_key(*rows[1])
+  cache = tmp_path / "rows.json"
+  cache.write_text(json.dumps({good: {"steps": {}}, failed: {"error": "timed out"}}))
+  compiled = []
+
+  def fake_row(config, topology, overrides, sampling, timeout):
+    compiled.append(aot.row_key(config, topology, overrides))
+    return {"error": "not compiled in this test"}
+  monkeypatch.setattr(aot, "_run_row", fake_row)
+  out = aot.run_table(str(cache), jobs=1, timeout=1, only="^(s8|s4) ")
+  want = [aot.row_key(*r) for r in rows if re.match("^(s8|s4) ", aot.row_key(*r))]
+  assert sorted(compiled) == sorted(k for k in want if k != good)  # the failed row again
+  assert failed in compiled and good not in compiled
+  assert out[good] == {"steps": {}} and json.loads(cache.read_text()) == out

@@ -180,17 +180,23 @@ def test_guided_sampler_jits_once_over_scales():
 
 # Sharding and progress.
 
-def test_batch_sharded_loop_matches_unsharded():
-  d = create_diffusion("10")
-  model_fn = _gaussian_model_fn(d.timestep_map)
+def assert_batch_sharding_changes_nothing(loop):
+  """loop(noise, key) -> samples: the same samples, kept sharded, from batch-sharded noise."""
   noise = jax.random.normal(jax.random.PRNGKey(5), (16, 4, 4, 2))
   mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
   sharded = jax.device_put(noise, NamedSharding(mesh, P("data")))
-  run = jax.jit(lambda n, k: d.p_sample_loop(model_fn, n.shape, k, noise=n))
+  run = jax.jit(loop)
   key = jax.random.PRNGKey(6)
   a, b = run(noise, key), run(sharded, key)
   assert len(b.sharding.device_set) == 8 and not b.sharding.is_fully_replicated
   np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-6)
+
+
+def test_batch_sharded_loop_matches_unsharded():
+  d = create_diffusion("10")
+  model_fn = _gaussian_model_fn(d.timestep_map)
+  assert_batch_sharding_changes_nothing(
+      lambda n, k: d.p_sample_loop(model_fn, n.shape, k, noise=n))
 
 
 def test_progress_callback_and_errors():

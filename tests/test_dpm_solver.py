@@ -5,9 +5,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler
-from jax.sharding import Mesh
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from dit_jax import models
 from dit_jax import sampling
@@ -22,6 +19,7 @@ from dit_jax.diffusion import limit_guidance
 from dit_jax.diffusion import noise_levels
 from dit_jax.diffusion import sample_with_cfg
 from dit_jax.diffusion import space_timesteps
+from test_diffusion_samplers import assert_batch_sharding_changes_nothing
 
 T = 1000
 MU, S = 0.5, 0.5
@@ -277,14 +275,8 @@ def test_create_sampler_steps_and_spacings():
 
 def test_sharded_solver_loop_matches_unsharded():
   sampler = create_sampler("dpm++2m-sde", 5)
-  noise = jax.random.normal(jax.random.PRNGKey(5), (16, 4, 4, 2))
-  mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
-  sharded = jax.device_put(noise, NamedSharding(mesh, P("data")))
-  run = jax.jit(lambda n, k: sampler.sample(_gaussian_model_fn, n.shape, k, noise=n))
-  key = jax.random.PRNGKey(6)
-  a, b = run(noise, key), run(sharded, key)
-  assert len(b.sharding.device_set) == 8 and not b.sharding.is_fully_replicated
-  np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-6)
+  assert_batch_sharding_changes_nothing(
+      lambda n, k: sampler.sample(_gaussian_model_fn, n.shape, k, noise=n))
 
 
 def test_solver_progress_and_output_check():
