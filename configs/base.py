@@ -93,6 +93,11 @@ def get_config(model: str = "DiT-XL/2", image_size: int = 256) -> ml_collections
   c.optim.warmup_steps = 0
   # Global-norm gradient clipping threshold (0 = off, as released).
   c.optim.grad_clip_norm = 0.0
+  # Gradient accumulation: the global batch is processed in this many microbatches, scanned
+  # inside the one compiled step (the same update as the whole batch, up to float rounding;
+  # activations for 1/N of the batch). 0 = auto: 1, unless no layout and remat policy fits a
+  # device's memory, then the fewest of 2, 4, ... that fits (e.g. XL/2 at 512 px on one GPU).
+  c.optim.microbatches = 0
   # EMA decay of the parameters, updated every step; samples use the EMA.
   c.ema_decay = 0.9999
 
@@ -105,6 +110,27 @@ def get_config(model: str = "DiT-XL/2", image_size: int = 256) -> ml_collections
   # batch 256 on v5p-8 and up), else the smallest power-of-two FSDP within a slice that fits
   # (e.g. XL on small slices of 16 GiB v5e chips); or a size (-1 = all devices of a slice).
   c.mesh.fsdp = 0
+  # On TPUs, compile the step with XLA's options that overlap the data-parallel collectives
+  # (gradient reduce-scatter, parameter all-gather) with compute (dit_jax.sharding
+  # .TPU_OVERLAP_OPTIONS); the planner (dit_jax.aot) compiles with the same options.
+  c.mesh.overlap_collectives = True
+
+  # How each part of the train state is laid out over the mesh (dit_jax/sharding.py).
+  c.sharding = ml_collections.ConfigDict()
+  # Logical parameter axis -> mesh axis, for the parameters as the forward and backward use
+  # them: the hidden width over 'fsdp' (a no-op at fsdp = 1, plain data parallelism).
+  c.sharding.rules = (("embed", "fsdp"),)
+  # The stored float32 parameters, the Adam moments and the EMA: 'update' shards each over
+  # the data-parallel devices of a slice (weight-update sharding, Xu et al. 2020): each device
+  # updates 1/N of the 10 GiB XL state, gradients arrive by reduce-scatter and the parameters
+  # go back to the forward by all-gather in its dtype (bf16 token-matmul kernels). 'compute'
+  # keeps the part as the forward uses it (replicated at fsdp = 1, as the release). Measured
+  # with dit_jax.aot for XL/2 at batch 256 (docs/performance.md): v5p-256 11.2 -> TODO_MEASURE GiB
+  # per chip and TODO_MEASURE ms per step by XLA's estimate; v5p-8 no slower. Sampling,
+  # evaluation and export gather the EMA whole where they need it.
+  c.sharding.params = "update"
+  c.sharding.opt_state = "update"
+  c.sharding.ema = "update"
 
   c.checkpoint = ml_collections.ConfigDict()
   # Save every N steps (and at the end, and on SIGTERM).

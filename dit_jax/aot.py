@@ -79,26 +79,39 @@ def topology_devices(name: str, slices: int = 1) -> list[Any]:
                                            num_slices=slices).devices)
 
 
-def _shape_bytes(text: str) -> int:
-  total = 0
-  for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", text):
-    if dtype in _DTYPE_BYTES:
-      total += _DTYPE_BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d]))
-  return total
-
-
-def collective_bytes(hlo_text: str) -> dict[str, int]:
-  """Bytes of the results of each kind of collective in an (optimized) HLO module's text.
+def collectives(hlo_text: str) -> list[tuple[str, str, int]]:
+  """(kind, dtype, bytes of the result) of each collective in an (optimized) HLO module's text.
 
   Asynchronous pairs are counted once, at their '-done' (whose result is the collective's
   output); collectives inside loop bodies are counted once per appearance, not per iteration.
+  TPU compiles express a reduce-scatter as an all-reduce fused with the slice each device
+  keeps (a fusion computation named all-reduce-scatter): counted as a reduce-scatter, with
+  the all-reduce's result size (the bytes that enter it).
   """
-  out: dict[str, int] = collections.defaultdict(int)
+  out = []
   pattern = re.compile(r"=\s*(.*?)\s+(" + "|".join(_COLLECTIVES) + r")(-start|-done)?\(")
+  computation = ""
   for line in hlo_text.splitlines():
+    head = re.match(r"\s*(?:ENTRY\s+)?%?([\w.-]+)\s.*\{\s*$", line)
+    if head and "=" not in line.split("{")[0]:
+      computation = head.group(1)
     m = pattern.search(line)
     if m and m.group(3) != "-start":
-      out[m.group(2)] += _shape_bytes(m.group(1))
+      kind = m.group(2)
+      if kind == "all-reduce" and computation.startswith("all-reduce-scatter"):
+        kind = "reduce-scatter"
+      for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", m.group(1)):
+        if dtype in _DTYPE_BYTES:
+          out.append((kind, dtype,
+                      _DTYPE_BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d]))))
+  return out
+
+
+def collective_bytes(hlo_text: str) -> dict[str, int]:
+  """Bytes of the results of each kind of collective (see `collectives`)."""
+  out: dict[str, int] = collections.defaultdict(int)
+  for kind, _, n in collectives(hlo_text):
+    out[kind] += n
   return dict(out)
 
 
@@ -220,7 +233,9 @@ def format_reports(config: ml_collections.ConfigDict, name: str, devices: list[A
                    b: step.Built, reports: list[StepReport]) -> str:
   hbm = hardware.memory_bytes(devices[0])
   lines = [f"{config.model.name} {config.data.image_size}px, global batch "
-           f"{config.data.global_batch_size}, {config.model.dtype}, remat {b.model.remat}",
+           f"{config.data.global_batch_size}, {config.model.dtype}, remat {b.model.remat}, "
+           f"{b.microbatches} microbatch(es); state layout: parameters {b.layout.params}, "
+           f"Adam moments {b.layout.opt_state}, EMA {b.layout.ema}",
            f"{name}: {len(devices)} x {devices[0].device_kind} "
            f"({sharding.num_slices(devices)} slice(s)), mesh {dict(b.mesh.shape)}"]
   for r in reports:
@@ -257,6 +272,10 @@ def report_dict(config: ml_collections.ConfigDict, topology: str, devices: list[
           "hbm_gib": (hardware.memory_bytes(devices[0]) or 0) / 2**30,
           "peak_flops": spec.peak_flops if spec else None,
           "mesh": {k: int(v) for k, v in b.mesh.shape.items()},
+          "layout": {"params": b.layout.params, "opt_state": b.layout.opt_state,
+                     "ema": b.layout.ema},
+          "microbatches": int(b.microbatches),
+          "overlap": bool(config.mesh.get("overlap_collectives", True)),
           "steps": {r.name.split(" (")[0]: dataclasses.asdict(r) for r in reports}}
 
 
@@ -283,10 +302,20 @@ OPTION_ROWS = (  # (config, overrides) compiled on v5p-64 beside each default
 )
 
 
+# The layout before weight-update sharding: every part of the state replicated (at fsdp 1),
+# no TPU overlap options. Compiled beside each default row.
+REPLICATED = ("sharding.params=compute", "sharding.opt_state=compute", "sharding.ema=compute",
+              "mesh.overlap_collectives=False")
+# The new default without the overlap options (XL/2 only).
+NO_OVERLAP = ("mesh.overlap_collectives=False",)
+
+
 def table_rows() -> list[tuple[str, str, tuple[str, ...]]]:
   """(config, topology, --config overrides) of every row of docs/performance.md."""
-  rows = [(c, t, ()) for c in TABLE_CONFIGS for t in TABLE_TOPOLOGIES]
-  return rows + [(c, "v5p-64", o) for c, o in OPTION_ROWS if o]
+  rows = [(c, t, o) for c in TABLE_CONFIGS for t in TABLE_TOPOLOGIES for o in ((), REPLICATED)]
+  rows += [("xl2", t, NO_OVERLAP) for t in TABLE_TOPOLOGIES]
+  # The option studies keep the replicated layout, so that they compare with each other.
+  return rows + [(c, "v5p-64", o + REPLICATED) for c, o in OPTION_ROWS if o]
 
 
 def row_key(config: str, topology: str, overrides: tuple[str, ...]) -> str:
@@ -364,7 +393,8 @@ def _cells(row: dict) -> dict[str, str]:
   mem = tr["memory"]["total"]
   peak = row["peak_flops"]
   mesh = row["mesh"]
-  out = {"mesh": f"{mesh.get('data', 1)}x{mesh.get('fsdp', 1)}",
+  data = mesh.get("slice", 1) * mesh.get("data", 1) * mesh.get("data_minor", 1)
+  out = {"mesh": f"{data}x{mesh.get('fsdp', 1)}",
          "memory": f"{mem:.1f} / {row['hbm_gib']:.0f}" + ("" if _fits(row) else " **no fit**"),
          "flops": f"{tr['flops'] / tr['analytic_flops']:.2f}" if tr["analytic_flops"] else "",
          "coll": f"{sum(tr['collectives'].values()) / 2**20:.0f}",
@@ -386,30 +416,40 @@ def render_table(rows: dict[str, dict]) -> str:
   """The Markdown of docs/performance.md's generated part."""
   def get(c, t, o=()):
     return rows.get(row_key(c, t, o))
-  head = ("| config | topology | mesh data x fsdp | memory/chip GiB (of HBM) | FLOPs / analytic | "
-          "collectives MiB/step | roofline ms/step | XLA's estimate ms | images/s at roofline | "
-          "MFU at roofline | compile s |\n|---|---|---|---|---|---|---|---|---|---|---|")
+  head = ("| config | topology | state | mesh data x fsdp | memory/chip GiB (of HBM) | "
+          "FLOPs / analytic | collectives MiB/step | roofline ms/step | XLA's estimate ms | "
+          "images/s at roofline | MFU at roofline | compile s |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|")
   lines = ["### Train step: every grid config and xl2_512 on five slices (global batch 256, "
-           "bf16, default layout and remat)", "", head]
+           "bf16, default layout and remat)", "",
+           "state: `update` = the default (config.sharding: parameters, Adam moments and EMA "
+           "sharded over the data-parallel chips of a slice, TPU overlap options on); "
+           "`replicated` = the layout before it (every part replicated, no overlap options); "
+           "`update, no overlap` = the default without the overlap options.", "", head]
+  variants = (((), "update"), (NO_OVERLAP, "update, no overlap"), (REPLICATED, "replicated"))
   for c in TABLE_CONFIGS:
     for t in TABLE_TOPOLOGIES:
-      r = get(c, t)
-      if not r:
-        continue
-      if "error" in r:
-        lines.append(f"| {c} | {t} | | {r['error']} | | | | | | | |")
-        continue
-      x = _cells(r)
-      name = f"{r['config']} {r['image_size']}px" + (f" (remat {r['remat']})"
-                                                     if r["remat"] != "none" else "")
-      lines.append(f"| {name} | {t} | {x['mesh']} | {x['memory']} | {x['flops']} | {x['coll']} | "
-                   f"{x.get('roof', '')} | {x['xla']} | {x.get('ips', '')} | {x.get('mfu', '')} | "
-                   f"{x['compile']} |")
-  lines += ["", "### Options on v5p-64 (XL/2, 256 and 512 px): remat, attention, layer scan", "",
+      for o, label in variants:
+        if (c, t, o) not in table_rows():
+          continue
+        r = get(c, t, o)
+        if not r or "error" in r:
+          why = r["error"] if r else ("not compiled yet: python -m dit_jax.aot --table "
+                                      f"--only='^{c} {t}'")
+          lines.append(f"| {c} | {t} | {label} | | {why} | | | | | | | |")
+          continue
+        x = _cells(r)
+        name = f"{r['config']} {r['image_size']}px" + (f" (remat {r['remat']})"
+                                                       if r["remat"] != "none" else "")
+        lines.append(f"| {name} | {t} | {label} | {x['mesh']} | {x['memory']} | {x['flops']} | "
+                     f"{x['coll']} | {x.get('roof', '')} | {x['xla']} | {x.get('ips', '')} | "
+                     f"{x.get('mfu', '')} | {x['compile']} |")
+  lines += ["", "### Options on v5p-64 (XL/2, 256 and 512 px): remat, attention, layer scan "
+            "(replicated state)", "",
             "| config | option | memory/chip GiB | FLOPs / analytic | collectives MiB/step | "
             "roofline ms/step | MFU at roofline | compile s |", "|---|---|---|---|---|---|---|---|"]
   for c, o in OPTION_ROWS:
-    r = get(c, "v5p-64", o)
+    r = get(c, "v5p-64", o + REPLICATED)
     if not r:
       continue
     label = ", ".join(x.replace("model.", "") for x in o) or "default"

@@ -419,6 +419,24 @@ def get_model(name: str, **kwargs: Any) -> DiT:
   return DiT_models[name](**kwargs)
 
 
+# Modules whose parameters the forward uses in `DiT.dtype` (the token matmuls: patch embedding,
+# qkv, attention output, MLP); every other parameter is used in float32.
+TOKEN_MATMUL_MODULES = ('x_embedder', 'attn', 'mlp')
+
+
+def compute_dtypes(model: DiT, params: Any) -> Any:
+  """The dtype the forward computes with each parameter in (a tree shaped like `params`).
+
+  Casting a parameter to it before the forward changes nothing (the layers cast to it anyway),
+  so parameters can be gathered across devices in that dtype: bfloat16 for the token-matmul
+  kernels under dtype=bfloat16, float32 for the conditioning path and the final layer.
+  """
+  def one(path, _):
+    names = {getattr(k, 'key', getattr(k, 'name', None)) for k in path}
+    return jnp.dtype(model.dtype) if names & set(TOKEN_MATMUL_MODULES) else jnp.dtype(jnp.float32)
+  return jax.tree_util.tree_map_with_path(one, params)
+
+
 def param_shapes(model: DiT) -> dict:
   """Abstract, unboxed 'params' tree (ShapeDtypeStructs) of `model`; allocates and computes nothing."""
   model.validate()

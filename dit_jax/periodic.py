@@ -56,16 +56,22 @@ class SampleGrid:
     self.args = jax.device_put(
         (jax.random.PRNGKey(config.seed + 1), jnp.arange(n, dtype=jnp.int32) % model.num_classes,
          jnp.float32(config.sample.cfg_scale)), repl)
+    # The EMA (sharded over the devices with config.sharding.ema='update') is gathered whole
+    # once per grid, so the sampling loop does no per-step all-gathers.
+    repl_tree = jax.tree.map(lambda _: repl, b.abstract.ema_params)
+    self.replicate = jax.jit(lambda p: p, out_shardings=repl_tree).lower(
+        _abstract(b.abstract.ema_params, b.state_sh.ema_params)).compile()
     fn = _sample_fn(config, model, config.sample, models.has_null_class(model),
-                    (b.state_sh.ema_params, repl, repl, repl), repl)
+                    (repl, repl, repl, repl), repl)
     self.sample = _compile(fn, config.sample.matmul_precision, b.mesh,
-                           _abstract(b.abstract.ema_params, b.state_sh.ema_params),
+                           _abstract(b.abstract.ema_params, repl_tree),
                            *_abstract(self.args, (repl,) * 3))
     h, w, c = model.input_size, model.input_size, model.in_channels
     decoder.compile(jax.ShapeDtypeStruct((n, h, w, c), jnp.float32, sharding=repl))
 
   def __call__(self, ema_params: Any, step: int) -> None:
-    images = np.asarray(jax.device_get(self.decoder(self.sample(ema_params, *self.args))))
+    params = self.replicate(ema_params)
+    images = np.asarray(jax.device_get(self.decoder(self.sample(params, *self.args))))
     grid = sampling.make_grid(images, columns=self.columns,
                               upscale=max(1, 128 // images.shape[1]))
     if jax.process_index() == 0:

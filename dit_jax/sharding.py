@@ -1,21 +1,34 @@
 """Device mesh and sharding rules: the one place where layout is decided.
 
-Mesh axes: 'data' (pure data parallelism, e.g. across slices) and 'fsdp' (data parallel
-over the batch AND parameter sharding). The batch is split over both. Parameters, the EMA
-and the Adam moments follow `LOGICAL_RULES`: the model's hidden width 'embed' is sharded
-over 'fsdp'. Where that dimension does not divide by the fsdp size the largest dimension
-that does is sharded instead, and a tensor with none (biases, tiny layers) is replicated.
-With fsdp = 1 every parameter is replicated (plain data parallelism).
+Mesh axes, outermost first:
+  'slice'       the slices of a multi-slice TPU job (the data-centre network, DCN); 1 otherwise;
+  'data', 'data_minor'  data parallelism within a slice (one data axis factored in two, so that
+                a tensor none of whose dimensions divides by the whole data-parallel group can
+                still be split over it: e.g. XL's [1152, 3456] qkv kernel on 256 chips is split
+                16 x 16);
+  'fsdp'        data parallel over the batch AND parameter sharding within a slice.
+The batch is split over all four. `config.mesh.data` x `config.mesh.fsdp` lay out one slice
+(ICI); several slices multiply the mesh by 'slice'.
 
-`config.mesh.data` x `config.mesh.fsdp` lay out ONE slice (ICI); with several slices
-(multi-slice TPU jobs, devices with distinct `slice_index`) the mesh is a hybrid ICI x DCN
-mesh whose 'data' axis also spans the slices, so only data-parallel gradient reductions
-cross the data-centre network. fsdp = 0 ("auto") is resolved by `step.build` from the
-compiled step's memory (`fsdp_candidates`).
+Each part of the train state has its own layout (`Layout`, from `config.sharding`):
+  * the parameters as the forward and backward use them ("compute" layout): `rules` map the
+    model's logical axis names (dit_jax.models.LOGICAL_AXES) to mesh axes, by default the hidden
+    width 'embed' to 'fsdp'. Where that dimension does not divide the largest dimension that does
+    is sharded instead, and a tensor with none (biases, tiny layers) is replicated. With fsdp = 1
+    the compute layout is replicated (plain data parallelism);
+  * the stored float32 parameters, the Adam moments and the EMA each either in the compute
+    layout, or in the "update" layout: the compute layout further split over the data-parallel
+    axes of a slice, so that each device stores and updates 1/N of them (weight-update sharding,
+    Xu et al. 2020, "Automatic Cross-Replica Sharding of Weight Update in Data-Parallel
+    Training"). The step then reduce-scatters gradients into the update layout and all-gathers
+    the updated parameters, in the dtype the forward uses them, into the compute layout. The
+    'slice' axis never shards the state: only the gradient reduction crosses the DCN.
+fsdp = 0 ("auto") is resolved by `step.build` from the compiled step's memory (`fsdp_candidates`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Sequence
 
@@ -25,13 +38,47 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp")
-BATCH_AXES = ("data", "fsdp")
-# Logical parameter axis (see dit_jax.models.LOGICAL_AXES) -> mesh axis. Unlisted: replicated.
-LOGICAL_RULES = (("embed", "fsdp"),)
-# Logical axes never sharded, not even by the fallback below: the [depth] axis of scanned
-# blocks (each scan iteration reads one layer; sharding it would gather the whole stack).
+MESH_AXES = ("slice", "data", "data_minor", "fsdp")
+BATCH_AXES = MESH_AXES
+# The data-parallel axes of one slice: the update layout splits the state over these.
+UPDATE_AXES = ("data", "data_minor", "fsdp")
+# Logical axis (see dit_jax.models.LOGICAL_AXES) -> mesh axis; unlisted: replicated.
+DEFAULT_RULES = (("embed", "fsdp"),)
+# Logical axes never sharded, not even by the fallbacks: the [depth] axis of scanned blocks
+# (each scan iteration reads one layer; sharding it would gather the whole stack).
 UNSHARDED = ("layers",)
+LAYOUTS = ("compute", "update")
+STATE_PARTS = ("params", "opt_state", "ema")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """How each part of the train state is sharded (`config.sharding`)."""
+  rules: tuple[tuple[str, str], ...] = DEFAULT_RULES
+  params: str = "update"     # the float32 master parameters
+  opt_state: str = "update"  # the Adam moments
+  ema: str = "update"
+
+  @classmethod
+  def from_config(cls, config: Any) -> "Layout":
+    s = config.get("sharding")
+    if s is None:
+      return cls()
+    rules = tuple((str(a), str(b)) for a, b in s.get("rules", DEFAULT_RULES))
+    out = cls(rules, *(str(s.get(p, "update")) for p in STATE_PARTS))
+    out.validate()
+    return out
+
+  def validate(self) -> None:
+    for part in STATE_PARTS:
+      if getattr(self, part) not in LAYOUTS:
+        raise ValueError(f"config.sharding.{part}={getattr(self, part)!r}: choose 'update' "
+                         "(sharded over the data-parallel devices of a slice) or 'compute' "
+                         "(laid out as the forward uses the parameters)")
+    for logical, axis in self.rules:
+      if axis not in MESH_AXES:
+        raise ValueError(f"config.sharding.rules: ({logical!r}, {axis!r}) names no mesh axis; "
+                         f"the mesh axes are {', '.join(MESH_AXES)}")
 
 
 def mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int]:
@@ -50,12 +97,20 @@ def mesh_shape(data: int, fsdp: int, num_devices: int) -> tuple[int, int]:
   return sizes[0], sizes[1]
 
 
+def split_data(data: int) -> tuple[int, int]:
+  """data = major x minor, minor the largest power of two whose square is at most `data`."""
+  minor = 1
+  while data % (2 * minor) == 0 and (2 * minor) ** 2 <= data:
+    minor *= 2
+  return data // minor, minor
+
+
 def num_slices(devices: Sequence[Any]) -> int:
   return len({getattr(d, "slice_index", 0) for d in devices})
 
 
 def create_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
-  """(data, fsdp) mesh; `data` x `fsdp` lay out one slice, slices add to 'data' (DCN)."""
+  """('slice', 'data', 'data_minor', 'fsdp') mesh: `data` x `fsdp` lay out one slice."""
   devices = list(jax.devices() if devices is None else devices)
   slices = num_slices(devices)
   if len(devices) % slices:
@@ -63,12 +118,13 @@ def create_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[Any] | None = N
   if fsdp == 0:
     raise ValueError("config.mesh.fsdp=0 (auto) is resolved by step.build; pass a size here")
   d, f = mesh_shape(data, fsdp, len(devices) // slices)
+  shape = (1, *split_data(d), f)
+  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
   if slices == 1:
-    return jax.make_mesh((d, f), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2,
-                         devices=devices)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
   grid = mesh_utils.create_hybrid_device_mesh(
-      (d, f), (slices, 1), devices=devices, allow_split_physical_axes=True)
-  return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2)
+      shape, (slices, 1, 1, 1), devices=devices, allow_split_physical_axes=True)
+  return Mesh(grid, MESH_AXES, axis_types=auto)
 
 
 def fsdp_candidates(devices: Sequence[Any], data: int = -1) -> list[int]:
@@ -88,42 +144,97 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def _leaf_spec(logical: P | None, shape: tuple[int, ...], mesh: Mesh) -> P:
-  """Mesh PartitionSpec for one array from its logical names, checking divisibility."""
+def _axes(entry: Any) -> tuple[str, ...]:
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _ways(entry: Any, mesh: Mesh) -> int:
+  return int(np.prod([mesh.shape[a] for a in _axes(entry)]))
+
+
+def compute_spec(logical: P | None, shape: tuple[int, ...], mesh: Mesh,
+                 rules: tuple[tuple[str, str], ...] = DEFAULT_RULES) -> P:
+  """Mesh PartitionSpec of one parameter as the forward uses it, from its logical names."""
   if logical is None or not shape:
     return P()
-  rules = dict(LOGICAL_RULES)
+  rules = dict(rules)
+  names = tuple(logical)
   spec: list[Any] = [None] * len(shape)
-  for i, name in enumerate(tuple(logical)):
+  for i, name in enumerate(names):
     axis = rules.get(name)
     if axis and mesh.shape[axis] > 1 and axis not in spec and shape[i] % mesh.shape[axis] == 0:
       spec[i] = axis
-  names = tuple(logical)
   for axis in set(rules.values()):
     if axis in spec or mesh.shape[axis] == 1:
       continue
     if any(rules.get(n) == axis for n in names):  # wanted but did not divide: fall back
-      dims = sorted(range(len(shape)), key=lambda d: -shape[d])
-      for d in dims:
-        if names[d] in UNSHARDED:
-          continue
-        if spec[d] is None and shape[d] % mesh.shape[axis] == 0 and shape[d] > 1:
+      for d in sorted(range(len(shape)), key=lambda d: -shape[d]):
+        if names[d] not in UNSHARDED and spec[d] is None and shape[d] > 1 and \
+            shape[d] % mesh.shape[axis] == 0:
           spec[d] = axis
           break
   return P(*spec)
 
 
-def state_shardings(boxed_abstract_state: Any, mesh: Mesh) -> Any:
-  """NamedShardings for the UNBOXED version of a state whose params are LogicallyPartitioned.
+def update_spec(spec: P, logical: P | None, shape: tuple[int, ...], mesh: Mesh) -> P:
+  """`spec` further split over every data-parallel axis of a slice that some dimension can take
+  (largest dimensions first; an axis goes minor to those already on a dimension)."""
+  names = tuple(logical) if logical is not None else (None,) * len(shape)
+  entries = [_axes(e) for e in tuple(spec)] + [()] * (len(shape) - len(tuple(spec)))
+  used = {a for e in entries for a in e}
+  for axis in UPDATE_AXES:
+    if axis in used or mesh.shape[axis] == 1:
+      continue
+    for d in sorted(range(len(shape)), key=lambda d: -shape[d]):
+      ways = _ways(entries[d], mesh) * mesh.shape[axis]
+      if names[d] not in UNSHARDED and shape[d] % ways == 0:
+        entries[d] = entries[d] + (axis,)
+        used.add(axis)
+        break
+  return P(*[None if not e else e[0] if len(e) == 1 else e for e in entries])
 
-  `boxed_abstract_state` comes from `jax.eval_shape` of an init function that returns boxed
-  params (optax moments inherit the boxes); leaves without names are replicated.
-  """
+
+def param_shardings(logical: Any, shapes: Any, mesh: Mesh, layout: Layout,
+                    mode: str) -> Any:
+  """NamedShardings of a tree shaped like the parameters (the parameters themselves, a moment,
+  the EMA) in the 'compute' or 'update' layout; leaves without logical names are replicated."""
+  def one(spec, x):
+    shape = tuple(x.shape)
+    s = compute_spec(spec, shape, mesh, layout.rules)
+    if mode == "update" and shape:
+      s = update_spec(s, spec, shape, mesh)
+    return NamedSharding(mesh, s)
+  return jax.tree.map(one, logical, shapes, is_leaf=lambda x: isinstance(x, P) or x is None)
+
+
+def state_shardings(boxed_abstract_state: Any, mesh: Mesh, layout: Layout | None = None) -> Any:
+  """NamedShardings of the UNBOXED version of a TrainState whose params are LogicallyPartitioned
+  (from `jax.eval_shape` of an init function; optax moments inherit the boxes), each part in the
+  layout `layout` gives it; leaves without names (step, rng, counts) are replicated."""
+  layout = layout or Layout()
   logical = nn.get_partition_spec(boxed_abstract_state)
   shapes = nn.meta.unbox(boxed_abstract_state)
-  return jax.tree.map(
-      lambda spec, x: NamedSharding(mesh, _leaf_spec(spec, tuple(x.shape), mesh)),
-      logical, shapes, is_leaf=lambda x: isinstance(x, P))
+  part = lambda lg, sh, mode: param_shardings(lg, sh, mesh, layout, mode)
+  out = part(logical, shapes, "compute")  # step, rng, flags: replicated
+  fields = getattr(shapes, "__dataclass_fields__", None)
+  if fields is None:  # a bare parameter tree
+    return out
+  return out.replace(params=part(logical.params, shapes.params, layout.params),
+                     opt_state=part(logical.opt_state, shapes.opt_state, layout.opt_state),
+                     ema_params=part(logical.ema_params, shapes.ema_params, layout.ema))
+
+
+def compute_shardings(boxed_params: Any, mesh: Mesh, layout: Layout | None = None) -> Any:
+  """NamedShardings of the parameters as the forward uses them (BOXED params in)."""
+  layout = layout or Layout()
+  return param_shardings(nn.get_partition_spec(boxed_params), nn.meta.unbox(boxed_params), mesh,
+                         layout, "compute")
+
+
+def device_bytes(shardings: Any, shapes: Any) -> int:
+  """Bytes one device holds of a tree of arrays laid out by `shardings`."""
+  return sum(int(np.prod(s.shard_shape(tuple(x.shape)))) * np.dtype(x.dtype).itemsize
+             for s, x in zip(jax.tree.leaves(shardings), jax.tree.leaves(shapes)))
 
 
 def replicated_bytes(shardings: Any, shapes: Any) -> tuple[int, int]:
@@ -147,3 +258,24 @@ def describe(shardings: Any, shapes: Any) -> str:
 def log_mesh(mesh: Mesh) -> None:
   logging.info("Mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size,
                jax.process_count())
+
+
+# XLA options of TPU compiles that overlap data-parallel collectives (the gradient
+# reduce-scatter, the parameter all-gather) with compute: asynchronous collectives fused into
+# the surrounding computation, over several steps of the schedule. Passed as compile options by
+# `step.build`, so the planner's programs are the ones a pod runs.
+TPU_OVERLAP_OPTIONS = {
+    "xla_tpu_enable_data_parallel_all_reduce_opt": True,
+    "xla_tpu_data_parallel_opt_different_sized_ops": True,
+    "xla_tpu_enable_async_collective_fusion": True,
+    "xla_tpu_enable_async_collective_fusion_fuse_all_gather": True,
+    "xla_tpu_enable_async_collective_fusion_fuse_reduce_scatter": True,
+    "xla_tpu_enable_async_collective_fusion_multiple_steps": True,
+    "xla_tpu_overlap_compute_collective_tc": True,
+    "xla_enable_async_all_gather": True,
+}
+
+
+def compiler_options(platform: str, overlap: bool = True) -> dict[str, Any] | None:
+  """Compile options of the train step for a platform ('tpu', 'gpu', 'cpu')."""
+  return dict(TPU_OVERLAP_OPTIONS) if platform == "tpu" and overlap else None

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from jax.sharding import PartitionSpec as P
 
 from dit_jax import attention, hardware, model_table, models, sharding
 from dit_jax.diffusion import create_diffusion
@@ -155,35 +156,90 @@ def sample_latents(batch: dict, key: jax.Array, scale: float, random_flip: bool)
   return (mean + std * jax.random.normal(k_eps, mean.shape, jnp.float32)) * scale
 
 
+def gather_params(params: Any, dtypes: Any, shardings: Any) -> Any:
+  """The parameters as the forward uses them: each cast to its compute dtype, then laid out in
+  the compute layout. From the update layout that is an all-gather in the compute dtype
+  (bfloat16 for the token-matmul kernels): the values the forward sees are those of the
+  replicated step, bit for bit, at half the bytes."""
+  return jax.tree.map(lambda p, dt, sh: jax.lax.with_sharding_constraint(p.astype(dt), sh),
+                      params, dtypes, shardings)
+
+
+def split_microbatches(tree: Any, n: int, batch_axes: Any) -> Any:
+  """[B, ...] -> [n, B/n, ...]: microbatch i takes rows i, i + n, i + 2n, ..., so that each
+  device's rows split evenly among the microbatches (no data moves between devices)."""
+  def one(x):
+    x = x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+    return jax.lax.with_sharding_constraint(x, P(None, batch_axes))
+  return jax.tree.map(one, tree)
+
+
 def train_step(state: TrainState, batch: dict, *, model: models.DiT, diffusion: Any,
                tx: optax.GradientTransformation, schedule: Any, ema_decay: float,
-               scale: float, random_flip: bool) -> tuple[TrainState, dict]:
-  """One AdamW step on the hybrid diffusion loss, then the EMA update."""
+               scale: float, random_flip: bool, microbatches: int = 1,
+               param_dtypes: Any = None, compute_sh: Any = None, grad_sh: Any = None,
+               batch_axes: Any = None) -> tuple[TrainState, dict]:
+  """One AdamW step on the hybrid diffusion loss, then the EMA update.
+
+  The parameters are gathered once into the compute layout (`gather_params`); each device's
+  share of the gradient is reduce-scattered into `grad_sh` (the stored parameters' layout) and
+  cast to float32, so the update runs on each device's 1/N of the state. With `microbatches`
+  > 1 the batch is processed in that many slices by a scan, gradients summed in float32: the
+  same step as the whole batch at once, up to float rounding. All randomness (flip, posterior
+  sample, t, noise, label dropout) is drawn for the whole batch first.
+  """
   key = jax.random.fold_in(state.rng, state.step)
   k_x0, k_t, k_noise, k_drop = jax.random.split(key, 4)
   x0 = sample_latents(batch, k_x0, scale, random_flip)
-  t = jax.random.randint(k_t, x0.shape[:1], 0, diffusion.num_timesteps)
+  n = x0.shape[0]
+  t = jax.random.randint(k_t, (n,), 0, diffusion.num_timesteps)
   noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
+  # Label dropout to the null class (classifier-free guidance), as the model would draw it.
+  drop = (jax.random.uniform(k_drop, (n,)) < model.class_dropout_prob).astype(jnp.int32)
+  inputs = {"x0": x0, "t": t, "noise": noise, "label": batch["label"], "drop": drop}
+  if param_dtypes is None:
+    param_dtypes = models.compute_dtypes(model, state.params)
+  params = state.params
+  if compute_sh is not None:
+    params = gather_params(params, param_dtypes, compute_sh)
+  else:
+    params = jax.tree.map(lambda p, dt: p.astype(dt), params, param_dtypes)
 
-  def loss_fn(params):
+  def loss_fn(p, mb):
     def model_fn(x, tt):
-      return model.apply({"params": params}, x, tt, batch["label"], train=True,
-                         rngs={"dropout": k_drop})
-    terms = diffusion.training_losses(model_fn, x0, t, noise=noise)
-    return terms["loss"].mean(), terms
+      return model.apply({"params": p}, x, tt, mb["label"], train=True,
+                         force_drop_ids=mb["drop"] if model.class_dropout_prob > 0 else None)
+    terms = diffusion.training_losses(model_fn, mb["x0"], mb["t"], noise=mb["noise"])
+    return terms["loss"].mean(), {"mse": terms["mse"].mean(), "vb": terms["vb"].mean()}
 
-  (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  def grads_of(mb):
+    (loss, terms), g = jax.value_and_grad(loss_fn, has_aux=True)(params, mb)
+    if grad_sh is not None:  # each device keeps its share of the summed gradient
+      g = jax.tree.map(jax.lax.with_sharding_constraint, g, grad_sh)
+    return jax.tree.map(lambda x: x.astype(jnp.float32), g), {"loss": loss, **terms}
+
+  if microbatches == 1:
+    grads, metrics = grads_of(inputs)
+  else:
+    def body(acc, mb):
+      out = grads_of(mb)
+      return jax.tree.map(jnp.add, acc, out), None
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32),
+                         jax.eval_shape(grads_of, jax.tree.map(lambda x: x[:n // microbatches],
+                                                               inputs)))
+    total, _ = jax.lax.scan(body, zeros, split_microbatches(inputs, microbatches, batch_axes))
+    grads, metrics = jax.tree.map(lambda x: x / microbatches, total)
+
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  ema = optax.incremental_update(params, state.ema_params, step_size=1.0 - ema_decay)
+  new_params = optax.apply_updates(state.params, updates)
+  ema = optax.incremental_update(new_params, state.ema_params, step_size=1.0 - ema_decay)
   grad_norm = optax.tree.norm(grads)
-  metrics = {"loss": loss, "mse": terms["mse"].mean(), "vb": terms["vb"].mean(),
-             "grad_norm": grad_norm, "learning_rate": schedule(state.step)}
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  metrics = {**metrics, "grad_norm": grad_norm, "learning_rate": schedule(state.step)}
+  finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
   first_bad = jnp.where((state.first_bad_step < 0) & ~finite, state.step + 1,
                         state.first_bad_step)
-  new = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state,
-                      first_bad_step=first_bad)
+  new = state.replace(step=state.step + 1, params=new_params, ema_params=ema,
+                      opt_state=opt_state, first_bad_step=first_bad)
   return new, metrics
 
 
@@ -193,18 +249,34 @@ class Built:
   model: models.DiT
   diffusion: Any
   mesh: jax.sharding.Mesh
+  layout: sharding.Layout  # how each part of the state is sharded (config.sharding)
   state_sh: Any           # NamedShardings of the (unboxed) TrainState
+  compute_sh: Any         # NamedShardings of the parameters as the forward uses them
   batch_sh: Any
   repl: Any
   abstract: TrainState    # ShapeDtypeStructs of the state
   init: Any               # key -> sharded fresh TrainState
   compiled: Any           # (state, global batch) -> (state, metrics), donates state
+  microbatches: int       # gradient accumulation steps inside one train step
   flops: float            # per device per step, from XLA's cost analysis (with recomputation;
                           # on GPUs it misses the cuBLAS/cuDNN calls, which XLA does not count)
   model_flops: float      # per device per step: 3 x the forward's matmul FLOPs (the paper's
                           # count; MFU's numerator, whatever remat recomputes)
   memory_gib: float       # per device: arguments + outputs + temporaries - aliased
   compile_seconds: float
+
+
+def _microbatch_sizes(config: ml_collections.ConfigDict, per_device: int) -> list[int]:
+  """config.optim.microbatches: a count, or 0 = auto (1, then 2, 4, ... while none fits)."""
+  m = int(config.optim.get("microbatches", 1))
+  if m < 0:
+    raise ValueError(f"config.optim.microbatches={m}: use 1 (none), N >= 2 or 0 (auto)")
+  if m and per_device % m:
+    raise ValueError(f"config.optim.microbatches={m} must divide the {per_device} images per "
+                     "device (config.data.global_batch_size / devices)")
+  if m:
+    return [m]
+  return [k for k in (2**i for i in range(per_device.bit_length())) if per_device % k == 0]
 
 
 def build(config: ml_collections.ConfigDict, info: DataInfo,
@@ -215,10 +287,13 @@ def build(config: ml_collections.ConfigDict, info: DataInfo,
   compile for hardware that is not attached. With config.mesh.fsdp = 0 (auto) the layout is
   data parallel if the compiled step fits a device's memory, else the smallest power-of-two
   FSDP within a slice that does. With config.model.remat = 'auto' each layout tries the
-  policies of REMAT_AUTO, lightest first; `Built.model.remat` is the one chosen.
+  policies of REMAT_AUTO, lightest first; `Built.model.remat` is the one chosen. With
+  config.optim.microbatches = 0 (auto), gradient accumulation is tried (2, 4, ... microbatches
+  with the last layout and policy) only when nothing else fits.
   """
   gbs = config.data.global_batch_size
   devices = list(jax.devices() if devices is None else devices)
+  layout = sharding.Layout.from_config(config)
   model = create_model(config, info)
   tokens = (model.input_size // model.patch_size) ** 2
   model = model.clone(attention_impl=attention.resolve_for(model.attention_impl, model.dtype,
@@ -230,6 +305,7 @@ def build(config: ml_collections.ConfigDict, info: DataInfo,
   if gbs % len(devices):
     raise ValueError(f"config.data.global_batch_size={gbs} must divide by the {len(devices)} "
                      "devices (one image per device at least: raise the batch on large pods)")
+  micros = _microbatch_sizes(config, gbs // len(devices))
   init_fn = functools.partial(init_state, model=model, tx=tx, local_shape=info.latent_shape)
   boxed = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
   auto = config.mesh.fsdp == 0
@@ -242,46 +318,61 @@ def build(config: ml_collections.ConfigDict, info: DataInfo,
   # remat 'auto': the lightest policy that fits, within each layout (FSDP shrinks the state,
   # remat the activations); without a known memory size, no remat.
   remats = REMAT_AUTO if remat_auto and limit else (model.remat,)
-  search = (auto or remat_auto) and limit
-  state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nn.meta.unbox(boxed)))
-  candidates = [(fsdp, remat) for fsdp in sizes for remat in remats]
-  for i, (fsdp, remat) in enumerate(candidates):
+  micro_auto = len(micros) > 1
+  search = (auto or remat_auto or micro_auto) and limit
+  if not limit:
+    micros = micros[:1]
+  candidates = [(fsdp, remat, micros[0]) for fsdp in sizes for remat in remats]
+  candidates += [(sizes[-1], remats[-1], m) for m in micros[1:]]
+  abstract = nn.meta.unbox(boxed)
+  for i, (fsdp, remat, micro) in enumerate(candidates):
     last = i == len(candidates) - 1
-    if auto and limit and not last and state_bytes / fsdp > MEMORY_HEADROOM * limit:
-      continue  # the sharded state alone would not fit: no need to compile
+    mesh = sharding.create_mesh(config.mesh.data, fsdp, devices)
+    if search and not last:
+      # The state alone, as laid out: no need to compile a layout whose state does not fit.
+      held = sharding.device_bytes(sharding.state_shardings(boxed, mesh, layout), abstract)
+      if held > MEMORY_HEADROOM * limit:
+        continue
     b = _compile(config, info, model.clone(remat=remat), diffusion, tx, schedule, init_fn, boxed,
-                 sharding.create_mesh(config.mesh.data, fsdp, devices))
+                 mesh, layout, micro)
     need = b.memory_gib * 2**30
     if not search or need <= MEMORY_HEADROOM * limit:
-      if remat_auto:
-        logging.info("model.remat='auto': %r fits (%.1f GiB per device)", remat, b.memory_gib)
+      if remat_auto or micro_auto:
+        logging.info("fsdp=%d, remat %r, %d microbatch(es) fit (%.1f GiB per device)", fsdp,
+                     remat, micro, b.memory_gib)
       break
     if last:
-      logging.warning("The train step needs %.1f GiB per device even at fsdp=%d with remat %r, "
-                      "more than %.0f%% of the %.1f GiB a device has: use %sa smaller batch",
-                      b.memory_gib, fsdp, remat, 100 * MEMORY_HEADROOM, limit / 2**30,
+      logging.warning("The train step needs %.1f GiB per device even at fsdp=%d with remat %r "
+                      "and %d microbatch(es), more than %.0f%% of the %.1f GiB a device has: "
+                      "use %sa smaller batch", b.memory_gib, fsdp, remat, micro,
+                      100 * MEMORY_HEADROOM, limit / 2**30,
                       "" if remat_auto else "model.remat='auto' (or 'full') or ")
     else:
-      logging.info("fsdp=%d with remat %r needs %.1f GiB per device (> %.0f%% of %.1f GiB): "
-                   "trying the next layout", fsdp, remat, b.memory_gib, 100 * MEMORY_HEADROOM,
-                   limit / 2**30)
+      logging.info("fsdp=%d with remat %r and %d microbatch(es) needs %.1f GiB per device "
+                   "(> %.0f%% of %.1f GiB): trying the next layout", fsdp, remat, micro,
+                   b.memory_gib, 100 * MEMORY_HEADROOM, limit / 2**30)
   return b
 
 
 def _compile(config: ml_collections.ConfigDict, info: DataInfo,
              model: models.DiT, diffusion: Any, tx: Any, schedule: Any, init_fn: Any,
-             boxed: Any, mesh: jax.sharding.Mesh) -> Built:
+             boxed: Any, mesh: jax.sharding.Mesh, layout: sharding.Layout,
+             microbatches: int) -> Built:
   gbs = config.data.global_batch_size
   sharding.log_mesh(mesh)
-  state_sh = sharding.state_shardings(boxed, mesh)
+  state_sh = sharding.state_shardings(boxed, mesh, layout)
+  compute_sh = sharding.compute_shardings(boxed.params, mesh, layout)
   abstract = nn.meta.unbox(boxed)
-  sharded_bytes, repl_bytes = sharding.replicated_bytes(state_sh.params, abstract.params)
-  logging.info("Parameters: %s (%s)",
+  sharded_bytes, repl_bytes = sharding.replicated_bytes(compute_sh, abstract.params)
+  logging.info("Parameters: %s (as the forward uses them: %s); per device the state holds "
+               "%.1f MiB (parameters %s, Adam moments %s, EMA %s)",
                f"{sum(x.size for x in jax.tree.leaves(abstract.params)):,}",
-               sharding.describe(state_sh.params, abstract.params))
+               sharding.describe(compute_sh, abstract.params),
+               sharding.device_bytes(state_sh, abstract) / 2**20, layout.params,
+               layout.opt_state, layout.ema)
   if mesh.shape["fsdp"] > 1 and repl_bytes > 0.01 * (sharded_bytes + repl_bytes):
     logging.warning("%.1f MiB of parameters stay replicated at fsdp=%d (no dimension divides): "
-                    "each device holds them, their EMA and Adam moments whole",
+                    "each device gathers them whole for the forward",
                     repl_bytes / 2**20, mesh.shape["fsdp"])
   batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
 
@@ -289,7 +380,10 @@ def _compile(config: ml_collections.ConfigDict, info: DataInfo,
       functools.partial(train_step, model=model, diffusion=diffusion, tx=tx,
                         schedule=schedule, ema_decay=config.ema_decay,
                         scale=float(config.vae.scale_factor or info.scale_factor),
-                        random_flip=config.data.random_flip),
+                        random_flip=config.data.random_flip, microbatches=microbatches,
+                        param_dtypes=models.compute_dtypes(model, abstract.params),
+                        compute_sh=compute_sh, grad_sh=state_sh.params,
+                        batch_axes=sharding.BATCH_AXES),
       in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl), donate_argnums=0)
   h, w, c = info.latent_shape
   store = jnp.dtype(info.manifest["dtype"])
@@ -297,17 +391,20 @@ def _compile(config: ml_collections.ConfigDict, info: DataInfo,
       "label": jax.ShapeDtypeStruct((gbs,), jnp.int32, sharding=batch_sh),
       "mean": jax.ShapeDtypeStruct((gbs, 2, h, w, c), store, sharding=batch_sh),
       "std": jax.ShapeDtypeStruct((gbs, 2, h, w, c), store, sharding=batch_sh)}
+  options = sharding.compiler_options(mesh.devices.flat[0].platform,
+                                      config.mesh.get("overlap_collectives", True))
   t0 = time.time()
   with jax.set_mesh(mesh):  # kernels that shard_map themselves (splash attention) see the mesh
-    compiled = step_fn.lower(abstract, abstract_batch).compile()
+    lowered = step_fn.lower(abstract, abstract_batch)
+    compiled = lowered.compile(compiler_options=options) if options else lowered.compile()
     compile_s = time.time() - t0
     cost = compiled.cost_analysis() or {}
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = float(cost.get("flops", 0.0))
-    if model.scan_layers:
-      # XLA counts the scanned blocks' loop body once: add the other iterations' matmuls, a
-      # 1/mesh.size share each (the batch is split over all devices). Their elementwise work
-      # stays uncounted: the figure is ~1% below the unrolled step's.
+    if model.scan_layers or microbatches > 1:
+      # XLA counts a loop's body once (the scanned blocks, the microbatches): add the other
+      # iterations' matmuls, a 1/mesh.size share each (the batch is split over all devices).
+      # Their elementwise work stays uncounted: the figure is ~1% below the unrolled step's.
       flops += 2 * model_table.uncounted_loop_macs(step_fn, abstract, abstract_batch) / mesh.size
   model_flops = 3 * forward_flops(model) * gbs / mesh.size
   mem = compiled.memory_analysis()
@@ -316,10 +413,10 @@ def _compile(config: ml_collections.ConfigDict, info: DataInfo,
   logging.info("Compiled the train step in %.1fs: %.3g FLOPs/step/device, %.2f GiB/device",
                compile_s, flops, mem_gib)
   init = jax.jit(lambda k: nn.meta.unbox(init_fn(k)), out_shardings=state_sh)
-  return Built(model=model, diffusion=diffusion, mesh=mesh, state_sh=state_sh,
-               batch_sh=batch_sh, repl=repl, abstract=abstract, init=init, compiled=compiled,
-               flops=flops, model_flops=model_flops, memory_gib=mem_gib,
-               compile_seconds=compile_s)
+  return Built(model=model, diffusion=diffusion, mesh=mesh, layout=layout, state_sh=state_sh,
+               compute_sh=compute_sh, batch_sh=batch_sh, repl=repl, abstract=abstract,
+               init=init, compiled=compiled, microbatches=microbatches, flops=flops,
+               model_flops=model_flops, memory_gib=mem_gib, compile_seconds=compile_s)
 
 
 def forward_flops(model: models.DiT) -> float:
@@ -334,4 +431,5 @@ def abstract_state(config: ml_collections.ConfigDict, info: DataInfo,
   tx, _ = create_optimizer(config)
   boxed = jax.eval_shape(functools.partial(init_state, model=model, tx=tx,
                                            local_shape=info.latent_shape), jax.random.PRNGKey(0))
-  return nn.meta.unbox(boxed), sharding.state_shardings(boxed, mesh)
+  return nn.meta.unbox(boxed), sharding.state_shardings(boxed, mesh,
+                                                        sharding.Layout.from_config(config))

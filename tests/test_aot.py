@@ -37,6 +37,20 @@ def test_collective_bytes_from_hlo_text():
   assert aot.collective_bytes(hlo) == {"all-reduce": 1024 * 256 * 4,
                                        "all-gather": 64 * 128 * 2,  # once, at its -done
                                        "reduce-scatter": 2 * 16 * 4}
+  # TPU compiles fuse a reduce-scatter as an all-reduce and the slice each device keeps.
+  fused = """
+%all-reduce-scatter.4 (input.4: f32[64,128]) -> f32[64,32] {
+  %input.4 = f32[64,128]{0,1} parameter(0)
+  %all-reduce.128 = f32[64,128]{0,1:T(8,128)} all-reduce(%input.4), channel_id=64
+  ROOT %dynamic-slice.162 = f32[64,32]{0,1} dynamic-slice(%all-reduce.128, %c, %m)
+}
+
+ENTRY %main.1 (p: bf16[8]) -> f32[64,32] {
+  %ar = f32[] all-reduce(%x), to_apply=%add
+}
+"""
+  assert aot.collectives(fused) == [("reduce-scatter", "f32", 64 * 128 * 4),
+                                    ("all-reduce", "f32", 4)]
 
 
 def test_plan_compiles_train_and_sampling_steps_for_a_tpu_slice(digits_dir):  # noqa: F811
@@ -44,7 +58,7 @@ def test_plan_compiles_train_and_sampling_steps_for_a_tpu_slice(digits_dir):  # 
                                  "mesh.fsdp": 2})
   devices = aot.topology_devices("v5p-8")
   b, (step, sample) = aot.plan(c, devices)
-  assert dict(b.mesh.shape) == {"data": 2, "fsdp": 2}
+  assert dict(b.mesh.shape) == {"slice": 1, "data": 2, "data_minor": 1, "fsdp": 2}
   # MFU's numerator: 3 x the forward's matmul FLOPs, per chip.
   assert b.model_flops == step.analytic_flops == pytest.approx(
       3 * dit_step.forward_flops(b.model) * c.data.global_batch_size / 4)
@@ -93,7 +107,8 @@ def test_table_row_in_a_subprocess_and_the_markdown_around_it(tmp_path):
   # One real row: DiT-S/8 (one block) compiled for v5p-8 by the CLI in a fresh process.
   row = aot._run_row("s8", "v5p-8", ("model.overrides.depth=1",), sampling=False, timeout=600)
   assert "error" not in row, row
-  assert row["chips"] == 4 and row["mesh"] == {"data": 4, "fsdp": 1}
+  assert row["chips"] == 4 and row["mesh"] == {"slice": 1, "data": 2, "data_minor": 2, "fsdp": 1}
+  assert row["layout"] == {"params": "update", "opt_state": "update", "ema": "update"}
   train = row["steps"]["train step"]
   assert 0 < train["memory"]["total"] < row["hbm_gib"] == pytest.approx(95.0)
   assert 1.0 <= train["flops"] / train["analytic_flops"] < 2.0
@@ -104,8 +119,9 @@ def test_table_row_in_a_subprocess_and_the_markdown_around_it(tmp_path):
   aot.write_table(str(md), {key: row, aot.row_key("s4", "v5p-8", ()): {"error": "too big"}})
   text = md.read_text()
   assert "Hand-written intro." in text and "## GPU\nkept" in text and "\nold\n" not in text
-  assert "| DiT-S/8 256px | v5p-8 | 4x1 |" in text
-  assert "| s4 | v5p-8 | | too big |" in text
+  assert "| DiT-S/8 256px | v5p-8 | update | 4x1 |" in text
+  assert "| s4 | v5p-8 | update | | too big |" in text
+  assert "| s8 | v5p-8 | replicated | | not compiled yet" in text
 
 
 def test_table_run_compiles_only_missing_and_failed_rows(tmp_path, monkeypatch):

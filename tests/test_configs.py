@@ -42,7 +42,7 @@ def test_xl2_state_is_sharded_over_fsdp(name, image_size):
   c = importlib.import_module(f"configs.{name}").get_config()
   assert c.mesh.fsdp == 0  # auto: train.build picks the layout from memory
   mesh = sharding.create_mesh(c.mesh.data, 8)
-  assert dict(mesh.shape) == {"data": 1, "fsdp": 8}
+  assert dict(mesh.shape) == {"slice": 1, "data": 1, "data_minor": 1, "fsdp": 8}
   model = train.create_model(c, latent_info(image_size))
   tx, _ = train.create_optimizer(c)
   boxed = jax.eval_shape(functools.partial(train.init_state, model=model, tx=tx,

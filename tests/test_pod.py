@@ -102,14 +102,21 @@ def test_train_step_compiles_on_two_slices_with_default_config(digits_dir):  # n
   info = input_pipeline.get_info(digits_dir)
   b = train.build(c, info, devices=devices)
   # Fits one v5p chip: data parallel over both slices, the DCN carrying only gradients.
-  assert dict(b.mesh.shape) == {"data": 16, "fsdp": 1}
+  assert dict(b.mesh.shape) == {"slice": 2, "data": 4, "data_minor": 2, "fsdp": 1}
   assert 0 < b.memory_gib < 1 and b.flops > 0
+  # The 'slice' axis is the DCN: each slice's devices sit under one index of it.
+  for s in range(2):
+    assert {d.slice_index for d in b.mesh.devices[s].flat} == {s}
+  # The weight update is sharded within a slice, never over the DCN.
+  for sh in jax.tree.leaves(b.state_sh.params) + jax.tree.leaves(b.state_sh.ema_params):
+    assert "slice" not in str(sh.spec)
+  assert any(sh.spec != jax.sharding.PartitionSpec() for sh in jax.tree.leaves(b.state_sh.params))
   # An explicit FSDP layout stays within a slice: every fsdp group is on one slice.
   b4 = train.build(tiny_config(digits_dir, **{"mesh.fsdp": 4}), info, devices=devices)
-  assert dict(b4.mesh.shape) == {"data": 4, "fsdp": 4}
-  for row in b4.mesh.devices:
+  assert dict(b4.mesh.shape) == {"slice": 2, "data": 2, "data_minor": 1, "fsdp": 4}
+  for row in b4.mesh.devices.reshape(-1, 4):
     assert len({d.slice_index for d in row}) == 1
-  assert [row[0].slice_index for row in b4.mesh.devices] == [0, 0, 1, 1]
+  assert [row[0].slice_index for row in b4.mesh.devices.reshape(-1, 4)] == [0, 0, 1, 1]
 
 
 def test_auto_layout_shards_only_as_much_as_memory_needs(digits_dir, monkeypatch):  # noqa: F811
@@ -275,12 +282,13 @@ def test_auto_remat_takes_the_lightest_policy_that_fits(digits_dir, monkeypatch)
   gib = {"none": 3.0, "dots_with_no_batch_dims_saveable": 2.0, "full": 1.0}
   tried = []
 
-  def fake_compile(config, info, model, *args):
-    mesh = args[-1]
+  def fake_compile(config, info, model, diffusion, tx, schedule, init_fn, boxed, mesh, layout,
+                   microbatches):
     tried.append((mesh.shape["fsdp"], model.remat))
     return types.SimpleNamespace(model=model, mesh=mesh, memory_gib=gib[model.remat])
   monkeypatch.setattr(dit_step, "_compile", fake_compile)
-  auto = tiny_config(digits_dir, **{"model.remat": "auto", "mesh.fsdp": 1})
+  auto = tiny_config(digits_dir, **{"model.remat": "auto", "mesh.fsdp": 1,
+                                    "optim.microbatches": 1})
   assert train.create_model(auto, info).remat == "none"
   # No known device memory (a CPU): no remat, one compile.
   assert dit_step.build(auto, info).model.remat == "none" and tried == [(1, "none")]
@@ -292,7 +300,8 @@ def test_auto_remat_takes_the_lightest_policy_that_fits(digits_dir, monkeypatch)
   # Within each FSDP layout first: auto fsdp on 8 devices tries fsdp 1 with every policy.
   monkeypatch.setattr(hardware, "memory_bytes", lambda d: int(1.05 * 2**30))
   tried.clear()
-  both = tiny_config(digits_dir, **{"model.remat": "auto", "mesh.fsdp": 0})
+  both = tiny_config(digits_dir, **{"model.remat": "auto", "mesh.fsdp": 0,
+                                    "optim.microbatches": 1})
   assert dit_step.build(both, info).model.remat == "full"
   assert tried[:3] == [(1, r) for r in train.REMAT_AUTO] and tried[3][0] > 1
   # An explicit policy is never changed.
@@ -300,3 +309,33 @@ def test_auto_remat_takes_the_lightest_policy_that_fits(digits_dir, monkeypatch)
   assert dit_step.build(tiny_config(digits_dir, **{"model.remat": "none", "mesh.fsdp": 1}),
                         info).model.remat == "none"
   assert tried == [(1, "none")]
+
+
+def test_auto_microbatches_only_when_nothing_else_fits(digits_dir, monkeypatch):  # noqa: F811
+  # Compiles faked: memory falls with remat and with the microbatch count.
+  info = input_pipeline.get_info(digits_dir)
+  gib = {"none": 3.0, "dots_with_no_batch_dims_saveable": 2.0, "full": 1.6}
+  tried = []
+
+  def fake_compile(config, info, model, diffusion, tx, schedule, init_fn, boxed, mesh, layout,
+                   microbatches):
+    tried.append((model.remat, microbatches))
+    return types.SimpleNamespace(model=model, mesh=mesh, microbatches=microbatches,
+                                 memory_gib=gib[model.remat] / microbatches)
+  monkeypatch.setattr(dit_step, "_compile", fake_compile)
+  c = tiny_config(digits_dir, **{"model.remat": "auto", "mesh.fsdp": 1, "optim.microbatches": 0,
+                                 "data.global_batch_size": 32})
+  # No known memory: no remat, no accumulation.
+  assert dit_step.build(c, info).microbatches == 1 and tried == [("none", 1)]
+  # 1.5 GiB devices (1.35 usable): every policy first, then 2 microbatches with remat full.
+  monkeypatch.setattr(hardware, "memory_bytes", lambda d: int(1.5 * 2**30))
+  tried.clear()
+  b = dit_step.build(c, info)
+  assert (b.model.remat, b.microbatches) == ("full", 2)
+  assert tried == [(r, 1) for r in train.REMAT_AUTO] + [("full", 2)]
+  # An explicit count is kept: 4 per device (32 images on 8 devices) allows 1, 2 or 4.
+  tried.clear()
+  b = dit_step.build(tiny_config(digits_dir, **{"model.remat": "none", "mesh.fsdp": 1,
+                                                "optim.microbatches": 4,
+                                                "data.global_batch_size": 32}), info)
+  assert b.microbatches == 4 and tried == [("none", 4)]
