@@ -32,7 +32,9 @@ setup(
         # an unpinned torch pulls a multi-GB CUDA build.
         # jax[tpu] brings libtpu at the installed jax's version: tests compile train steps for
         # TPU topologies (jax.experimental.topologies) on a CPU-only machine; no TPU is used.
-        "test": ["pytest", "torch==2.13.0", "diffusers", "jax[tpu]"],
+        # torch-fidelity's FID Inception is the evaluation tests' reference; it pulls torchvision,
+        # whose only release for torch 2.13 (0.28.0) is a small wheel pinned to it: no second torch.
+        "test": ["pytest", "torch==2.13.0", "torch-fidelity==0.4.0", "diffusers", "jax[tpu]"],
         # Reading the released .pt checkpoints (dit_jax.convert) and Inception weights.
         "torch": ["torch"],
         # TPU VMs, and AOT compilation for TPU topologies on any machine (python -m dit_jax.aot).

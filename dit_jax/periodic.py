@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dit_jax import models, sampling
+from dit_jax import image_io, models, sampling
 
 
 def _abstract(tree: Any, shardings: Any) -> Any:
@@ -66,10 +66,10 @@ class SampleGrid:
 
   def __call__(self, ema_params: Any, step: int) -> None:
     images = np.asarray(jax.device_get(self.decoder(self.sample(ema_params, *self.args))))
-    grid = sampling.make_grid(images, columns=self.columns,
+    grid = image_io.make_grid(images, columns=self.columns,
                               upscale=max(1, 128 // images.shape[1]))
     if jax.process_index() == 0:
-      sampling.save_png(os.path.join(self.workdir, "samples", f"step_{step:08d}.png"), grid)
+      image_io.save_png(os.path.join(self.workdir, "samples", f"step_{step:08d}.png"), grid)
     self.writer.write_images(step, {"samples": grid[None]})
 
 

@@ -28,7 +28,7 @@ import tensorflow as tf
 from absl import app, flags, logging
 from jax.experimental import multihost_utils
 
-from dit_jax import attention, checkpointing, models, runtime, sampling, sharding
+from dit_jax import attention, checkpointing, image_io, models, runtime, sampling, sharding
 from dit_jax.diffusion import SAMPLERS, SPACINGS
 
 FLAGS = flags.FLAGS
@@ -170,21 +170,21 @@ def write(images: np.ndarray, labels: np.ndarray, out: str) -> None:
   """One .npz (ADM layout), from one process or merged from every process's part."""
   pid, nproc = jax.process_index(), jax.process_count()
   if nproc == 1:
-    sampling.save_npz(out, arr_0=images, arr_1=labels)
+    image_io.save_npz(out, arr_0=images, arr_1=labels)
   else:
     stem = out[:-4] if out.endswith(".npz") else out
     parts = [f"{stem}.part-{p:05d}-of-{nproc:05d}.npz" for p in range(nproc)]
-    sampling.save_npz(parts[pid], arr_0=images, arr_1=labels)
+    image_io.save_npz(parts[pid], arr_0=images, arr_1=labels)
     multihost_utils.sync_global_devices("sample parts written")
     if pid == 0:
-      sampling.merge_npz_parts(parts, out)
+      image_io.merge_npz_parts(parts, out)
       if not FLAGS.keep_parts:
         for part in parts:
           tf.io.gfile.remove(part)
     multihost_utils.sync_global_devices("samples merged")
   if pid == 0:
-    grid = sampling.make_grid(images[:64], upscale=max(1, 128 // images.shape[1]))
-    sampling.save_png((out[:-4] if out.endswith(".npz") else out) + ".png", grid)
+    grid = image_io.make_grid(images[:64], upscale=max(1, 128 // images.shape[1]))
+    image_io.save_png((out[:-4] if out.endswith(".npz") else out) + ".png", grid)
     logging.info("Wrote %s: arr_0 uint8 images (%s per process here), arr_1 labels", out,
                  images.shape)
 

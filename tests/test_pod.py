@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 from dit_jax import step as dit_step
-from dit_jax import hardware, input_pipeline, periodic, runtime, sampling, sharding, train
+from dit_jax import hardware, image_io, input_pipeline, periodic, runtime, sampling, sharding, train
 from dit_jax.evaluation import reference
 from test_main_cli import ROOT, _free_port, env, main_cmd, steps_saved
 from test_train import digits_dir, tiny_config  # noqa: F401
@@ -170,16 +170,16 @@ def test_sample_and_evaluation_files_through_gfile():
   # ram:// is TensorFlow's in-memory filesystem: the same code path as gs://, no network.
   root = "ram://dit_jax_test"
   images = np.random.default_rng(0).integers(0, 255, (6, 8, 8, 3), dtype=np.uint8)
-  sampling.save_npz(f"{root}/a.npz", arr_0=images[:4], arr_1=np.arange(4))
-  sampling.save_npz(f"{root}/b.npz", arr_0=images[4:], arr_1=np.arange(4, 6))
-  sampling.merge_npz_parts([f"{root}/a.npz", f"{root}/b.npz"], f"{root}/all.npz",
+  image_io.save_npz(f"{root}/a.npz", arr_0=images[:4], arr_1=np.arange(4))
+  image_io.save_npz(f"{root}/b.npz", arr_0=images[4:], arr_1=np.arange(4, 6))
+  image_io.merge_npz_parts([f"{root}/a.npz", f"{root}/b.npz"], f"{root}/all.npz",
                            rows_per_read=3)
-  assert reference.check_images(f"{root}/all.npz") == 6
-  got = np.concatenate(list(reference.iter_npz_array(f"{root}/all.npz", batch_size=4)))
+  assert image_io.check_images(f"{root}/all.npz") == 6
+  got = np.concatenate(list(image_io.iter_npz_array(f"{root}/all.npz", batch_size=4)))
   np.testing.assert_array_equal(got, images)
   np.testing.assert_array_equal(
-      np.concatenate(list(reference.iter_npz_array(f"{root}/all.npz", "arr_1"))), np.arange(6))
-  sampling.save_png(f"{root}/grid.png", sampling.make_grid(images))
+      np.concatenate(list(image_io.iter_npz_array(f"{root}/all.npz", "arr_1"))), np.arange(6))
+  image_io.save_png(f"{root}/grid.png", image_io.make_grid(images))
   stats = reference.ReferenceStats(np.zeros(3), np.eye(3), np.zeros(2), np.eye(2), pool=None,
                                    source="x")
   stats.save(f"{root}/ref.npz")

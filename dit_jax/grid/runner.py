@@ -190,11 +190,11 @@ def evaluate_proxy(preset: presets.Preset, workdir: str, steps: list[int], final
 
 
 def _save_samples(workdir: str, images: np.ndarray, labels: np.ndarray) -> None:
-  from dit_jax import sampling  # pylint: disable=import-outside-toplevel
-  sampling.save_npz(os.path.join(workdir, SAMPLES_FILE), arr_0=images, arr_1=labels)
+  from dit_jax import image_io  # pylint: disable=import-outside-toplevel
+  image_io.save_npz(os.path.join(workdir, SAMPLES_FILE), arr_0=images, arr_1=labels)
   order = np.argsort(labels, kind="stable")[:100]  # a PNG grid: up to 10 of each class
-  sampling.save_png(os.path.join(workdir, "samples.png"),
-                    sampling.make_grid(images[order], upscale=max(1, 64 // images.shape[1])))
+  image_io.save_png(os.path.join(workdir, "samples.png"),
+                    image_io.make_grid(images[order], upscale=max(1, 64 // images.shape[1])))
 
 
 def evaluate_inception(preset: presets.Preset, workdir: str, steps: list[int], final_step: int,
