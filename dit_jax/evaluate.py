@@ -78,6 +78,11 @@ def main(argv: list[str]) -> None:
         json.dump(result, f, indent=2)
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """Console script `dit-evaluate` (the same as python -m dit_jax.evaluate)."""
   flags.mark_flags_as_required(["samples", "reference", "inception"])
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -8,8 +8,9 @@ the guidance scale is a traced argument, so changing it never recompiles.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,7 @@ import numpy as np
 
 from dit_jax.diffusion import (check_guidance_interval, create_sampler, get_named_beta_schedule,
                                limit_guidance, sample_with_cfg)
-from dit_jax.models import DiT
+from dit_jax.models import DiT, has_null_class
 
 
 def make_sample_fn(model: DiT, *, sampler: str | None = None, steps: int | None = None,
@@ -76,6 +77,56 @@ def make_sample_fn(model: DiT, *, sampler: str | None = None, steps: int | None 
     return process.sample(cond, z.shape, k_loop, noise=z, progress=progress)
 
   return jax.jit(sample, in_shardings=in_shardings, out_shardings=out_shardings)
+
+
+def check_batch(model: DiT, cfg_scale: float, batch_size: int, num_devices: int,
+                names: tuple[str, str] = ("cfg_scale", "batch_size")) -> None:
+  """ValueError, naming the fields (`names`: the scale's, the batch's), unless a batched run of
+  `model` can guide at `cfg_scale` and split `batch_size` over `num_devices`."""
+  cfg_name, batch_name = names
+  if batch_size % num_devices:
+    raise ValueError(f"{batch_name}={batch_size} must divide by the {num_devices} devices")
+  if cfg_scale != 1.0 and not has_null_class(model):
+    raise ValueError(f"{cfg_name}={cfg_scale} needs a model trained with class dropout (a null "
+                     f"class); this one has none: use {cfg_name}=1")
+
+
+def sample_batches(sample_fn: Callable, decoder: Callable, params: Any, labels: np.ndarray, *,
+                   batch_size: int, key: jax.Array, cfg_scale: float,
+                   batch_sharding: Any = None, replicated: Any = None, mesh: Any = None,
+                   matmul_precision: str | None = None) -> Iterator[tuple[int, jax.Array]]:
+  """The batched loop: labels -> shard -> sample -> decode. Yields (first row, images), images
+  uint8 [B, H, W, C] as `decoder` returns them (on device, sharded like the latents).
+
+  Batch i samples with key fold_in(key, i). With `batch_sharding` every process passes all the
+  labels, cycled to a multiple of batch_size, and each batch becomes one global array of
+  which each process builds its own shards; without, the last batch may be shorter. Keys and
+  the scale are placed with `replicated` when given. `mesh` and `matmul_precision` are the
+  context of a jitted (not yet compiled) `sample_fn`: splash attention shard_maps itself
+  over the mesh.
+  """
+  labels = np.asarray(labels, np.int32)
+  if batch_sharding is not None:
+    labels = np.resize(labels, -(-len(labels) // batch_size) * batch_size)
+  scale = jnp.float32(cfg_scale)
+  if replicated is not None:
+    scale = jax.device_put(scale, replicated)
+  for i, start in enumerate(range(0, len(labels), batch_size)):
+    chunk = labels[start:start + batch_size]
+    if batch_sharding is None:
+      y = jnp.asarray(chunk)
+    else:
+      y = jax.make_array_from_callback(chunk.shape, batch_sharding, lambda idx, c=chunk: c[idx])
+    k = jax.random.fold_in(key, i)
+    if replicated is not None:
+      k = jax.device_put(k, replicated)
+    with contextlib.ExitStack() as context:
+      if matmul_precision:
+        context.enter_context(jax.default_matmul_precision(matmul_precision))
+      if mesh is not None:
+        context.enter_context(jax.set_mesh(mesh))
+      latents = sample_fn(params, k, y, scale)
+    yield start, decoder(latents)
 
 
 class Decoder:

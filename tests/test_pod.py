@@ -100,12 +100,12 @@ def test_train_step_compiles_on_two_slices_with_default_config(digits_dir):  # n
   c = tiny_config(digits_dir)
   assert c.mesh.fsdp == 0 and c.mesh.data == -1  # the defaults: auto layout
   info = input_pipeline.get_info(digits_dir)
-  b = train.build(c, info, devices=devices)
+  b = dit_step.build(c, info, devices=devices)
   # Fits one v5p chip: data parallel over both slices, the DCN carrying only gradients.
   assert dict(b.mesh.shape) == {"data": 16, "fsdp": 1}
   assert 0 < b.memory_gib < 1 and b.flops > 0
   # An explicit FSDP layout stays within a slice: every fsdp group is on one slice.
-  b4 = train.build(tiny_config(digits_dir, **{"mesh.fsdp": 4}), info, devices=devices)
+  b4 = dit_step.build(tiny_config(digits_dir, **{"mesh.fsdp": 4}), info, devices=devices)
   assert dict(b4.mesh.shape) == {"data": 4, "fsdp": 4}
   for row in b4.mesh.devices:
     assert len({d.slice_index for d in row}) == 1
@@ -116,18 +116,18 @@ def test_auto_layout_shards_only_as_much_as_memory_needs(digits_dir, monkeypatch
   c = tiny_config(digits_dir, **{"model.overrides.hidden_size": 256,
                                  "model.overrides.num_heads": 4})
   info = input_pipeline.get_info(digits_dir)
-  need = train.build(tiny_config(digits_dir, **{
+  need = dit_step.build(tiny_config(digits_dir, **{
       "model.overrides.hidden_size": 256, "model.overrides.num_heads": 4, "mesh.fsdp": 1}),
       info).memory_gib * 2**30
   # A device a little smaller than data parallelism needs: the smallest FSDP that fits.
   monkeypatch.setattr(hardware, "memory_bytes", lambda d: int(need))
-  b = train.build(c, info)
+  b = dit_step.build(c, info)
   assert b.mesh.shape["fsdp"] > 1
-  assert b.memory_gib * 2**30 <= train.MEMORY_HEADROOM * need
-  smaller = train.build(tiny_config(digits_dir, **{
+  assert b.memory_gib * 2**30 <= dit_step.MEMORY_HEADROOM * need
+  smaller = dit_step.build(tiny_config(digits_dir, **{
       "model.overrides.hidden_size": 256, "model.overrides.num_heads": 4,
       "mesh.fsdp": b.mesh.shape["fsdp"] // 2}), info)
-  assert smaller.memory_gib * 2**30 > train.MEMORY_HEADROOM * need
+  assert smaller.memory_gib * 2**30 > dit_step.MEMORY_HEADROOM * need
   sharded, replicated = sharding.replicated_bytes(b.state_sh.params, b.abstract.params)
   assert sharded > 10 * replicated  # biases and norms only stay whole
 
@@ -281,7 +281,7 @@ def test_auto_remat_takes_the_lightest_policy_that_fits(digits_dir, monkeypatch)
     return types.SimpleNamespace(model=model, mesh=mesh, memory_gib=gib[model.remat])
   monkeypatch.setattr(dit_step, "_compile", fake_compile)
   auto = tiny_config(digits_dir, **{"model.remat": "auto", "mesh.fsdp": 1})
-  assert train.create_model(auto, info).remat == "none"
+  assert dit_step.create_model(auto, info).remat == "none"
   # No known device memory (a CPU): no remat, one compile.
   assert dit_step.build(auto, info).model.remat == "none" and tried == [(1, "none")]
   # 2.5 GiB devices (2.25 usable): the lightest policy under that, tried in order.
@@ -294,7 +294,7 @@ def test_auto_remat_takes_the_lightest_policy_that_fits(digits_dir, monkeypatch)
   tried.clear()
   both = tiny_config(digits_dir, **{"model.remat": "auto", "mesh.fsdp": 0})
   assert dit_step.build(both, info).model.remat == "full"
-  assert tried[:3] == [(1, r) for r in train.REMAT_AUTO] and tried[3][0] > 1
+  assert tried[:3] == [(1, r) for r in dit_step.REMAT_AUTO] and tried[3][0] > 1
   # An explicit policy is never changed.
   tried.clear()
   assert dit_step.build(tiny_config(digits_dir, **{"model.remat": "none", "mesh.fsdp": 1}),
