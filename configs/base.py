@@ -144,7 +144,7 @@ def get_config(model: str = "DiT-XL/2", image_size: int = 256) -> ml_collections
   # Sampler: 'ddpm' (ancestral, the release), 'ddim', 'dpm++2m', 'dpm++3m', 'dpm++2m-sde'.
   c.sample.sampler = "ddpm"
   # Model calls per image (x2 images each with guidance); the release: 250 DDPM steps.
-  # DPM-Solver++ needs about 20 (see README, "Fast sampling").
+  # DPM-Solver++ needs about 20 (see docs/sampling.md and docs/sampler_quality.md).
   c.sample.steps = 250
   # Where the steps sit: 'time' (uniform in t; for DDPM the release's 250-step list),
   # 'logsnr' (uniform in log SNR) or 'karras' (Karras et al. 2022, rho 7).
