@@ -136,7 +136,7 @@ def main(argv):
   mine, mine_labels, t0 = [], [], time.time()
   for start, batch in sampling.sample_batches(
       sample_fn, decoder, params, labels, batch_size=bs, key=jax.random.PRNGKey(FLAGS.seed),
-      cfg_scale=FLAGS.cfg_scale, batch_sharding=batch_sh, replicated=repl, mesh=mesh,
+      cfg_scale=FLAGS.cfg_scale, batch_sharding=batch_sh, mesh=mesh,
       matmul_precision=FLAGS.matmul_precision):
     images, rows = local_rows(batch, start, n)
     mine.append(images)
