@@ -27,11 +27,25 @@ setup(
         "scikit-learn",              # ships the digits of the demo; the proxy FID's classifier
         "matplotlib",                # the scaling grid's figures (python -m dit_jax.grid report)
     ],
+    # The entry points, also as commands (python -m dit_jax.main etc. work the same).
+    entry_points={"console_scripts": [
+        "dit-train = dit_jax.main:run",
+        "dit-sample = dit_jax.sample:run",
+        "dit-evaluate = dit_jax.evaluate:run",
+        "dit-grid = dit_jax.grid.__main__:run",
+        "dit-aot = dit_jax.aot:run",
+        "dit-convert = dit_jax.convert:run",
+        "dit-prepare-latents = dit_jax.prepare_latents:run",
+        "dit-model-table = dit_jax.model_table:main",
+    ]},
     extras_require={
         # Parity references for the tests. The pinned torch is a CPU build where it is on disk;
         # an unpinned torch pulls a multi-GB CUDA build.
         # jax[tpu] brings libtpu at the installed jax's version: tests compile train steps for
         # TPU topologies (jax.experimental.topologies) on a CPU-only machine; no TPU is used.
+        # torch-fidelity (the FID Inception reference) is not here: every release declares
+        # torchvision, whose wheel for torch 2.13 is a CUDA build that fails to import on the CPU
+        # torch and then breaks diffusers' imports. README's test command installs it --no-deps.
         "test": ["pytest", "torch==2.13.0", "diffusers", "jax[tpu]"],
         # Reading the released .pt checkpoints (dit_jax.convert) and Inception weights.
         "torch": ["torch"],

@@ -34,7 +34,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dit_jax import hardware, models, step  # noqa: E402
+from dit_jax import data_info, hardware, models, step  # noqa: E402
 from dit_jax.grid import presets  # noqa: E402
 
 # In order of importance: a run cut short by --budget_s loses the last ones.
@@ -61,7 +61,7 @@ def load_config(name: str, batch: int, overrides: list[str]):
   return presets.apply_overrides(presets.load_config(f"configs/{name}.py"), changes)
 
 
-def synthetic_batch(b: step.Built, info: step.DataInfo, gbs: int) -> dict:
+def synthetic_batch(b: step.Built, info: data_info.DataInfo, gbs: int) -> dict:
   rng = np.random.default_rng(0)
   dtype = np.dtype(info.manifest["dtype"])
   host = {"label": rng.integers(0, info.num_classes, gbs).astype(np.int32),
@@ -83,7 +83,7 @@ def timed(fn, min_steps: int, min_seconds: float) -> tuple[int, float]:
   return n, time.perf_counter() - t0
 
 
-def time_train_step(b: step.Built, info: step.DataInfo, batch: int, min_steps: int,
+def time_train_step(b: step.Built, info: data_info.DataInfo, batch: int, min_steps: int,
                     min_seconds: float) -> tuple[float, float, int]:
   """(steps/s, last loss, timed steps) of b's compiled step on a synthetic batch, after 2
   warm-up steps."""
@@ -103,7 +103,7 @@ def time_train_step(b: step.Built, info: step.DataInfo, batch: int, min_steps: i
 
 def train_case(name: str, batch: int, overrides: list[str], args) -> dict:
   config = load_config(name, batch, overrides)
-  info = step.synthetic_info(config)
+  info = data_info.synthetic_info(config)
   b = step.build(config, info)
   sps, loss, n = time_train_step(b, info, batch, args.steps, args.min_seconds)
   dev = jax.devices()[0]
@@ -123,7 +123,7 @@ def max_batch(name: str, overrides: list[str], limit: float) -> int:
   """The largest multiple of 32 whose train step XLA says fits in step.MEMORY_HEADROOM x `limit`
   bytes."""
   config = load_config(name, 256, overrides)
-  b = step.build(config, step.synthetic_info(config))
+  b = step.build(config, data_info.synthetic_info(config))
   state_gib = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(b.abstract)) / 2**30
   per_image = (b.memory_gib - 2 * state_gib) / 256  # arguments + outputs hold the state twice
   usable = step.MEMORY_HEADROOM * limit / 2**30
@@ -133,7 +133,7 @@ def max_batch(name: str, overrides: list[str], limit: float) -> int:
   while batch >= 32:
     if batch != 256:
       config = load_config(name, batch, overrides)
-      b = step.build(config, step.synthetic_info(config))
+      b = step.build(config, data_info.synthetic_info(config))
     if b.memory_gib * 2**30 <= step.MEMORY_HEADROOM * limit:
       return batch
     print(f"  batch {batch} needs {b.memory_gib:.1f} GiB: trying {batch - 32}", flush=True)
@@ -144,7 +144,7 @@ def max_batch(name: str, overrides: list[str], limit: float) -> int:
 def sample_case(name: str, batch: int, overrides: list[str], args) -> dict:
   """One guided model call on [2B] latents (parameters replicated), as dit_jax.sample runs it."""
   config = load_config(name, batch, overrides)
-  info = step.synthetic_info(config)
+  info = data_info.synthetic_info(config)
   model = step.create_model(config, info)
   params = jax.jit(lambda k: model.init(k, jnp.zeros((1, *info.latent_shape)),
                                         jnp.zeros((1,), jnp.int32),

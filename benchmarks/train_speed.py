@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from dit_jax import hardware, step  # noqa: E402
+from dit_jax import data_info, hardware, step  # noqa: E402
 
 import accelerator_speed  # noqa: E402  (beside this file)
 
@@ -31,7 +31,7 @@ flags.mark_flags_as_required(["config"])
 
 def main(_):
   config = FLAGS.config
-  info = step.synthetic_info(config, FLAGS.num_classes)
+  info = data_info.synthetic_info(config, FLAGS.num_classes)
   b = step.build(config, info)
   gbs = config.data.global_batch_size
   sps, loss, _ = accelerator_speed.time_train_step(b, info, gbs, FLAGS.steps, 0.0)

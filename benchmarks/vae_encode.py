@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dit_jax import vae
+from dit_jax import flops as flops_lib, vae
 
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Images per call (sharded over all local devices).")
 _SIZE = flags.DEFINE_integer("image_size", 256, "Image side in pixels.")
@@ -29,9 +29,7 @@ def _time(name: str, fn, params, x) -> None:
   t0 = time.perf_counter()
   compiled = jax.jit(fn).lower(params, x).compile()
   compile_s = time.perf_counter() - t0
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+  flops = float(flops_lib.xla_cost(compiled).get("flops", float("nan")))
   jax.block_until_ready(compiled(params, x))  # warm-up
   t0 = time.perf_counter()
   for _ in range(_ITERS.value):

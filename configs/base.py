@@ -91,6 +91,11 @@ def get_config(model: str = "DiT-XL/2", image_size: int = 256) -> ml_collections
   c.optim.eps = 1e-8
   # Linear warmup steps (0 = none, as released).
   c.optim.warmup_steps = 0
+  # After the warmup: 'constant' (as released), or 'cosine' / 'linear' decay from learning_rate
+  # to min_learning_rate at step decay_steps (0 = total_steps), and min_learning_rate after.
+  c.optim.schedule = "constant"
+  c.optim.decay_steps = 0
+  c.optim.min_learning_rate = 0.0
   # Global-norm gradient clipping threshold (0 = off, as released).
   c.optim.grad_clip_norm = 0.0
   # Gradient accumulation: the global batch is processed in this many microbatches, scanned
@@ -151,6 +156,12 @@ def get_config(model: str = "DiT-XL/2", image_size: int = 256) -> ml_collections
   # Scalars (loss, mse, vb, grad norm, lr, steps/s, MFU) every N steps.
   c.log_every_steps = 100
 
+  c.profile = ml_collections.ConfigDict()
+  # jax.profiler trace of num_steps steps after start_step steps (0 = off), written to
+  # WORKDIR/profile for TensorBoard's profile tab; start after compilation and warm-up.
+  c.profile.start_step = 10
+  c.profile.num_steps = 0
+
   c.sample = ml_collections.ConfigDict()
   # A class-conditional grid from the EMA weights every N steps (0 = off) and at the end.
   c.sample.every_steps = 20_000
@@ -159,7 +170,7 @@ def get_config(model: str = "DiT-XL/2", image_size: int = 256) -> ml_collections
   # Sampler: 'ddpm' (ancestral, the release), 'ddim', 'dpm++2m', 'dpm++3m', 'dpm++2m-sde'.
   c.sample.sampler = "ddpm"
   # Model calls per image (x2 images each with guidance); the release: 250 DDPM steps.
-  # DPM-Solver++ needs about 20 (see README, "Fast sampling").
+  # DPM-Solver++ needs about 20 (see docs/sampling.md and docs/sampler_quality.md).
   c.sample.steps = 250
   # Where the steps sit: 'time' (uniform in t; for DDPM the release's 250-step list),
   # 'logsnr' (uniform in log SNR) or 'karras' (Karras et al. 2022, rho 7).

@@ -36,12 +36,13 @@ import tempfile
 import time
 from typing import Any
 
+from absl import app
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dit_jax import hardware, model_table, models, sharding, step
+from dit_jax import data_info, flops as flops_lib, hardware, models, sharding, step
 
 # Chips of the standard Cloud TPU slices (3-D tori for v4/v5p, 2-D for v5e/v6e).
 _3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
@@ -138,8 +139,7 @@ class StepReport:
 def _report(name: str, compiled: Any, compile_s: float, analytic: float | None,
             device: Any, flops: float | None = None) -> StepReport:
   """`flops` overrides XLA's count (which counts a scanned loop's body once)."""
-  cost = compiled.cost_analysis() or {}
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  cost = flops_lib.xla_cost(compiled)
   mem = compiled.memory_analysis()
   gib = lambda b: b / 2**30
   memory = {"arguments": gib(mem.argument_size_in_bytes), "outputs": gib(mem.output_size_in_bytes),
@@ -162,7 +162,7 @@ def plan(config: ml_collections.ConfigDict, devices: list[Any], sampling_step: b
          sampler_loop: bool = False) -> tuple[step.Built, list[StepReport]]:
   """Compiles the train step (and the guided sampling step; and the whole guided sampler of
   config.eval) of `config` for `devices`."""
-  b = step.build(config, step.synthetic_info(config), devices=devices)
+  b = step.build(config, data_info.synthetic_info(config), devices=devices)
   chips = len(devices)
   fwd_macs = step.forward_flops(b.model) / 2
   reports = [_report("train step", b.compiled, b.compile_seconds, b.model_flops, devices[0],
@@ -194,11 +194,9 @@ def _sampling_report(config: ml_collections.ConfigDict, b: step.Built, fwd_macs:
   with jax.default_matmul_precision(config.sample.matmul_precision), jax.set_mesh(b.mesh):
     compiled = step.lower(params, x, ints, ints, scale).compile()
     compile_s = time.time() - t0
-    cost = compiled.cost_analysis() or {}
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost.get("flops", 0.0))
+    flops = float(flops_lib.xla_cost(compiled).get("flops", 0.0))
     if model.scan_layers:  # XLA counts the scanned blocks' body once (see step._compile)
-      flops += 2 * model_table.uncounted_loop_macs(step, params, x, ints, ints, scale) / b.mesh.size
+      flops += 2 * flops_lib.uncounted_loop_macs(step, params, x, ints, ints, scale) / b.mesh.size
   return _report(f"guided sampling step (batch {n // 2} x 2)", compiled, compile_s,
                  2 * fwd_macs * n / chips, device, flops=flops)
 
@@ -514,8 +512,10 @@ def main(argv: list[str]) -> None:
       json.dump(report_dict(FLAGS.config, FLAGS.topology, devices, b, reports), f, indent=1)
 
 
-if __name__ == "__main__":
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
+def run() -> None:
+  """Console script `dit-aot` (the same as python -m dit_jax.aot): its flags, then main."""
+  global FLAGS  # pylint: disable=global-statement  (main reads it)
+  from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   FLAGS = flags.FLAGS
   config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=False)
@@ -534,3 +534,7 @@ if __name__ == "__main__":
                       "(e.g. '^xl2 v5p-64').")
   flags.DEFINE_float("row_timeout", 1800, "--table: seconds before a row is given up.")
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -217,22 +217,31 @@ def _restore_step(mngr: ocp.CheckpointManager, step: int, train: Any, ema: Any, 
 LAYOUT_KWARGS = ("scan_layers",)
 
 
+def _read_meta(mngr: ocp.CheckpointManager, step: int | None,
+               missing_ok: bool = False) -> dict | None:
+  """The meta item of checkpoint `step` (None: the newest). With missing_ok, None where there
+  is no checkpoint or its meta cannot be read (restore_latest falls back past it)."""
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    if missing_ok:
+      return None
+    raise FileNotFoundError(f"{mngr.directory}: no checkpoint found")
+  try:
+    return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  except Exception:  # pylint: disable=broad-except
+    if missing_ok:
+      return None
+    raise
+
+
 def latest_model_kwargs(mngr: ocp.CheckpointManager) -> dict:
   """model_kwargs recorded with the newest checkpoint ({} if none or unreadable)."""
-  step = mngr.latest_step()
-  if step is None:
-    return {}
-  try:
-    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  except Exception:  # pylint: disable=broad-except
-    return {}
-  return meta.get("model_kwargs", {})
+  return (_read_meta(mngr, None, missing_ok=True) or {}).get("model_kwargs", {})
 
 
 def _check_model(mngr: ocp.CheckpointManager, step: int, model_kwargs: dict) -> None:
-  try:
-    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  except Exception:  # pylint: disable=broad-except
+  meta = _read_meta(mngr, step, missing_ok=True)
+  if meta is None:
     return  # unreadable: restore_latest falls back past it
   saved = meta.get("model_kwargs", {})
   diff = {k: (saved.get(k), v) for k, v in model_kwargs.items()
@@ -267,9 +276,8 @@ def restore_ema(workdir: str, abstract_ema: Any, shardings: Any,
                 step: int | None = None) -> tuple[Any, dict]:
   """Restores only the EMA parameters and meta of a training workdir (for sampling),
   verified against the digests recorded at save time (CheckpointIntegrityError if damaged)."""
-  path = _abspath(os.path.join(workdir, "checkpoints"))
-  mngr = ocp.CheckpointManager(path, item_names=("train", "ema", "meta"),
-                               options=ocp.CheckpointManagerOptions(create=False))
+  mngr = _open_manager(workdir)
+  path = str(mngr.directory)
   step = mngr.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"{path}: no checkpoint found (train first, or pass a converted "
@@ -296,12 +304,16 @@ def load_ema_model(workdir: str, sharding: Any, step: int | None = None,
 
 
 def read_meta(workdir: str, step: int | None = None) -> dict:
-  path = _abspath(os.path.join(workdir, "checkpoints"))
-  mngr = ocp.CheckpointManager(path, item_names=("train", "ema", "meta"),
+  """The meta of a training workdir's checkpoint `step` (None: the newest)."""
+  mngr = _open_manager(workdir)
+  try:
+    return _read_meta(mngr, step)
+  finally:
+    mngr.close()
+
+
+def _open_manager(workdir: str) -> ocp.CheckpointManager:
+  """A reader of WORKDIR/checkpoints (creates nothing)."""
+  return ocp.CheckpointManager(_abspath(os.path.join(workdir, "checkpoints")),
+                               item_names=("train", "ema", "meta"),
                                options=ocp.CheckpointManagerOptions(create=False))
-  step = mngr.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"{path}: no checkpoint found")
-  meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  mngr.close()
-  return meta

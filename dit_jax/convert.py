@@ -26,6 +26,7 @@ import os
 import re
 from typing import Any, Mapping
 
+from absl import app
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -312,8 +313,9 @@ def main(argv: list[str]) -> None:
         f'{model.input_size}, {n:,} trainable params)')
 
 
-if __name__ == '__main__':
-  from absl import app  # pylint: disable=g-import-not-at-top
+def run() -> None:
+  """Console script `dit-convert` (the same as python -m dit_jax.convert): its flags, then main."""
+  global _FLAGS  # pylint: disable=global-statement  (main reads it)
   from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
   absl_flags.DEFINE_string('official', None, 'Released PyTorch checkpoint (.pt) to convert.')
   absl_flags.DEFINE_string('model', 'DiT-XL/2', f'One of {", ".join(models.DiT_models)}.')
@@ -324,3 +326,7 @@ if __name__ == '__main__':
   absl_flags.DEFINE_string('converted', None, 'dit_jax checkpoint directory for --to_official.')
   _FLAGS = absl_flags.FLAGS
   app.run(main)
+
+
+if __name__ == '__main__':
+  run()

@@ -17,7 +17,7 @@ from absl import app, flags, logging
 import jax
 import tensorflow as tf
 
-from dit_jax import runtime
+from dit_jax import image_io, runtime
 from dit_jax.evaluation import convert, evaluator, reference
 
 _SAMPLES = flags.DEFINE_string("samples", None, "Sample batch .npz (arr_0: uint8 [N, H, W, 3]).")
@@ -55,7 +55,7 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   runtime.setup()  # jax.distributed on pods; TensorFlow (TFDS references) off the accelerators
-  num_samples = reference.check_images(_SAMPLES.value)
+  num_samples = image_io.check_images(_SAMPLES.value)
   variables = convert.load_inception(_INCEPTION.value)
   cache = _REFERENCE_CACHE.value or default_cache_path(_REFERENCE.value, _OUT.value, _SAMPLES.value)
   logging.info("reference %s (cache %s)", _REFERENCE.value, cache)
@@ -64,7 +64,7 @@ def main(argv: list[str]) -> None:
       batch_size_per_device=_BATCH.value, cache_path=cache)
   logging.info("evaluating %d samples of %s on %d devices", num_samples, _SAMPLES.value,
                jax.device_count())
-  result = evaluator.evaluate_samples(reference.iter_npz_array(_SAMPLES.value), variables, ref,
+  result = evaluator.evaluate_samples(image_io.iter_npz_array(_SAMPLES.value), variables, ref,
                                       batch_size_per_device=_BATCH.value,
                                       fid_method=_FID_METHOD.value,
                                       distance_dtype=_DISTANCES.value)
@@ -78,6 +78,11 @@ def main(argv: list[str]) -> None:
         json.dump(result, f, indent=2)
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """Console script `dit-evaluate` (the same as python -m dit_jax.evaluate)."""
   flags.mark_flags_as_required(["samples", "reference", "inception"])
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from dit_jax import records
-from dit_jax.step import DataInfo  # noqa: F401  (defined beside the step, which needs no TensorFlow)
+from dit_jax.data_info import DataInfo
 
 
 def get_info(data_dir: str, process_index: int = 0, process_count: int = 1,

@@ -26,5 +26,10 @@ def main(argv):
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """Console script `dit-train` (the same as python -m dit_jax.main)."""
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dit_jax import models, sampling
+from dit_jax import image_io, models, sampling
 
 
 def _abstract(tree: Any, shardings: Any) -> Any:
@@ -72,10 +72,10 @@ class SampleGrid:
   def __call__(self, ema_params: Any, step: int) -> None:
     params = self.replicate(ema_params)
     images = np.asarray(jax.device_get(self.decoder(self.sample(params, *self.args))))
-    grid = sampling.make_grid(images, columns=self.columns,
+    grid = image_io.make_grid(images, columns=self.columns,
                               upscale=max(1, 128 // images.shape[1]))
     if jax.process_index() == 0:
-      sampling.save_png(os.path.join(self.workdir, "samples", f"step_{step:08d}.png"), grid)
+      image_io.save_png(os.path.join(self.workdir, "samples", f"step_{step:08d}.png"), grid)
     self.writer.write_images(step, {"samples": grid[None]})
 
 
@@ -98,11 +98,8 @@ class Evaluator:
       raise ValueError("config.eval.every_steps is set: config.eval.inception (the "
                        "pt_inception-2015-12-05 .pth or converted .npz) and config.eval.reference "
                        "(an ADM reference batch .npz, image folder or tfds:NAME) are needed")
-    if e.batch_size % b.mesh.size:
-      raise ValueError(f"config.eval.batch_size={e.batch_size} must divide by {b.mesh.size} "
-                       "devices")
-    if e.cfg_scale != 1.0 and not models.has_null_class(model):
-      raise ValueError(f"config.eval.cfg_scale={e.cfg_scale} needs class dropout (a null class)")
+    sampling.check_batch(model, e.cfg_scale, e.batch_size, b.mesh.size,
+                         ("config.eval.cfg_scale", "config.eval.batch_size"))
     if decoder.path == "identity" and model.in_channels not in (1, 3):
       raise ValueError(f"config.eval needs images, but latents with {model.in_channels} channels "
                        "are decoded with the identity: set config.vae.path to the SD VAE folder")
@@ -116,9 +113,8 @@ class Evaluator:
     repl_tree = jax.tree.map(lambda _: repl, b.abstract.ema_params)
     self.replicate = jax.jit(lambda p: p, out_shardings=repl_tree).lower(abstract_ema).compile()
     n = e.batch_size
-    labels = np.asarray(jax.random.randint(jax.random.PRNGKey(config.seed + 3),
-                                           (e.num_samples,), 0, model.num_classes), np.int32)
-    self.labels = np.resize(labels, -(-e.num_samples // n) * n)
+    self.labels = np.asarray(jax.random.randint(jax.random.PRNGKey(config.seed + 3),
+                                                (e.num_samples,), 0, model.num_classes), np.int32)
     fn = _sample_fn(config, model, e, e.cfg_scale != 1.0,
                     (repl, repl, batch_sh, repl), batch_sh)
     key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=repl)
@@ -134,16 +130,12 @@ class Evaluator:
     self.batch_sh, self.repl = batch_sh, repl
 
   def __call__(self, ema_params: Any, step: int) -> dict[str, float]:
-    e, n = self.config.eval, self.config.eval.batch_size
-    params = self.replicate(ema_params)
-    key = jax.random.fold_in(jax.random.PRNGKey(self.config.seed + 2), step)
-    scale = jax.device_put(jnp.float32(e.cfg_scale), self.repl)
-    outputs = []
-    for i in range(len(self.labels) // n):
-      chunk = self.labels[i * n:(i + 1) * n]
-      y = jax.make_array_from_callback(chunk.shape, self.batch_sh, lambda idx, c=chunk: c[idx])
-      k = jax.device_put(jax.random.fold_in(key, i), self.repl)
-      images = self.decoder(self.sample(params, k, y, scale))
-      outputs.append(self.extract(self.inception, images))
+    e = self.config.eval
+    batches = sampling.sample_batches(
+        self.sample, self.decoder, self.replicate(ema_params), self.labels,
+        batch_size=e.batch_size, key=jax.random.fold_in(jax.random.PRNGKey(self.config.seed + 2),
+                                                        step),
+        cfg_scale=e.cfg_scale, batch_sharding=self.batch_sh, replicated=self.repl)
+    outputs = [self.extract(self.inception, images) for _, images in batches]
     feats = self.features.gather_features(outputs, e.num_samples)
     return self.metrics(feats, self.reference, fid_method="eigh")

@@ -380,6 +380,11 @@ def main(argv: Sequence[str]) -> None:
           num_workers=_NUM_WORKERS.value, precision=_PRECISION.value)
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """Console script `dit-prepare-latents` (the same as python -m dit_jax.prepare_latents)."""
   flags.mark_flags_as_required(["source", "vae", "out"])
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()

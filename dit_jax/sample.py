@@ -28,7 +28,7 @@ import tensorflow as tf
 from absl import app, flags, logging
 from jax.experimental import multihost_utils
 
-from dit_jax import attention, checkpointing, models, runtime, sampling, sharding
+from dit_jax import attention, checkpointing, image_io, models, runtime, sampling, sharding
 from dit_jax.diffusion import SAMPLERS, SPACINGS
 
 FLAGS = flags.FLAGS
@@ -107,11 +107,10 @@ def main(argv):
       FLAGS.attention_impl, model.dtype, jax.default_backend(), tokens))
   scale = FLAGS.scale_factor or meta.get("scale_factor", 0.18215)
   bs = FLAGS.batch_size
-  if bs % mesh.size:
-    raise app.UsageError(f"--batch_size={bs} must divide by the {mesh.size} devices")
-  if FLAGS.cfg_scale != 1.0 and not models.has_null_class(model):
-    raise app.UsageError(f"--cfg_scale={FLAGS.cfg_scale} needs a model trained with class dropout "
-                         "(a null class); this one has none: use --cfg_scale=1")
+  try:
+    sampling.check_batch(model, FLAGS.cfg_scale, bs, mesh.size, ("--cfg_scale", "--batch_size"))
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   if FLAGS.respacing and (FLAGS.steps is not None or FLAGS["sampler"].present):
     raise app.UsageError("--respacing replaces --sampler/--steps: pass one or the other")
   diffusion = meta.get("diffusion", {})
@@ -134,19 +133,15 @@ def main(argv):
   bad = labels[(labels < 0) | (labels >= model.num_classes)]
   if bad.size:
     raise app.UsageError(f"--labels: {bad[0]} is outside [0, {model.num_classes})")
-  padded = np.resize(labels, -(-n // bs) * bs)
-  key = jax.random.PRNGKey(FLAGS.seed)
   mine, mine_labels, t0 = [], [], time.time()
-  for i in range(len(padded) // bs):
-    chunk = padded[i * bs:(i + 1) * bs]
-    y = jax.make_array_from_callback(chunk.shape, batch_sh, lambda idx, c=chunk: c[idx])
-    # Under the mesh: splash attention shard_maps itself over it.
-    with jax.default_matmul_precision(FLAGS.matmul_precision), jax.set_mesh(mesh):
-      lat = sample_fn(params, jax.random.fold_in(key, i), y, jnp.float32(FLAGS.cfg_scale))
-    images, rows = local_rows(decoder(lat), i * bs, n)
+  for start, batch in sampling.sample_batches(
+      sample_fn, decoder, params, labels, batch_size=bs, key=jax.random.PRNGKey(FLAGS.seed),
+      cfg_scale=FLAGS.cfg_scale, batch_sharding=batch_sh, mesh=mesh,
+      matmul_precision=FLAGS.matmul_precision):
+    images, rows = local_rows(batch, start, n)
     mine.append(images)
-    mine_labels.append(padded[rows])
-    done = (i + 1) * bs
+    mine_labels.append(labels[rows])
+    done = start + bs
     rate = done / (time.time() - t0)
     logging.info("%d/%d images, %.2f images/s, ETA %.0fs", min(done, n), n, rate,
                  max(0, n - done) / rate)
@@ -170,24 +165,29 @@ def write(images: np.ndarray, labels: np.ndarray, out: str) -> None:
   """One .npz (ADM layout), from one process or merged from every process's part."""
   pid, nproc = jax.process_index(), jax.process_count()
   if nproc == 1:
-    sampling.save_npz(out, arr_0=images, arr_1=labels)
+    image_io.save_npz(out, arr_0=images, arr_1=labels)
   else:
     stem = out[:-4] if out.endswith(".npz") else out
     parts = [f"{stem}.part-{p:05d}-of-{nproc:05d}.npz" for p in range(nproc)]
-    sampling.save_npz(parts[pid], arr_0=images, arr_1=labels)
+    image_io.save_npz(parts[pid], arr_0=images, arr_1=labels)
     multihost_utils.sync_global_devices("sample parts written")
     if pid == 0:
-      sampling.merge_npz_parts(parts, out)
+      image_io.merge_npz_parts(parts, out)
       if not FLAGS.keep_parts:
         for part in parts:
           tf.io.gfile.remove(part)
     multihost_utils.sync_global_devices("samples merged")
   if pid == 0:
-    grid = sampling.make_grid(images[:64], upscale=max(1, 128 // images.shape[1]))
-    sampling.save_png((out[:-4] if out.endswith(".npz") else out) + ".png", grid)
+    grid = image_io.make_grid(images[:64], upscale=max(1, 128 // images.shape[1]))
+    image_io.save_png((out[:-4] if out.endswith(".npz") else out) + ".png", grid)
     logging.info("Wrote %s: arr_0 uint8 images (%s per process here), arr_1 labels", out,
                  images.shape)
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """Console script `dit-sample` (the same as python -m dit_jax.sample)."""
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()

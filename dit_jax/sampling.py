@@ -1,4 +1,4 @@
-"""Class-conditional sampling with classifier-free guidance, and image output helpers.
+"""Class-conditional sampling with classifier-free guidance, decoding, and the batched loop.
 
 `make_sample_fn` returns ONE jitted function (params, key, labels, cfg_scale) -> latents
 whose whole denoising loop is a single compiled computation (lax.scan inside the
@@ -8,22 +8,17 @@ the guidance scale is a traced argument, so changing it never recompiles.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import math
-import os
-import tempfile
-import zipfile
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tensorflow as tf
-from PIL import Image
 
 from dit_jax.diffusion import (check_guidance_interval, create_sampler, get_named_beta_schedule,
                                limit_guidance, sample_with_cfg)
-from dit_jax.models import DiT
+from dit_jax.models import DiT, has_null_class
 
 
 def make_sample_fn(model: DiT, *, sampler: str | None = None, steps: int | None = None,
@@ -84,82 +79,54 @@ def make_sample_fn(model: DiT, *, sampler: str | None = None, steps: int | None 
   return jax.jit(sample, in_shardings=in_shardings, out_shardings=out_shardings)
 
 
-def to_uint8(x: np.ndarray) -> np.ndarray:
-  """[-1, 1] images -> uint8 as the release saves samples: clip(127.5 x + 128, 0, 255)."""
-  return np.clip(127.5 * np.asarray(x, np.float32) + 128.0, 0, 255).astype(np.uint8)
+def check_batch(model: DiT, cfg_scale: float, batch_size: int, num_devices: int,
+                names: tuple[str, str] = ("cfg_scale", "batch_size")) -> None:
+  """ValueError, naming the fields (`names`: the scale's, the batch's), unless a batched run of
+  `model` can guide at `cfg_scale` and split `batch_size` over `num_devices`."""
+  cfg_name, batch_name = names
+  if batch_size % num_devices:
+    raise ValueError(f"{batch_name}={batch_size} must divide by the {num_devices} devices")
+  if cfg_scale != 1.0 and not has_null_class(model):
+    raise ValueError(f"{cfg_name}={cfg_scale} needs a model trained with class dropout (a null "
+                     f"class); this one has none: use {cfg_name}=1")
 
 
-def make_grid(images: np.ndarray, columns: int | None = None, upscale: int = 1) -> np.ndarray:
-  """uint8 [N, H, W, C] -> one uint8 [rows*H, cols*W, C] grid (1-pixel gaps)."""
-  n, h, w, c = images.shape
-  cols = columns or int(math.ceil(math.sqrt(n)))
-  rows = int(math.ceil(n / cols))
-  grid = np.zeros((rows * (h + 1) + 1, cols * (w + 1) + 1, c), np.uint8)
-  for i, im in enumerate(images):
-    r, q = divmod(i, cols)
-    grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + q * (w + 1):1 + q * (w + 1) + w] = im
-  if upscale > 1:
-    grid = grid.repeat(upscale, 0).repeat(upscale, 1)
-  return grid
+def sample_batches(sample_fn: Callable, decoder: Callable, params: Any, labels: np.ndarray, *,
+                   batch_size: int, key: jax.Array, cfg_scale: float,
+                   batch_sharding: Any = None, replicated: Any = None, mesh: Any = None,
+                   matmul_precision: str | None = None) -> Iterator[tuple[int, jax.Array]]:
+  """The batched loop: labels -> shard -> sample -> decode. Yields (first row, images), images
+  uint8 [B, H, W, C] as `decoder` returns them (on device, sharded like the latents).
 
-
-def _publish(local_tmp: str, path: str) -> None:
-  """Moves a finished local file to `path` (local or gs://) so readers never see a partial file."""
-  if "://" in path:
-    tf.io.gfile.copy(local_tmp, path + ".tmp", overwrite=True)
-    tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
-    os.remove(local_tmp)
-  else:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    os.replace(local_tmp, path)
-
-
-def _local_tmp(path: str, suffix: str) -> str:
-  if "://" in path:
-    fd, tmp = tempfile.mkstemp(suffix=suffix)
-    os.close(fd)
-    return tmp
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  return path + ".tmp" + suffix
-
-
-def save_png(path: str, grid: np.ndarray) -> None:
-  """uint8 [H, W, C] (C = 1, 3, 4) -> PNG at a local or gs:// path, atomically."""
-  tmp = _local_tmp(path, ".png")
-  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(tmp)
-  _publish(tmp, path)
-
-
-def save_npz(path: str, **arrays: np.ndarray) -> None:
-  """np.savez to a local or gs:// path, atomically."""
-  tmp = _local_tmp(path, ".npz")
-  np.savez(tmp, **arrays)
-  _publish(tmp, path)
-
-
-def merge_npz_parts(parts: list[str], path: str, keys: tuple[str, ...] = ("arr_0", "arr_1"),
-                    rows_per_read: int = 1024) -> None:
-  """Concatenates the arrays `keys` of several .npz files (local or gs://) along axis 0 into
-  one .npz at `path`, streaming: memory holds `rows_per_read` rows, not the whole set (50K
-  images at 256 px are 9.8 GB). Written to a local temporary file, then published atomically."""
-  from dit_jax.evaluation import reference  # pylint: disable=import-outside-toplevel
-  infos = {k: [reference.npz_array_info(p, k) for p in parts] for k in keys}
-  tmp = _local_tmp(path, ".npz")
-  with zipfile.ZipFile(tmp, "w", allowZip64=True) as archive:
-    for k in keys:
-      shapes, dtypes = zip(*infos[k])
-      if len(set(s[1:] for s in shapes)) > 1 or len(set(dtypes)) > 1:
-        raise ValueError(f"{k}: the parts {parts} have different shapes or dtypes: "
-                         f"{list(zip(shapes, dtypes))}")
-      shape = (sum(s[0] for s in shapes),) + tuple(shapes[0][1:])
-      with archive.open(f"{k}.npy", "w", force_zip64=True) as f:
-        np.lib.format.write_array_header_2_0(f, {
-            "descr": np.lib.format.dtype_to_descr(np.dtype(dtypes[0])),
-            "fortran_order": False, "shape": shape})
-        for part in parts:
-          for rows in reference.iter_npz_array(part, k, batch_size=rows_per_read):
-            f.write(np.ascontiguousarray(rows).tobytes())
-  _publish(tmp, path)
+  Batch i samples with key fold_in(key, i). With `batch_sharding` every process passes all the
+  labels, cycled to a multiple of batch_size, and each batch becomes one global array of
+  which each process builds its own shards; without, the last batch may be shorter. Keys and
+  the scale are placed with `replicated` when given. `mesh` and `matmul_precision` are the
+  context of a jitted (not yet compiled) `sample_fn`: splash attention shard_maps itself
+  over the mesh.
+  """
+  labels = np.asarray(labels, np.int32)
+  if batch_sharding is not None:
+    labels = np.resize(labels, -(-len(labels) // batch_size) * batch_size)
+  scale = jnp.float32(cfg_scale)
+  if replicated is not None:
+    scale = jax.device_put(scale, replicated)
+  for i, start in enumerate(range(0, len(labels), batch_size)):
+    chunk = labels[start:start + batch_size]
+    if batch_sharding is None:
+      y = jnp.asarray(chunk)
+    else:
+      y = jax.make_array_from_callback(chunk.shape, batch_sharding, lambda idx, c=chunk: c[idx])
+    k = jax.random.fold_in(key, i)
+    if replicated is not None:
+      k = jax.device_put(k, replicated)
+    with contextlib.ExitStack() as context:
+      if matmul_precision:
+        context.enter_context(jax.default_matmul_precision(matmul_precision))
+      if mesh is not None:
+        context.enter_context(jax.set_mesh(mesh))
+      latents = sample_fn(params, k, y, scale)
+    yield start, decoder(latents)
 
 
 class Decoder:

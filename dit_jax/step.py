@@ -23,29 +23,10 @@ import ml_collections
 import optax
 from jax.sharding import PartitionSpec as P
 
-from dit_jax import attention, hardware, model_table, models, sharding
+from dit_jax import attention, flops as flops_lib, hardware, models, sharding
+from dit_jax.data_info import DataInfo
+from dit_jax.lr_schedule import learning_rate_schedule
 from dit_jax.diffusion import create_diffusion
-
-
-@dataclasses.dataclass(frozen=True)
-class DataInfo:
-  """What the trainer needs to know about a latent dataset."""
-  latent_shape: tuple[int, int, int]
-  num_classes: int
-  scale_factor: float
-  count: int              # records in the whole dataset
-  local_count: int        # records read by this process
-  files: tuple[str, ...]  # this process's shards
-  manifest: dict
-
-
-def synthetic_info(config: ml_collections.ConfigDict, num_classes: int = 1000) -> DataInfo:
-  """The DataInfo of a config's data without reading it: SD-VAE latents (image_size / 8, four
-  channels, stored float16) or, for the built-in digits, the 1-channel float32 pixels."""
-  s = int(config.data.image_size)
-  if config.data.get("builtin") == "digits":
-    return DataInfo((s, s, 1), 10, 1.0, 0, 0, (), {"dtype": "float32"})
-  return DataInfo((s // 8, s // 8, 4), num_classes, 0.18215, 0, 0, (), {"dtype": "float16"})
 
 
 # A layout fits when the compiled step needs at most this share of a device's memory.
@@ -118,10 +99,7 @@ def model_kwargs(model: models.DiT) -> dict:
 
 def create_optimizer(config: ml_collections.ConfigDict):
   o = config.optim
-  if o.warmup_steps:
-    schedule = optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps)
-  else:
-    schedule = optax.constant_schedule(o.learning_rate)
+  schedule = learning_rate_schedule(config)
   tx = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
   if o.grad_clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)
@@ -398,14 +376,12 @@ def _compile(config: ml_collections.ConfigDict, info: DataInfo,
     lowered = step_fn.lower(abstract, abstract_batch)
     compiled = lowered.compile(compiler_options=options) if options else lowered.compile()
     compile_s = time.time() - t0
-    cost = compiled.cost_analysis() or {}
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost.get("flops", 0.0))
+    flops = float(flops_lib.xla_cost(compiled).get("flops", 0.0))
     if model.scan_layers or microbatches > 1:
       # XLA counts a loop's body once (the scanned blocks, the microbatches): add the other
       # iterations' matmuls, a 1/mesh.size share each (the batch is split over all devices).
       # Their elementwise work stays uncounted: the figure is ~1% below the unrolled step's.
-      flops += 2 * model_table.uncounted_loop_macs(step_fn, abstract, abstract_batch) / mesh.size
+      flops += 2 * flops_lib.uncounted_loop_macs(step_fn, abstract, abstract_batch) / mesh.size
   model_flops = 3 * forward_flops(model) * gbs / mesh.size
   mem = compiled.memory_analysis()
   mem_gib = ((mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes -
@@ -421,7 +397,7 @@ def _compile(config: ml_collections.ConfigDict, info: DataInfo,
 
 def forward_flops(model: models.DiT) -> float:
   """Matmul FLOPs of one image's forward pass (attention included; the paper's Gflops)."""
-  return 2e9 * model_table.matmul_gmacs(model.clone(dtype=jnp.float32, remat=False,
+  return 2e9 * flops_lib.matmul_gmacs(model.clone(dtype=jnp.float32, remat=False,
                                                     attention_impl=None, scan_layers=False))
 
 

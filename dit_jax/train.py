@@ -5,10 +5,11 @@ Stages of `train_and_evaluate` (read top to bottom):
   2. `step.build`: model, diffusion, optimizer, mesh and shardings (dit_jax/sharding.py), and
      the train step: one jax.jit with in/out shardings and donated state, compiled ahead of
      time with its FLOPs and memory logged (benchmarks and dit_jax.aot use the same `build`);
-  3. restore the newest readable checkpoint, or initialise the state directly sharded;
+  3. `restore_or_init`: the newest readable checkpoint, or a fresh state created sharded;
   4. sample grids and evaluation (dit_jax/periodic.py), compiled before training starts;
-  5. the loop: metrics, checkpoints (saved before grids and evaluation), SIGTERM handling;
-     the data stream restarts where the restored step left it.
+  5. `train_loop`: steps, `MetricLogger`, checkpoints (`save`, before grids and evaluation),
+     profiler traces (dit_jax/profiling.py), SIGTERM handling; the data stream restarts where
+     the restored step left it.
 """
 
 from __future__ import annotations
@@ -27,12 +28,9 @@ from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
 
 from dit_jax import (checkpointing, convert, demo_data, hardware, input_pipeline, models, periodic,
-                     runtime, sampling)
-# The step and what is built around it live in dit_jax/step.py (no TensorFlow there); their
-# names stay importable from here.
-from dit_jax.step import (MEMORY_HEADROOM, REMAT_AUTO, Built, TrainState, abstract_state,  # noqa: F401
-                          build, create_model, create_optimizer, init_state, model_kwargs,
-                          sample_latents, train_step)
+                     profiling, runtime, sampling)
+from dit_jax.data_info import DataInfo
+from dit_jax.step import Built, TrainState, abstract_state, build, model_kwargs
 
 
 class _Preemption:
@@ -65,7 +63,7 @@ class _Preemption:
     return self.requested
 
 
-def vae_path(config: ml_collections.ConfigDict, info: input_pipeline.DataInfo,
+def vae_path(config: ml_collections.ConfigDict, info: DataInfo,
              required: bool = True) -> str | None:
   """config.vae.path, else the VAE folder prepare_latents recorded, else identity (pixel data)."""
   if config.vae.path:
@@ -92,73 +90,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   writer = metric_writers.create_default_writer(workdir, just_logging=pid > 0)
 
   # 1. Data.
-  data_dir = config.data.dir or demo_data.ensure(config.data.get("builtin", ""), workdir)
-  config.data.dir = data_dir
-  info = input_pipeline.get_info(data_dir, pid, nproc, config.data.verify_checksums)
+  config.data.dir = config.data.dir or demo_data.ensure(config.data.get("builtin", ""), workdir)
+  info = input_pipeline.get_info(config.data.dir, pid, nproc, config.data.verify_checksums)
   gbs = config.data.global_batch_size
   if gbs % nproc:
     raise ValueError(f"config.data.global_batch_size={gbs} must divide by {nproc} processes")
   local_bs = gbs // nproc
-  scale = float(config.vae.scale_factor or info.scale_factor)
 
   # 2. Model, diffusion, optimizer, mesh, shardings and the compiled step.
   b = build(config, info, devices)
-  model, mesh, state_sh, abstract = b.model, b.mesh, b.state_sh, b.abstract
-  batch_sh, repl, compiled, flops = b.batch_sh, b.repl, b.compiled, b.flops
-  key = jax.random.PRNGKey(config.seed)
 
   # 3. Restore or initialise; the state is created sharded (never whole on one device).
   mngr = checkpointing.create_manager(workdir, config.checkpoint.keep,
                                       config.checkpoint.async_save,
                                       config.checkpoint.get("keep_period"))
-  train_part = lambda s: {"step": s.step, "params": s.params, "opt_state": s.opt_state,
-                          "rng": s.rng}
-  # A checkpoint of the other block layout (model.scan_layers) is read in its own layout and
-  # converted on device.
-  saved_scan = bool(checkpointing.latest_model_kwargs(mngr).get("scan_layers", False))
-  relayout = saved_scan != model.scan_layers
-  r_abstract, r_sh = abstract, state_sh
-  if relayout:
-    r_abstract, r_sh = abstract_state(config, info, model.clone(scan_layers=saved_scan), mesh)
-  restored = checkpointing.restore_latest(
-      mngr, train_part(r_abstract), train_part(r_sh), r_abstract.ema_params,
-      r_sh.ema_params, model_kwargs=model_kwargs(model),
-      attempts=config.checkpoint.restore_attempts, backoff_s=config.checkpoint.restore_backoff_s)
-  if restored is None:
-    state = b.init(key)
-    # Compile the checkpoint integrity check now (a restore compiles it while verifying):
-    # a preemption save must not wait for a compilation.
-    checkpointing.summarize(train_part(state), state.ema_params)
-    logging.info("Initialised a new model in %s", workdir)
-  else:
-    tr, ema, meta = restored
-    if relayout:
-      # Both layouts are held for a moment (no donation: the shapes change).
-      tr, ema = jax.jit(convert.stack_blocks if model.scan_layers else convert.unstack_blocks,
-                        out_shardings=(train_part(state_sh), state_sh.ema_params))((tr, ema))
-      logging.info("Converted the checkpoint's blocks to the %s layout",
-                   "scanned" if model.scan_layers else "per-block")
-    state = TrainState(step=tr["step"], params=tr["params"], ema_params=ema,
-                       opt_state=tr["opt_state"], rng=tr["rng"],
-                       first_bad_step=jax.device_put(jnp.int32(-1), state_sh.first_bad_step))
-    was = meta.get("data", {})
-    if (was.get("local_batch_size"), was.get("process_count")) != (local_bs, nproc):
-      logging.warning("Resuming with %d processes x batch %d, the checkpoint was written with %s x "
-                      "%s: the data order from here on differs from the interrupted run's", nproc,
-                      local_bs, was.get("process_count"), was.get("local_batch_size"))
-    logging.info("Resumed from step %d in %s", int(state.step), workdir)
+  state = restore_or_init(config, info, b, mngr, local_bs)
   start_step = int(jax.device_get(state.step))
-  peak = hardware.peak_flops(mesh.devices.flat[0])
-  # MFU counts the model's FLOPs (3 x forward). With remat the compiled step recomputes (part
-  # of) the forward: XLA's count then also gives hardware FLOPs utilisation (HFU), where it
-  # counts the matmuls at all (not on GPUs, whose matmuls are library calls).
-  log_hfu = models.remat_policy(model.remat) is not None and flops >= b.model_flops
 
   # 4. Sample grids and evaluation, compiled now (dit_jax/periodic.py); they decode with the
   #    dataset's VAE (identity for pixel data).
   grid = evaluate = None
   if config.sample.num_images or config.eval.every_steps:
-    decoder = sampling.Decoder(vae_path(config, info), scale, repl,
+    decoder = sampling.Decoder(vae_path(config, info), _scale(config, info), b.repl,
                                matmul_precision=config.sample.matmul_precision)
     if config.sample.num_images:
       grid = periodic.SampleGrid(config, b, decoder, writer, workdir)
@@ -170,87 +123,183 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       info, local_batch_size=local_bs, seed=config.seed, process_index=pid,
       start_step=start_step, shuffle_buffer=config.data.shuffle_buffer,
       cycle_length=config.data.cycle_length)
-  batches = input_pipeline.iterate(ds, info.files)
   if start_step == 0:
     writer.write_hparams({k: v for k, v in config.to_dict().items() if not isinstance(v, dict)})
-  # Progress and ETA in the log (our own scalars below carry the throughput).
-  report = periodic_actions.ReportProgress(num_train_steps=config.total_steps,
-                                           every_steps=config.log_every_steps)
-
-  def check_finite(step):
-    bad = int(jax.device_get(state.first_bad_step))
-    if bad >= 0:
-      mngr.wait_until_finished()
-      raise FloatingPointError(
-          f"The loss or gradient norm became NaN/inf at step {bad} (stopped at step {step}, "
-          f"nothing saved after it): the checkpoints in {mngr.directory} are kept (newest: "
-          f"step {mngr.latest_step()}). Lower config.optim.learning_rate or set "
-          "config.optim.grad_clip_norm, then run again to resume from there.")
-
-  def save(step):
-    check_finite(step)  # a checkpoint never holds a diverged state
-    epoch, offset = input_pipeline.stream_position(step, local_bs, info.local_count)
-    meta = {"step": step, "model": config.model.name, "model_kwargs": model_kwargs(model),
-            "data": {"dir": data_dir, "epoch": epoch, "offset": offset,
-                     "local_batch_size": local_bs, "process_count": nproc},
-            "diffusion": {"steps": config.diffusion.steps,
-                          "noise_schedule": config.diffusion.noise_schedule},
-            "scale_factor": scale, "vae_path": vae_path(config, info, required=False)}
-    checkpointing.save(mngr, step, train_part(state), state.ema_params, meta)
-
-  history: dict[int, dict] = {}  # the logged scalars by step (returned; for tests and tools)
-  pending: list[dict] = []
-  t_log, step = time.time(), start_step
-
-  def log(step):
-    nonlocal pending, t_log
-    fetched = jax.device_get(pending)  # waits for the steps: time them after
-    sps = len(pending) / max(time.time() - t_log, 1e-9)
-    scalars = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-    scalars.update(steps_per_sec=sps, images_per_sec_per_device=sps * gbs / mesh.size)
-    if peak:
-      scalars["mfu"] = b.model_flops * sps / peak
-      if log_hfu:
-        scalars["hfu"] = flops * sps / peak
-    writer.write_scalars(step, scalars)
-    history.setdefault(step, {}).update(scalars)
-    pending, t_log = [], time.time()
-    check_finite(step)
-
+  metrics = MetricLogger(config, b, writer, mngr)
   try:
-    with _Preemption() as preempt:
-      while step < config.total_steps:
-        local = next(batches)
-        batch = {k: jax.make_array_from_process_local_data(batch_sh, v) for k, v in local.items()}
-        state, metrics = compiled(state, batch)
-        step += 1
-        pending.append(metrics)
-        report(step)
-        if step % config.log_every_steps == 0 or step == config.total_steps:
-          log(step)
-        preempted = preempt.check(mngr, step)
-        # Save before sampling or evaluating, so that nothing there can lose training steps.
-        if step % config.checkpoint.every_steps == 0 or step == config.total_steps or preempted:
-          save(step)
-        if preempted:
-          logging.warning("Preempted: checkpoint of step %d written, exiting", step)
-          break
-        if grid and (step % (config.sample.every_steps or -1) == 0 or step == config.total_steps):
-          grid(state.ema_params, step)
-        if evaluate and (step % config.eval.every_steps == 0 or step == config.total_steps):
-          t_eval = time.time()
-          results = {f"eval/{k}": float(v) for k, v in evaluate(state.ema_params, step).items()}
-          writer.write_scalars(step, results)
-          history.setdefault(step, {}).update(results)
-          logging.info("Evaluation at step %d took %.0fs: %s", step, time.time() - t_eval, results)
-          t_log += time.time() - t_eval
+    state = train_loop(config, info, b, state, mngr, input_pipeline.iterate(ds, info.files),
+                       metrics, grid, evaluate, local_bs, workdir)
   except BaseException:
     mngr.wait_until_finished()  # complete a checkpoint that was being written
     raise
-  if pending:
-    log(step)
+  metrics.write(int(jax.device_get(state.step)), state)
   mngr.wait_until_finished()
   mngr.close()
   writer.flush()
   multihost_utils.sync_global_devices("train_and_evaluate done")
-  return history
+  return metrics.history
+
+
+def _scale(config: ml_collections.ConfigDict, info: DataInfo) -> float:
+  return float(config.vae.scale_factor or info.scale_factor)
+
+
+def _train_part(s: Any) -> dict:
+  """The checkpoint's 'train' item of a TrainState (or of its shardings / shapes)."""
+  return {"step": s.step, "params": s.params, "opt_state": s.opt_state, "rng": s.rng}
+
+
+def restore_or_init(config: ml_collections.ConfigDict, info: DataInfo, b: Built,
+                    mngr: Any, local_bs: int) -> TrainState:
+  """The newest readable checkpoint's state on b's mesh, else a fresh one, created sharded."""
+  model, state_sh, abstract = b.model, b.state_sh, b.abstract
+  # A checkpoint of the other block layout (model.scan_layers) is read in its own layout and
+  # converted on device.
+  saved_scan = bool(checkpointing.latest_model_kwargs(mngr).get("scan_layers", False))
+  relayout = saved_scan != model.scan_layers
+  r_abstract, r_sh = abstract, state_sh
+  if relayout:
+    r_abstract, r_sh = abstract_state(config, info, model.clone(scan_layers=saved_scan), b.mesh)
+  restored = checkpointing.restore_latest(
+      mngr, _train_part(r_abstract), _train_part(r_sh), r_abstract.ema_params,
+      r_sh.ema_params, model_kwargs=model_kwargs(model),
+      attempts=config.checkpoint.restore_attempts, backoff_s=config.checkpoint.restore_backoff_s)
+  if restored is None:
+    state = b.init(jax.random.PRNGKey(config.seed))
+    # Compile the checkpoint integrity check now (a restore compiles it while verifying):
+    # a preemption save must not wait for a compilation.
+    checkpointing.summarize(_train_part(state), state.ema_params)
+    logging.info("Initialised a new model in %s", mngr.directory)
+    return state
+  tr, ema, meta = restored
+  if relayout:
+    # Both layouts are held for a moment (no donation: the shapes change).
+    tr, ema = jax.jit(convert.stack_blocks if model.scan_layers else convert.unstack_blocks,
+                      out_shardings=(_train_part(state_sh), state_sh.ema_params))((tr, ema))
+    logging.info("Converted the checkpoint's blocks to the %s layout",
+                 "scanned" if model.scan_layers else "per-block")
+  state = TrainState(step=tr["step"], params=tr["params"], ema_params=ema,
+                     opt_state=tr["opt_state"], rng=tr["rng"],
+                     first_bad_step=jax.device_put(jnp.int32(-1), state_sh.first_bad_step))
+  nproc = jax.process_count()
+  was = meta.get("data", {})
+  if (was.get("local_batch_size"), was.get("process_count")) != (local_bs, nproc):
+    logging.warning("Resuming with %d processes x batch %d, the checkpoint was written with %s x "
+                    "%s: the data order from here on differs from the interrupted run's", nproc,
+                    local_bs, was.get("process_count"), was.get("local_batch_size"))
+  logging.info("Resumed from step %d in %s", int(state.step), mngr.directory)
+  return state
+
+
+def check_finite(state: TrainState, mngr: Any, step: int) -> None:
+  """FloatingPointError naming the first step whose loss or gradient norm was NaN/inf."""
+  bad = int(jax.device_get(state.first_bad_step))
+  if bad >= 0:
+    mngr.wait_until_finished()
+    raise FloatingPointError(
+        f"The loss or gradient norm became NaN/inf at step {bad} (stopped at step {step}, "
+        f"nothing saved after it): the checkpoints in {mngr.directory} are kept (newest: "
+        f"step {mngr.latest_step()}). Lower config.optim.learning_rate or set "
+        "config.optim.grad_clip_norm, then run again to resume from there.")
+
+
+def save(config: ml_collections.ConfigDict, info: DataInfo, model: models.DiT,
+         state: TrainState, mngr: Any, step: int, local_bs: int) -> None:
+  """Checkpoint of `step` with its meta (model, data position, diffusion, VAE)."""
+  check_finite(state, mngr, step)  # a checkpoint never holds a diverged state
+  epoch, offset = input_pipeline.stream_position(step, local_bs, info.local_count)
+  meta = {"step": step, "model": config.model.name, "model_kwargs": model_kwargs(model),
+          "data": {"dir": config.data.dir, "epoch": epoch, "offset": offset,
+                   "local_batch_size": local_bs, "process_count": jax.process_count()},
+          "diffusion": {"steps": config.diffusion.steps,
+                        "noise_schedule": config.diffusion.noise_schedule},
+          "scale_factor": _scale(config, info),
+          "vae_path": vae_path(config, info, required=False)}
+  checkpointing.save(mngr, step, _train_part(state), state.ema_params, meta)
+
+
+class MetricLogger:
+  """The scalars of the steps since the last write, averaged and written every log period:
+  loss, mse, vb, grad norm, lr, steps/s, images/s per device, MFU (and HFU with remat)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, b: Built, writer: Any, mngr: Any):
+    self.writer, self.mngr, self.b = writer, mngr, b
+    self.images_per_step = config.data.global_batch_size / b.mesh.size
+    self.peak = hardware.peak_flops(b.mesh.devices.flat[0])
+    # MFU counts the model's FLOPs (3 x forward). With remat the compiled step recomputes (part
+    # of) the forward: XLA's count then also gives hardware FLOPs utilisation (HFU), where it
+    # counts the matmuls at all (not on GPUs, whose matmuls are library calls).
+    self.log_hfu = models.remat_policy(b.model.remat) is not None and b.flops >= b.model_flops
+    self.history: dict[int, dict] = {}  # the logged scalars by step (returned; for tests, tools)
+    self.pending: list[dict] = []
+    self.t_last = time.time()
+
+  def add(self, metrics: dict) -> None:
+    self.pending.append(metrics)
+
+  def pause(self, seconds: float) -> None:
+    """Time spent outside training (evaluation) that steps/s must not count."""
+    self.t_last += seconds
+
+  def record(self, step: int, scalars: dict) -> None:
+    self.writer.write_scalars(step, scalars)
+    self.history.setdefault(step, {}).update(scalars)
+
+  def write(self, step: int, state: TrainState) -> None:
+    """Writes the pending steps' means at `step` (nothing if none is pending), then stops the
+    job if `state` has seen a NaN/inf."""
+    if not self.pending:
+      return
+    fetched = jax.device_get(self.pending)  # waits for the steps: time them after
+    sps = len(self.pending) / max(time.time() - self.t_last, 1e-9)
+    scalars = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+    scalars.update(steps_per_sec=sps, images_per_sec_per_device=sps * self.images_per_step)
+    if self.peak:
+      scalars["mfu"] = self.b.model_flops * sps / self.peak
+      if self.log_hfu:
+        scalars["hfu"] = self.b.flops * sps / self.peak
+    self.record(step, scalars)
+    self.pending, self.t_last = [], time.time()
+    check_finite(state, self.mngr, step)
+
+
+def train_loop(config: ml_collections.ConfigDict, info: DataInfo, b: Built, state: TrainState,
+               mngr: Any, batches: Any, metrics: MetricLogger, grid: Any, evaluate: Any,
+               local_bs: int, workdir: str) -> TrainState:
+  """Steps to config.total_steps (or a preemption); checkpoints are saved before grids and
+  evaluation. Returns the last state."""
+  # Progress and ETA in the log (MetricLogger's scalars carry the throughput).
+  report = periodic_actions.ReportProgress(num_train_steps=config.total_steps,
+                                           every_steps=config.log_every_steps)
+  profile = profiling.Profiler(config.get("profile"), workdir)
+  step = int(jax.device_get(state.step))
+  with _Preemption() as preempt:
+    while step < config.total_steps:
+      profile(step, state)
+      with jax.profiler.StepTraceAnnotation("train", step_num=step):
+        local = next(batches)
+        batch = {k: jax.make_array_from_process_local_data(b.batch_sh, v)
+                 for k, v in local.items()}
+        state, step_metrics = b.compiled(state, batch)
+      step += 1
+      metrics.add(step_metrics)
+      report(step)
+      if step % config.log_every_steps == 0 or step == config.total_steps:
+        metrics.write(step, state)
+      preempted = preempt.check(mngr, step)
+      # Save before sampling or evaluating, so that nothing there can lose training steps.
+      if step % config.checkpoint.every_steps == 0 or step == config.total_steps or preempted:
+        save(config, info, b.model, state, mngr, step, local_bs)
+      if preempted:
+        logging.warning("Preempted: checkpoint of step %d written, exiting", step)
+        break
+      if grid and (step % (config.sample.every_steps or -1) == 0 or step == config.total_steps):
+        grid(state.ema_params, step)
+      if evaluate and (step % config.eval.every_steps == 0 or step == config.total_steps):
+        t_eval = time.time()
+        results = {f"eval/{k}": float(v) for k, v in evaluate(state.ema_params, step).items()}
+        metrics.record(step, results)
+        logging.info("Evaluation at step %d took %.0fs: %s", step, time.time() - t_eval, results)
+        metrics.pause(time.time() - t_eval)
+  profile.close(state)
+  return state

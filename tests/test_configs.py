@@ -10,7 +10,9 @@ import jax
 import numpy as np
 import pytest
 
-from dit_jax import input_pipeline, models, sharding, train
+from dit_jax import models, sharding
+from dit_jax import step as dit_step
+from dit_jax.data_info import DataInfo
 
 CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(
     os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "*.py"))
@@ -19,7 +21,7 @@ CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(
 
 def latent_info(image_size, classes=1000):
   s = image_size // 8
-  return input_pipeline.DataInfo((s, s, 4), classes, 0.18215, 0, 0, (), {"dtype": "float16"})
+  return DataInfo((s, s, 4), classes, 0.18215, 0, 0, (), {"dtype": "float16"})
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -40,12 +42,12 @@ def test_config_loads_with_a_valid_model(name):
 @pytest.mark.parametrize("name,image_size", [("xl2", 256), ("xl2_512", 512)])
 def test_xl2_state_is_sharded_over_fsdp(name, image_size):
   c = importlib.import_module(f"configs.{name}").get_config()
-  assert c.mesh.fsdp == 0  # auto: train.build picks the layout from memory
+  assert c.mesh.fsdp == 0  # auto: step.build picks the layout from memory
   mesh = sharding.create_mesh(c.mesh.data, 8)
   assert dict(mesh.shape) == {"slice": 1, "data": 1, "data_minor": 1, "fsdp": 8}
-  model = train.create_model(c, latent_info(image_size))
-  tx, _ = train.create_optimizer(c)
-  boxed = jax.eval_shape(functools.partial(train.init_state, model=model, tx=tx,
+  model = dit_step.create_model(c, latent_info(image_size))
+  tx, _ = dit_step.create_optimizer(c)
+  boxed = jax.eval_shape(functools.partial(dit_step.init_state, model=model, tx=tx,
                                            local_shape=model_shape(model)), jax.random.PRNGKey(0))
   sh = sharding.state_shardings(boxed, mesh)
   shapes = nn.meta.unbox(boxed)
@@ -72,14 +74,14 @@ def model_shape(model):
 def test_model_options_are_checked_with_the_field_named():
   c = importlib.import_module("configs.s8").get_config()
   info = latent_info(256)
-  assert train.create_model(c, info).remat == "none"
+  assert dit_step.create_model(c, info).remat == "none"
   c.model.remat = "True"  # what --config.model.remat=True gives a string field
-  assert train.create_model(c, info).remat is True
+  assert dit_step.create_model(c, info).remat is True
   c.model.remat = "dots"
   with pytest.raises(ValueError, match=r"config.model.remat: remat='dots' is not a remat policy; "
                      r"choose one of: none, full, dots_saveable, dots_with_no_batch_dims_saveable"):
-    train.create_model(c, info)
+    dit_step.create_model(c, info)
   c.model.remat = "full"
   c.model.attention_impl = "flash"
   with pytest.raises(ValueError, match=r"config.model.attention_impl: .*'flash'.*auto, splash"):
-    train.create_model(c, info)
+    dit_step.create_model(c, info)

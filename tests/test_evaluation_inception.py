@@ -31,7 +31,8 @@ SIZE = 256  # DiT's sample size: exercises the 256 -> 299 resize; one compilatio
 def _torch_fidelity_inception_module():
   spec = importlib.util.find_spec("torch_fidelity")
   if spec is None:
-    raise ImportError("tests need torch-fidelity: pip install --no-deps torch-fidelity")
+    raise ImportError("tests need torch-fidelity: run README's test command (it installs "
+                      "torch-fidelity==0.4.0 with --no-deps: its torchvision would break diffusers)")
   stub = types.ModuleType("torch_fidelity")
   stub.__path__ = [os.path.dirname(spec.origin)]
   with mock.patch.dict(sys.modules, {"torch_fidelity": stub}):

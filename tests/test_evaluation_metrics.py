@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from scipy import linalg, special
 
+from dit_jax import image_io
 from dit_jax.evaluation import features, metrics, reference
 
 
@@ -120,15 +121,15 @@ def test_npz_streaming_and_validation(tmp_path):
   for save in (np.savez, np.savez_compressed):
     path = str(tmp_path / f"{save.__name__}.npz")
     save(path, arr_0=images, arr_1=np.arange(11))
-    batches = list(reference.iter_npz_array(path, batch_size=4))
+    batches = list(image_io.iter_npz_array(path, batch_size=4))
     assert [len(b) for b in batches] == [4, 4, 3]
     np.testing.assert_array_equal(np.concatenate(batches), images)
-    assert reference.check_images(path) == 11
+    assert image_io.check_images(path) == 11
   with pytest.raises(KeyError, match="arr_9"):
-    next(reference.iter_npz_array(path, "arr_9"))
+    next(image_io.iter_npz_array(path, "arr_9"))
   np.savez(tmp_path / "float.npz", arr_0=images.astype(np.float32))
   with pytest.raises(ValueError, match="uint8"):
-    reference.check_images(str(tmp_path / "float.npz"))
+    image_io.check_images(str(tmp_path / "float.npz"))
   np.savez(tmp_path / "empty.npz", labels=np.arange(3))
   with pytest.raises(ValueError, match="arr_0"):
     reference.compute_reference(str(tmp_path / "empty.npz"), variables=None)

@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 from dit_jax import step as dit_step
-from dit_jax import hardware, input_pipeline, periodic, runtime, sampling, sharding, train
+from dit_jax import hardware, image_io, input_pipeline, periodic, runtime, sampling, sharding, train
 from dit_jax.evaluation import reference
 from test_main_cli import ROOT, _free_port, env, main_cmd, steps_saved
 from test_train import digits_dir, tiny_config  # noqa: F401
@@ -100,7 +100,7 @@ def test_train_step_compiles_on_two_slices_with_default_config(digits_dir):  # n
   c = tiny_config(digits_dir)
   assert c.mesh.fsdp == 0 and c.mesh.data == -1  # the defaults: auto layout
   info = input_pipeline.get_info(digits_dir)
-  b = train.build(c, info, devices=devices)
+  b = dit_step.build(c, info, devices=devices)
   # Fits one v5p chip: data parallel over both slices, the DCN carrying only gradients.
   assert dict(b.mesh.shape) == {"slice": 2, "data": 4, "data_minor": 2, "fsdp": 1}
   assert 0 < b.memory_gib < 1 and b.flops > 0
@@ -112,7 +112,7 @@ def test_train_step_compiles_on_two_slices_with_default_config(digits_dir):  # n
     assert "slice" not in str(sh.spec)
   assert any(sh.spec != jax.sharding.PartitionSpec() for sh in jax.tree.leaves(b.state_sh.params))
   # An explicit FSDP layout stays within a slice: every fsdp group is on one slice.
-  b4 = train.build(tiny_config(digits_dir, **{"mesh.fsdp": 4}), info, devices=devices)
+  b4 = dit_step.build(tiny_config(digits_dir, **{"mesh.fsdp": 4}), info, devices=devices)
   assert dict(b4.mesh.shape) == {"slice": 2, "data": 2, "data_minor": 1, "fsdp": 4}
   for row in b4.mesh.devices.reshape(-1, 4):
     assert len({d.slice_index for d in row}) == 1
@@ -123,18 +123,18 @@ def test_auto_layout_shards_only_as_much_as_memory_needs(digits_dir, monkeypatch
   c = tiny_config(digits_dir, **{"model.overrides.hidden_size": 256,
                                  "model.overrides.num_heads": 4})
   info = input_pipeline.get_info(digits_dir)
-  need = train.build(tiny_config(digits_dir, **{
+  need = dit_step.build(tiny_config(digits_dir, **{
       "model.overrides.hidden_size": 256, "model.overrides.num_heads": 4, "mesh.fsdp": 1}),
       info).memory_gib * 2**30
   # A device a little smaller than data parallelism needs: the smallest FSDP that fits.
   monkeypatch.setattr(hardware, "memory_bytes", lambda d: int(need))
-  b = train.build(c, info)
+  b = dit_step.build(c, info)
   assert b.mesh.shape["fsdp"] > 1
-  assert b.memory_gib * 2**30 <= train.MEMORY_HEADROOM * need
-  smaller = train.build(tiny_config(digits_dir, **{
+  assert b.memory_gib * 2**30 <= dit_step.MEMORY_HEADROOM * need
+  smaller = dit_step.build(tiny_config(digits_dir, **{
       "model.overrides.hidden_size": 256, "model.overrides.num_heads": 4,
       "mesh.fsdp": b.mesh.shape["fsdp"] // 2}), info)
-  assert smaller.memory_gib * 2**30 > train.MEMORY_HEADROOM * need
+  assert smaller.memory_gib * 2**30 > dit_step.MEMORY_HEADROOM * need
   sharded, replicated = sharding.replicated_bytes(b.state_sh.params, b.abstract.params)
   assert sharded > 10 * replicated  # biases and norms only stay whole
 
@@ -177,16 +177,16 @@ def test_sample_and_evaluation_files_through_gfile():
   # ram:// is TensorFlow's in-memory filesystem: the same code path as gs://, no network.
   root = "ram://dit_jax_test"
   images = np.random.default_rng(0).integers(0, 255, (6, 8, 8, 3), dtype=np.uint8)
-  sampling.save_npz(f"{root}/a.npz", arr_0=images[:4], arr_1=np.arange(4))
-  sampling.save_npz(f"{root}/b.npz", arr_0=images[4:], arr_1=np.arange(4, 6))
-  sampling.merge_npz_parts([f"{root}/a.npz", f"{root}/b.npz"], f"{root}/all.npz",
+  image_io.save_npz(f"{root}/a.npz", arr_0=images[:4], arr_1=np.arange(4))
+  image_io.save_npz(f"{root}/b.npz", arr_0=images[4:], arr_1=np.arange(4, 6))
+  image_io.merge_npz_parts([f"{root}/a.npz", f"{root}/b.npz"], f"{root}/all.npz",
                            rows_per_read=3)
-  assert reference.check_images(f"{root}/all.npz") == 6
-  got = np.concatenate(list(reference.iter_npz_array(f"{root}/all.npz", batch_size=4)))
+  assert image_io.check_images(f"{root}/all.npz") == 6
+  got = np.concatenate(list(image_io.iter_npz_array(f"{root}/all.npz", batch_size=4)))
   np.testing.assert_array_equal(got, images)
   np.testing.assert_array_equal(
-      np.concatenate(list(reference.iter_npz_array(f"{root}/all.npz", "arr_1"))), np.arange(6))
-  sampling.save_png(f"{root}/grid.png", sampling.make_grid(images))
+      np.concatenate(list(image_io.iter_npz_array(f"{root}/all.npz", "arr_1"))), np.arange(6))
+  image_io.save_png(f"{root}/grid.png", image_io.make_grid(images))
   stats = reference.ReferenceStats(np.zeros(3), np.eye(3), np.zeros(2), np.eye(2), pool=None,
                                    source="x")
   stats.save(f"{root}/ref.npz")
@@ -289,7 +289,7 @@ def test_auto_remat_takes_the_lightest_policy_that_fits(digits_dir, monkeypatch)
   monkeypatch.setattr(dit_step, "_compile", fake_compile)
   auto = tiny_config(digits_dir, **{"model.remat": "auto", "mesh.fsdp": 1,
                                     "optim.microbatches": 1})
-  assert train.create_model(auto, info).remat == "none"
+  assert dit_step.create_model(auto, info).remat == "none"
   # No known device memory (a CPU): no remat, one compile.
   assert dit_step.build(auto, info).model.remat == "none" and tried == [(1, "none")]
   # 2.5 GiB devices (2.25 usable): the lightest policy under that, tried in order.
@@ -303,7 +303,7 @@ def test_auto_remat_takes_the_lightest_policy_that_fits(digits_dir, monkeypatch)
   both = tiny_config(digits_dir, **{"model.remat": "auto", "mesh.fsdp": 0,
                                     "optim.microbatches": 1})
   assert dit_step.build(both, info).model.remat == "full"
-  assert tried[:3] == [(1, r) for r in train.REMAT_AUTO] and tried[3][0] > 1
+  assert tried[:3] == [(1, r) for r in dit_step.REMAT_AUTO] and tried[3][0] > 1
   # An explicit policy is never changed.
   tried.clear()
   assert dit_step.build(tiny_config(digits_dir, **{"model.remat": "none", "mesh.fsdp": 1}),
@@ -332,7 +332,7 @@ def test_auto_microbatches_only_when_nothing_else_fits(digits_dir, monkeypatch):
   tried.clear()
   b = dit_step.build(c, info)
   assert (b.model.remat, b.microbatches) == ("full", 2)
-  assert tried == [(r, 1) for r in train.REMAT_AUTO] + [("full", 2)]
+  assert tried == [(r, 1) for r in dit_step.REMAT_AUTO] + [("full", 2)]
   # An explicit count is kept: 4 per device (32 images on 8 devices) allows 1, 2 or 4.
   tried.clear()
   b = dit_step.build(tiny_config(digits_dir, **{"model.remat": "none", "mesh.fsdp": 1,

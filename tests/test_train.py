@@ -10,6 +10,7 @@ import pytest
 
 from configs import demo
 from dit_jax import checkpointing, convert, demo_data, input_pipeline, models, records, train
+from dit_jax import step as dit_step
 
 
 @pytest.fixture(scope="session")
@@ -256,9 +257,22 @@ def test_scan_layers_resume_across_layouts(digits_dir, tmp_path):
 def test_scanned_step_flops_count_every_block(digits_dir):
   info = input_pipeline.get_info(digits_dir)
   c = tiny_config(digits_dir, **{"model.overrides.depth": 4, "model.overrides.hidden_size": 64})
-  unrolled = train.build(c, info)
-  scanned = train.build(tiny_config(digits_dir, **{
+  unrolled = dit_step.build(c, info)
+  scanned = dit_step.build(tiny_config(digits_dir, **{
       "model.overrides.depth": 4, "model.overrides.hidden_size": 64, "model.scan_layers": True}),
       info)
   # XLA's cost analysis counts a loop body once; build adds the other 3 blocks' matmuls.
   assert 0.9 < scanned.flops / unrolled.flops <= 1.0, (scanned.flops, unrolled.flops)
+
+
+def test_profile_trace_of_configured_steps(digits_dir, tmp_path):
+  workdir = str(tmp_path)
+  c = tiny_config(digits_dir, **{"total_steps": 5, "checkpoint.every_steps": 5,
+                                 "profile.start_step": 2, "profile.num_steps": 2})
+  train.train_and_evaluate(c, workdir)
+  traces = glob.glob(os.path.join(workdir, "profile", "plugins", "profile", "*", "*.xplane.pb"))
+  assert len(traces) == 1 and os.path.getsize(traces[0]) > 0
+  # Off by default: no trace directory.
+  other = str(tmp_path / "off")
+  train.train_and_evaluate(tiny_config(digits_dir, total_steps=2), other)
+  assert not os.path.exists(os.path.join(other, "profile"))

@@ -6,10 +6,8 @@ precomputed moments are used for FID/sFID when present, and the images' pool fea
 precision/recall. Computed statistics are cached as an .npz with the same keys plus
 `pool` (the reference pool features) and `source`, so later runs skip the Inception pass.
 """
-import contextlib
 import dataclasses
 import os
-import zipfile
 from typing import Any, Iterator
 
 import jax
@@ -17,6 +15,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 import tensorflow as tf
 
+from dit_jax import image_io
 from dit_jax.evaluation import convert
 from dit_jax.evaluation import features as features_lib
 from dit_jax.evaluation import metrics
@@ -45,8 +44,7 @@ class ReferenceStats:
     arrays = {k: getattr(self, k) for k in _MOMENT_KEYS}
     if self.pool is not None:
       arrays["pool"] = self.pool
-    from dit_jax import sampling  # pylint: disable=import-outside-toplevel
-    sampling.save_npz(path, source=np.asarray(self.source), **arrays)  # local or gs://, atomic
+    image_io.save_npz(path, source=np.asarray(self.source), **arrays)  # local or gs://, atomic
 
   @classmethod
   def load(cls, path: str) -> "ReferenceStats":
@@ -57,84 +55,6 @@ class ReferenceStats:
       pool = data["pool"] if "pool" in data.files else None
       source = str(data["source"]) if "source" in data.files else path
       return cls(*(data[k] for k in _MOMENT_KEYS), pool=pool, source=source)
-
-
-def _read_npy_header(f: Any) -> tuple[tuple[int, ...], bool, np.dtype] | None:
-  """(shape, fortran_order, dtype) of an open .npy stream; None for formats read whole."""
-  version = np.lib.format.read_magic(f)
-  if version == (1, 0):
-    return np.lib.format.read_array_header_1_0(f)
-  if version == (2, 0):
-    return np.lib.format.read_array_header_2_0(f)
-  return None
-
-
-@contextlib.contextmanager
-def _open_npz(path: str) -> Iterator[zipfile.ZipFile]:
-  """An .npz (local or gs://, through tf.io.gfile) as a zip archive; errors name the path."""
-  if not tf.io.gfile.exists(path):
-    raise FileNotFoundError(f"{path}: no such file")
-  with tf.io.gfile.GFile(path, "rb") as f:
-    try:
-      archive = zipfile.ZipFile(f)
-    except (zipfile.BadZipFile, tf.errors.InvalidArgumentError) as e:  # TF: seek before start
-      raise ValueError(f"{path}: not an .npz file ({e}); expected np.savez output with arr_0 "
-                       "(uint8 images [N, H, W, 3])") from None
-    with archive:
-      yield archive
-
-
-def _load_npz_array(path: str, key: str) -> np.ndarray:
-  with tf.io.gfile.GFile(path, "rb") as f, np.load(f) as data:
-    return data[key]
-
-
-def _open_member(archive: zipfile.ZipFile, path: str, key: str) -> Any:
-  if f"{key}.npy" not in archive.namelist():
-    names = [n[:-4] for n in archive.namelist()]
-    raise KeyError(f"{path} has no array {key!r} (arrays: {names})")
-  return archive.open(f"{key}.npy")
-
-
-def iter_npz_array(path: str, key: str = "arr_0", batch_size: int = 256) -> Iterator[np.ndarray]:
-  """Streams one array of an .npz in batches along axis 0, without loading it whole.
-
-  A 50K x 256 x 256 x 3 sample file is 9.8 GB; this reads batch_size rows at a time.
-  """
-  with _open_npz(path) as archive, _open_member(archive, path, key) as f:
-    header = _read_npy_header(f)
-    if header is None or header[1] or header[2].hasobject or not header[0]:
-      array = _load_npz_array(path, key)
-      for start in range(0, len(array), batch_size):
-        yield array[start:start + batch_size]
-      return
-    shape, _, dtype = header
-    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
-    for start in range(0, shape[0], batch_size):
-      rows = min(batch_size, shape[0] - start)
-      data = f.read(rows * row_bytes)
-      if len(data) != rows * row_bytes:
-        raise ValueError(f"{path}: {key} is truncated at row {start}")
-      yield np.frombuffer(data, dtype).reshape((rows,) + tuple(shape[1:]))
-
-
-def npz_array_info(path: str, key: str = "arr_0") -> tuple[tuple[int, ...], np.dtype]:
-  """(shape, dtype) of one array of an .npz, read from its header only."""
-  with _open_npz(path) as archive, _open_member(archive, path, key) as f:
-    header = _read_npy_header(f)
-  if header is None:
-    array = _load_npz_array(path, key)
-    return array.shape, array.dtype
-  return tuple(header[0]), header[2]
-
-
-def check_images(path: str, key: str = "arr_0") -> int:
-  """Validates that `key` in an .npz is uint8 images [N, H, W, 3 (or 1)]; returns N."""
-  shape, dtype = npz_array_info(path, key)
-  if len(shape) != 4 or shape[-1] not in (1, 3) or dtype != np.uint8 or not shape[0]:
-    raise ValueError(f"{path}: {key} must be uint8 images [N, H, W, 3] (ADM layout), "
-                     f"got {dtype} {shape}")
-  return shape[0]
 
 
 def _center_cropped(images: Iterator[Any], resolution: int | None) -> Iterator[np.ndarray]:
@@ -227,8 +147,8 @@ def compute_reference(source: str, variables: Any, *, resolution: int | None = N
       files = data.files
       moments = [data[k] for k in _MOMENT_KEYS] if all(k in files for k in _MOMENT_KEYS) else None
     if "arr_0" in files:
-      check_images(source)
-      stats = ReferenceStats.from_features(extract(iter_npz_array(source)), key)
+      image_io.check_images(source)
+      stats = ReferenceStats.from_features(extract(image_io.iter_npz_array(source)), key)
       if moments is not None:  # ADM: FID against the precomputed moments, P/R against arr_0
         stats.mu, stats.sigma, stats.mu_s, stats.sigma_s = moments
     elif moments is not None:  # nothing computed, nothing to cache; no precision/recall

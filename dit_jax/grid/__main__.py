@@ -108,5 +108,10 @@ def main(argv):
   print(f"# grid run took {time.time() - t0:.0f} s")
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """Console script `dit-grid` (the same as python -m dit_jax.grid)."""
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()

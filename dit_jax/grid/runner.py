@@ -81,7 +81,7 @@ def checkpoint_steps(workdir: str) -> list[int]:
 def model_info(preset: presets.Preset, model: str, config) -> dict:
   """Name, patch, parameters and forward Gflops (dit_jax.model_table) of a grid model."""
   # pylint: disable=import-outside-toplevel
-  from dit_jax import model_table, models
+  from dit_jax import flops, model_table, models
   h, _, c = preset.latent_shape
   overrides = {k: v for k, v in config.model.overrides.items() if v is not None}
   dit = models.get_model(config.model.name, input_size=h, in_channels=c,
@@ -92,7 +92,7 @@ def model_info(preset: presets.Preset, model: str, config) -> dict:
   return {"model": model, "name": config.model.name, "size": size, "patch": dit.patch_size,
           "depth": dit.depth, "hidden_size": dit.hidden_size, "num_heads": dit.num_heads,
           "tokens": dit.grid_size**2, "params": model_table.count_params(dit),
-          "gflops": model_table.matmul_gmacs(dit), "batch": config.data.global_batch_size,
+          "gflops": flops.matmul_gmacs(dit), "batch": config.data.global_batch_size,
           "config": preset.config_spec(model)}
 
 
@@ -148,13 +148,14 @@ class ProxySampler:
     """
     # pylint: disable=import-outside-toplevel
     import jax
-    import jax.numpy as jnp
     from dit_jax import checkpointing, sampling
     from dit_jax.evaluation import proxy
     p = self.preset
     dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     model, params, meta = checkpointing.load_ema_model(self.workdir, dev, step)
     if self._fn is None:
+      sampling.check_batch(model, p.cfg_scale, p.sample_batch, 1,
+                           (f"the {p.name} preset's cfg_scale", "sample_batch"))
       diffusion = meta.get("diffusion", {})
       self._fn = sampling.make_sample_fn(
           model, **p.sampler_kwargs(), guided=p.cfg_scale != 1.0, release_cfg=False,
@@ -162,13 +163,9 @@ class ProxySampler:
           noise_schedule=diffusion.get("noise_schedule", "linear"))
     decoder = sampling.Decoder(meta.get("vae_path") or "identity", meta.get("scale_factor", 1.0))
     labels = np.arange(p.num_samples, dtype=np.int32) % model.num_classes
-    images = []
-    for i, start in enumerate(range(0, len(labels), p.sample_batch)):
-      y = jnp.asarray(labels[start:start + p.sample_batch])
-      lat = self._fn(params, jax.random.fold_in(jax.random.PRNGKey(seed), i), y,
-                     jnp.float32(p.cfg_scale))
-      images.append(np.asarray(decoder(lat)))
-    images = np.concatenate(images)
+    images = np.concatenate([np.asarray(batch) for _, batch in sampling.sample_batches(
+        self._fn, decoder, params, labels, batch_size=p.sample_batch,
+        key=jax.random.PRNGKey(seed), cfg_scale=p.cfg_scale)])
     return images, labels, proxy.proxy_metrics(images, labels)
 
 
@@ -190,11 +187,11 @@ def evaluate_proxy(preset: presets.Preset, workdir: str, steps: list[int], final
 
 
 def _save_samples(workdir: str, images: np.ndarray, labels: np.ndarray) -> None:
-  from dit_jax import sampling  # pylint: disable=import-outside-toplevel
-  sampling.save_npz(os.path.join(workdir, SAMPLES_FILE), arr_0=images, arr_1=labels)
+  from dit_jax import image_io  # pylint: disable=import-outside-toplevel
+  image_io.save_npz(os.path.join(workdir, SAMPLES_FILE), arr_0=images, arr_1=labels)
   order = np.argsort(labels, kind="stable")[:100]  # a PNG grid: up to 10 of each class
-  sampling.save_png(os.path.join(workdir, "samples.png"),
-                    sampling.make_grid(images[order], upscale=max(1, 64 // images.shape[1])))
+  image_io.save_png(os.path.join(workdir, "samples.png"),
+                    image_io.make_grid(images[order], upscale=max(1, 64 // images.shape[1])))
 
 
 def evaluate_inception(preset: presets.Preset, workdir: str, steps: list[int], final_step: int,
@@ -302,11 +299,13 @@ def run(preset: presets.Preset, root: str, models: list[str] | None = None, *, d
                 extra=extra or {}, models=sorted(set(grid.get("models", [])) | set(models)))
     write_json(os.path.join(root, GRID_FILE), grid)
 
+  settings = GridRun(preset=preset, root=root, data=data, mode=mode, tpu=tpu, zone=zone,
+                     train=train, evaluate=evaluate, extra=extra, eval_files=eval_files,
+                     overrides=overrides, out=out)
   statuses, launched_one = {}, False
   for model in models:
     try:
-      launched_one = _run_model(preset, root, model, data, mode, tpu, zone, train, evaluate,
-                                extra, eval_files, overrides, statuses, launched_one, out)
+      launched_one = _run_model(settings, model, statuses, launched_one)
     except Exception as e:  # pylint: disable=broad-except
       if len(models) == 1 or isinstance(e, KeyboardInterrupt):
         raise
@@ -321,9 +320,27 @@ def run(preset: presets.Preset, root: str, models: list[str] | None = None, *, d
   return statuses
 
 
-def _run_model(preset, root, model, data, mode, tpu, zone, train, evaluate, extra, eval_files,
-               overrides, statuses, launched_one, out) -> bool:
+@dataclasses.dataclass(frozen=True)
+class GridRun:
+  """The settings of one `run`, shared by every model (see `run`'s arguments)."""
+  preset: presets.Preset
+  root: str
+  data: str
+  mode: str
+  tpu: str
+  zone: str
+  train: bool
+  evaluate: bool
+  extra: dict | None
+  eval_files: dict
+  overrides: dict          # the dotted config overrides of every model's training command
+  out: Any                 # where the progress lines are printed
+
+
+def _run_model(r: GridRun, model: str, statuses: dict[str, Status], launched_one: bool) -> bool:
   """One model's training and evaluation; returns whether a TPU job has been launched."""
+  preset, root, data, mode, tpu, zone = r.preset, r.root, r.data, r.mode, r.tpu, r.zone
+  extra, eval_files, overrides, out = r.extra, r.eval_files, r.overrides, r.out
   dry = mode == "print"
   workdir = os.path.join(root, model)
   config = presets.model_config(preset, model, data, extra)
@@ -335,7 +352,7 @@ def _run_model(preset, root, model, data, mode, tpu, zone, train, evaluate, extr
         file=out, flush=True)
 
   # 1. Training (the job resumes from its newest checkpoint by itself).
-  if train and st.latest < preset.total_steps:
+  if r.train and st.latest < preset.total_steps:
     cmd = train_command(preset, model, workdir, overrides, tpu, zone)
     if dry or (tpu and launched_one and "{model}" not in tpu):
       st.commands.append(cmd)
@@ -360,7 +377,7 @@ def _run_model(preset, root, model, data, mode, tpu, zone, train, evaluate, extr
       st.checkpoints = checkpoint_steps(workdir)
 
   # 2. Evaluation of the kept checkpoints not evaluated yet.
-  if not evaluate:
+  if not r.evaluate:
     return launched_one
   todo = pending_eval_steps(preset, workdir, st.checkpoints, read_metrics(workdir))
   if dry:

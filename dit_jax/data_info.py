@@ -1,0 +1,32 @@
+"""What the trainer knows about a dataset, from its manifest or, for planning, from a config.
+
+Needs neither TensorFlow nor the records: `dit_jax.step` (and so benchmarks and the AOT planner)
+builds the train step from a DataInfo alone; `input_pipeline.get_info` makes the real one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+
+@dataclasses.dataclass(frozen=True)
+class DataInfo:
+  """What the trainer needs to know about a latent dataset."""
+  latent_shape: tuple[int, int, int]
+  num_classes: int
+  scale_factor: float
+  count: int              # records in the whole dataset
+  local_count: int        # records read by this process
+  files: tuple[str, ...]  # this process's shards
+  manifest: dict
+
+
+def synthetic_info(config: ml_collections.ConfigDict, num_classes: int = 1000) -> DataInfo:
+  """The DataInfo of a config's data without reading it: SD-VAE latents (image_size / 8, four
+  channels, stored float16) or, for the built-in digits, the 1-channel float32 pixels."""
+  s = int(config.data.image_size)
+  if config.data.get("builtin") == "digits":
+    return DataInfo((s, s, 1), 10, 1.0, 0, 0, (), {"dtype": "float32"})
+  return DataInfo((s // 8, s // 8, 4), num_classes, 0.18215, 0, 0, (), {"dtype": "float16"})
