@@ -26,13 +26,15 @@ setup(
         "safetensors",               # reading diffusers VAE weights without torch
         "scikit-learn",              # ships the digits of the demo; the proxy FID's classifier
         "matplotlib",                # the scaling grid's figures (python -m dit_jax.grid report)
+        "diffrax>=0.7.2",            # the flow objective's ODE/SDE solves (dit_jax.flow)
     ],
     extras_require={
         # Parity references for the tests. The pinned torch is a CPU build where it is on disk;
         # an unpinned torch pulls a multi-GB CUDA build.
         # jax[tpu] brings libtpu at the installed jax's version: tests compile train steps for
         # TPU topologies (jax.experimental.topologies) on a CPU-only machine; no TPU is used.
-        "test": ["pytest", "torch==2.13.0", "diffusers", "jax[tpu]"],
+        # torchdiffeq: SiT's ODE solver, the reference of the flow samplers' heun2 and dopri5.
+        "test": ["pytest", "torch==2.13.0", "diffusers", "jax[tpu]", "torchdiffeq"],
         # Reading the released .pt checkpoints (dit_jax.convert) and Inception weights.
         "torch": ["torch"],
         # TPU VMs, and AOT compilation for TPU topologies on any machine (python -m dit_jax.aot).
