@@ -14,9 +14,8 @@ from typing import Callable, ClassVar
 import diffrax
 import jax
 import jax.numpy as jnp
-import lineax
+import lineax  # diffrax's own dependency: its diagonal noise operator
 import numpy as np
-from equinox.internal import ω
 
 ODE_METHODS = ("euler", "heun2", "dopri5")
 SDE_METHODS = ("euler", "heun")
@@ -86,11 +85,11 @@ class NoiseThenHeun(diffrax.AbstractItoSolver):
     del solver_state, made_jump
     drift, noise = terms.terms
     dt = drift.contr(t0, t1)
-    x_hat = (y0 ** ω + noise.vf_prod(t0, y0, args, noise.contr(t0, t1)) ** ω).ω
+    x_hat = jax.tree.map(jnp.add, y0, noise.vf_prod(t0, y0, args, noise.contr(t0, t1)))
     k1 = drift.vf(t0, x_hat, args)
-    x_pred = (x_hat ** ω + dt * k1 ** ω).ω
+    x_pred = jax.tree.map(lambda x, k: x + dt * k, x_hat, k1)
     k2 = drift.vf(t1, x_pred, args)
-    y1 = (x_hat ** ω + 0.5 * dt * (k1 ** ω + k2 ** ω)).ω
+    y1 = jax.tree.map(lambda x, a, b: x + 0.5 * dt * (a + b), x_hat, k1, k2)
     return y1, None, dict(y0=y0, y1=y1), None, diffrax.RESULTS.successful
 
   def func(self, terms, t0, y0, args):

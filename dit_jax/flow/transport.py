@@ -182,6 +182,10 @@ class Transport:
       last_step_size = 0.0
     t0, t1 = self.interval(sde=True, sampling=True, diffusion_form=diffusion_form,
                            last_step_size=last_step_size)
+    if diffusion_form == "SBDM" and t0 == 0 and self.path.name != "VP":
+      raise ValueError(f"diffusion_form='SBDM' is infinite at t0 = 0 on the {self.path.name} "
+                       "path (sample_eps is 0 for velocity models, as in SiT): use another "
+                       "form, or a score/noise prediction (sample_eps > 0).")
     if diffusion_form not in DIFFUSION_FORMS:
       raise ValueError(f"diffusion_form: got {diffusion_form!r}, expected one of "
                        f"{list(DIFFUSION_FORMS)}.")
