@@ -270,7 +270,7 @@ def test_euler_matches_diffusers_flow_match_euler_scheduler():
                       num_steps=n)
   sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
   sched.set_timesteps(sigmas=list(1 - flow.time_grid(0, 1, n)[:-1]))
-  y = torch.from_numpy(np.asarray(x))
+  y = torch.from_numpy(np.array(x))
   for i, timestep in enumerate(sched.timesteps):
     sigma = sched.sigmas[i]
     v = _nonlinear_velocity(y, (1 - sigma).expand(y.shape[0]), torch)
