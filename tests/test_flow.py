@@ -189,15 +189,16 @@ def _affine_last_step(path, t1, last_step, h, form):
     a, da, s, ds = _coeffs(path, tt)
     v = da * x1 + ds * x0
     diffusion = {"sigma": s, "constant": 1.0, "linear": 1 - t1, "SBDM": da / a * s ** 2 - s * ds}
-    out = {"mean": x + h * (v + diffusion[form] * score), "euler": x + h * v, "tweedie": x1, None: x}
+    out = {"mean": x + h * (v + diffusion[form] * score), "euler": x + h * v, "tweedie": x1,
+           None: x}
     return float(out[last_step].squeeze())
   d = step(0.0)
   return step(1.0) - d, d
 
 
 @pytest.mark.parametrize("path,prediction,method,form,last_step", [
-    ("Linear", "velocity", "euler", "sigma", "mean"), ("Linear", "velocity", "heun", "sigma",
-                                                       "mean"),
+    ("Linear", "velocity", "euler", "sigma", "mean"),
+    ("Linear", "velocity", "heun", "sigma", "mean"),
     ("Linear", "velocity", "euler", "sigma", "tweedie"),
     ("Linear", "velocity", "euler", "linear", "euler"),
     ("VP", "noise", "euler", "SBDM", "mean"), ("GVP", "velocity", "heun", "sigma", None),

@@ -85,7 +85,7 @@ def test_flow_objective_trains_a_dit():
   assert float(jnp.abs(final[..., 4:]).max()) == 0 and float(jnp.abs(final[..., :4]).max()) > 0
   # t in [0, 1] reaches the model as floats.
   seen = []
-  obj.training_losses(lambda x, t: seen.append(t) or jnp.zeros(x.shape[:-1] + (8,)), x0,
+  obj.training_losses(lambda x, t: seen.append(t) or jnp.concatenate([x, x], axis=-1), x0,
                       jax.random.PRNGKey(2))
   assert seen[0].dtype == jnp.float32 and 0 <= float(seen[0].min()) <= float(seen[0].max()) <= 1
 
