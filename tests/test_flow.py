@@ -350,3 +350,29 @@ def test_guided_dit_sampling_with_scale_one_equals_unguided():
     assert a.shape == (2, 8, 8, 4)
     np.testing.assert_allclose(a, b, atol=1e-5)
     assert not np.allclose(guided(params, key, labels, 4.0), b, atol=1e-3)
+
+
+@pytest.mark.parametrize("sde", [False, True])
+def test_batch_sharded_sampling_matches_unsharded(sde):
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec  # pylint: disable=import-outside-toplevel
+  tr = flow.create_transport("GVP", "velocity")
+  model_fn = exact_model("GVP", "velocity")
+  if sde:
+    loop = lambda x, k: tr.sample_sde(model_fn, x, k, method="heun", num_steps=10)
+  else:
+    loop = lambda x, k: tr.sample_ode(model_fn, x, method="dopri5")
+  noise = _noise(16)
+  mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+  sharded = jax.device_put(noise, NamedSharding(mesh, PartitionSpec("data")))
+  run = jax.jit(loop)
+  a, b = run(noise, jax.random.PRNGKey(6)), run(sharded, jax.random.PRNGKey(6))
+  assert len(b.sharding.device_set) == 8 and not b.sharding.is_fully_replicated
+  np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-6)
+
+
+def test_dopri5_past_its_step_limit_gives_nan(monkeypatch):
+  monkeypatch.setattr(flow.samplers, "MAX_ADAPTIVE_STEPS", 3)
+  tr = flow.create_transport("Linear", "velocity")
+  x = tr.sample_ode(lambda x, t: _nonlinear_velocity(x, t, jnp), _noise(4), method="dopri5",
+                    atol=1e-9, rtol=1e-9)
+  assert np.isnan(np.asarray(x)).all()

@@ -41,6 +41,15 @@ def _batched(fn: Drift) -> Callable:
   return vf
 
 
+def _final(sol: diffrax.Solution) -> jax.Array:
+  """The state at t1; NaN where the solve failed (dopri5 past MAX_ADAPTIVE_STEPS).
+
+  Solves run with throw=False: diffrax's runtime error is a host callback that XLA pins to
+  one device, which drags the whole loop, batch and all, onto device 0 of a sharded batch.
+  """
+  return jnp.where(sol.result == diffrax.RESULTS.successful, sol.ys[-1], jnp.nan)
+
+
 def solve_ode(drift: Drift, x: jax.Array, t0: float, t1: float, *, method: str = "dopri5",
               num_steps: int = 50, atol: float = 1e-6, rtol: float = 1e-3) -> jax.Array:
   """x(t1) of dx/dt = drift(x, t) from x(t0) = x.
@@ -61,8 +70,8 @@ def solve_ode(drift: Drift, x: jax.Array, t0: float, t1: float, *, method: str =
     controller, dt0, max_steps = diffrax.StepTo(ts=jnp.asarray(ts)), None, len(ts)
     t0, t1 = float(ts[0]), float(ts[-1])
   sol = diffrax.diffeqsolve(term, solver, t0, t1, dt0, x, stepsize_controller=controller,
-                            saveat=diffrax.SaveAt(t1=True), max_steps=max_steps)
-  return sol.ys[-1]
+                            saveat=diffrax.SaveAt(t1=True), max_steps=max_steps, throw=False)
+  return _final(sol)
 
 
 class NoiseThenHeun(diffrax.AbstractItoSolver):
@@ -113,6 +122,6 @@ def solve_sde(drift: Drift, diffusion: Callable[[jax.Array], jax.Array], x: jax.
   solver = diffrax.Euler() if method == "euler" else NoiseThenHeun()
   sol = diffrax.diffeqsolve(terms, solver, float(ts[0]), float(ts[-1]), None, x,
                             stepsize_controller=diffrax.StepTo(ts=jnp.asarray(ts)),
-                            saveat=diffrax.SaveAt(t1=True), max_steps=len(ts),
+                            saveat=diffrax.SaveAt(t1=True), max_steps=len(ts), throw=False,
                             adjoint=diffrax.ForwardMode())  # UnsafeBrownianPath needs it
-  return sol.ys[-1]
+  return _final(sol)
