@@ -26,6 +26,7 @@ setup(
         "safetensors",               # reading diffusers VAE weights without torch
         "scikit-learn",              # ships the digits of the demo; the proxy FID's classifier
         "matplotlib",                # the scaling grid's figures (python -m dit_jax.grid report)
+        "diffrax>=0.7.2",            # the flow objective's ODE/SDE solves (dit_jax.flow)
     ],
     # The entry points, also as commands (python -m dit_jax.main etc. work the same).
     entry_points={"console_scripts": [
@@ -46,7 +47,8 @@ setup(
         # torch-fidelity (the FID Inception reference) is not here: every release declares
         # torchvision, whose wheel for torch 2.13 is a CUDA build that fails to import on the CPU
         # torch and then breaks diffusers' imports. README's test command installs it --no-deps.
-        "test": ["pytest", "torch==2.13.0", "diffusers", "jax[tpu]"],
+        # torchdiffeq: SiT's ODE solver, the reference of the flow samplers' heun2 and dopri5.
+        "test": ["pytest", "torch==2.13.0", "diffusers", "jax[tpu]", "torchdiffeq"],
         # Reading the released .pt checkpoints (dit_jax.convert) and Inception weights.
         "torch": ["torch"],
         # TPU VMs, and AOT compilation for TPU topologies on any machine (python -m dit_jax.aot).
