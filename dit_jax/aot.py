@@ -358,7 +358,8 @@ def run_table(cache: str, jobs: int, timeout: float, only: str = "") -> dict[str
   order = ("xl2_512", "xl2") + tuple(reversed(TABLE_CONFIGS))
   todo.sort(key=lambda r: (order.index(r[0]), not r[2]))
   print(f"{len(rows)} rows cached in {cache}; compiling {len(todo)} with {jobs} process(es)")
-  sampling = lambda c, t, o: c in ("xl2", "xl2_512") and not o
+  sampling = lambda c, t, o: (c in ("xl2", "xl2_512") and not o and
+                              row_key(c, t, REPLICATED) not in rows)
   with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
     futures = {pool.submit(_run_row, *r, sampling(*r), timeout): r for r in todo}
     for fut in concurrent.futures.as_completed(futures):
@@ -466,10 +467,14 @@ def render_table(rows: dict[str, dict]) -> str:
             "at roofline | compile s |", "|---|---|---|---|---|---|"]
   for c in ("xl2", "xl2_512"):
     for t in TABLE_TOPOLOGIES:
-      r = get(c, t)
-      sm = r and "error" not in r and r["steps"].get("guided sampling step")
-      if not sm:
+      # The sampling step replicates the EMA whatever the train state's layout: any row of
+      # the config on the slice that compiled it will do.
+      found = [r for r in (get(c, t), get(c, t, REPLICATED)) if r and "error" not in r and
+               r["steps"].get("guided sampling step")]
+      if not found:
         continue
+      r = found[0]
+      sm = r["steps"]["guided sampling step"]
       batch = int(re.search(r"batch (\d+)", sm["name"]).group(1))
       spec = hardware.CHIPS.get(r["device_kind"])
       per_call = _step_roofline(spec, sm) if spec else None

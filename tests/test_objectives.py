@@ -47,8 +47,10 @@ def test_adm_objective_gives_the_train_steps_loss_for_the_same_keys():
     key = jax.random.fold_in(state.rng, state.step)
     k_x0, k_t, k_noise, k_drop = jax.random.split(key, 4)
     x0 = step.sample_latents(batch, k_x0, 0.5, True)
+    # The step draws the label dropout for the whole batch from k_drop.
+    drop = (jax.random.uniform(k_drop, (8,)) < model.class_dropout_prob).astype(jnp.int32)
     model_fn = lambda x, t: model.apply({"params": state.params}, x, t, batch["label"],
-                                        train=True, rngs={"dropout": k_drop})
+                                        train=True, force_drop_ids=drop)
     loss, logged = obj.training_losses(model_fn, x0, t=obj.sample_t(k_t, 8),
                                        noise=jax.random.normal(k_noise, x0.shape, jnp.float32))
     return loss.mean(), logged
