@@ -26,8 +26,8 @@ import numpy as np
 from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
 
-from dit_jax import (checkpointing, convert, demo_data, hardware, input_pipeline, models, periodic,
-                     runtime, sampling)
+from dit_jax import (checkpointing, config_checks, convert, demo_data, hardware, input_pipeline,
+                     models, periodic, runtime, sampling, workdir_lock)
 # The step and what is built around it live in dit_jax/step.py (no TensorFlow there); their
 # names stay importable from here.
 from dit_jax.step import (MEMORY_HEADROOM, REMAT_AUTO, Built, TrainState, abstract_state,  # noqa: F401
@@ -79,12 +79,14 @@ def vae_path(config: ml_collections.ConfigDict, info: input_pipeline.DataInfo,
   return path
 
 
+@workdir_lock.hold  # one job per workdir
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        devices: Any = None) -> dict[int, dict]:
   """Trains (resuming from `workdir` if it holds checkpoints); returns the logged metrics by step.
 
   `devices` restricts the mesh to a subset of jax.devices() (default: all).
   """
+  config_checks.check(config)
   pid, nproc = jax.process_index(), jax.process_count()
   runtime.enable_compilation_cache(
       config.compilation_cache_dir or os.path.join(workdir, "compilation_cache"),
@@ -180,12 +182,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   def check_finite(step):
     bad = int(jax.device_get(state.first_bad_step))
     if bad >= 0:
-      mngr.wait_until_finished()
+      checkpointing.finish(mngr)
+      newest = mngr.latest_step()
+      kept = (f"the checkpoints in {mngr.directory} are kept (newest: step {newest})"
+              if newest is not None else f"no checkpoint was written to {mngr.directory}")
       raise FloatingPointError(
           f"The loss or gradient norm became NaN/inf at step {bad} (stopped at step {step}, "
-          f"nothing saved after it): the checkpoints in {mngr.directory} are kept (newest: "
-          f"step {mngr.latest_step()}). Lower config.optim.learning_rate or set "
-          "config.optim.grad_clip_norm, then run again to resume from there.")
+          f"nothing saved after it): {kept}. Lower config.optim.learning_rate or set "
+          "config.optim.grad_clip_norm, then run again"
+          + (" to resume from there." if newest is not None else "."))
 
   def save(step):
     check_finite(step)  # a checkpoint never holds a diverged state
@@ -225,6 +230,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         state, metrics = compiled(state, batch)
         step += 1
         pending.append(metrics)
+        checkpointing.check_saves(mngr)  # a failed background save stops the job here
         report(step)
         if step % config.log_every_steps == 0 or step == config.total_steps:
           log(step)
@@ -245,11 +251,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           logging.info("Evaluation at step %d took %.0fs: %s", step, time.time() - t_eval, results)
           t_log += time.time() - t_eval
   except BaseException:
-    mngr.wait_until_finished()  # complete a checkpoint that was being written
+    checkpointing.finish_quietly(mngr)  # complete a checkpoint that was being written
     raise
   if pending:
     log(step)
-  mngr.wait_until_finished()
+  checkpointing.finish(mngr)
   mngr.close()
   writer.flush()
   multihost_utils.sync_global_devices("train_and_evaluate done")
