@@ -253,6 +253,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   except BaseException:
     checkpointing.finish_quietly(mngr)  # complete a checkpoint that was being written
     raise
+  input_pipeline.close_in_background(batches)  # must not delay the exit (see there)
   if pending:
     log(step)
   checkpointing.finish(mngr)
