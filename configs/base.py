@@ -148,6 +148,8 @@ def get_config(model: str = "DiT-XL/2", image_size: int = 256) -> ml_collections
   # Reading a checkpoint is tried this many times, waiting restore_backoff_s, then 4x longer
   # after each failure (2, 8, 32 s), before it is set aside as unreadable and the previous
   # checkpoint is used: a transient storage error on one host must not lose the newest one.
+  # Damage (data loss, a missing or truncated file, wrong digests or meta) is set aside at once.
+  # All numeric fields are range-checked at start-up (dit_jax/config_checks.py).
   c.checkpoint.restore_attempts = 4
   c.checkpoint.restore_backoff_s = 2.0
   # Write checkpoints in the background while training continues.
