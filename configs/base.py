@@ -117,8 +117,11 @@ def get_config(model: str = "DiT-XL/2", image_size: int = 256) -> ml_collections
   c.mesh.fsdp = 0
   # On TPUs, compile the step with XLA's options that overlap the data-parallel collectives
   # (gradient reduce-scatter, parameter all-gather) with compute (dit_jax.sharding
-  # .TPU_OVERLAP_OPTIONS); the planner (dit_jax.aot) compiles with the same options.
-  c.mesh.overlap_collectives = True
+  # .TPU_OVERLAP_OPTIONS); the planner (dit_jax.aot) compiles with the same setting. Off: in
+  # the planner they make XL/2's step worse by XLA's estimate (v5p-64: 40.0 -> 45.6 ms, 4x the
+  # all-gather bytes, 2.7x the compile time; v5p-256 unchanged; docs/performance.md). Try them
+  # on a real pod, where overlap that XLA's static estimate does not credit may pay.
+  c.mesh.overlap_collectives = False
 
   # How each part of the train state is laid out over the mesh (dit_jax/sharding.py).
   c.sharding = ml_collections.ConfigDict()

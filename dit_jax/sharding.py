@@ -276,6 +276,6 @@ TPU_OVERLAP_OPTIONS = {
 }
 
 
-def compiler_options(platform: str, overlap: bool = True) -> dict[str, Any] | None:
+def compiler_options(platform: str, overlap: bool = False) -> dict[str, Any] | None:
   """Compile options of the train step for a platform ('tpu', 'gpu', 'cpu')."""
   return dict(TPU_OVERLAP_OPTIONS) if platform == "tpu" and overlap else None

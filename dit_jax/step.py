@@ -370,7 +370,7 @@ def _compile(config: ml_collections.ConfigDict, info: DataInfo,
       "mean": jax.ShapeDtypeStruct((gbs, 2, h, w, c), store, sharding=batch_sh),
       "std": jax.ShapeDtypeStruct((gbs, 2, h, w, c), store, sharding=batch_sh)}
   options = sharding.compiler_options(mesh.devices.flat[0].platform,
-                                      config.mesh.get("overlap_collectives", True))
+                                      config.mesh.get("overlap_collectives", False))
   t0 = time.time()
   with jax.set_mesh(mesh):  # kernels that shard_map themselves (splash attention) see the mesh
     lowered = step_fn.lower(abstract, abstract_batch)

@@ -19,9 +19,10 @@ if [ -z "$REPO" ]; then echo "set DIT_JAX_REPO to the git URL of dit_jax" >&2; e
 SETUP="set -e; if [ ! -d ~/dit_jax ]; then git clone -b $BRANCH $REPO ~/dit_jax; fi; cd ~/dit_jax; \
 git fetch -q origin $BRANCH && git checkout -q origin/$BRANCH; \
 pip install -q -e . 'jax[tpu]' -f https://storage.googleapis.com/jax-releases/libtpu_releases.html"
-# The XLA options that overlap the data-parallel collectives with compute travel with the train
-# step: step.build passes them as compile options on TPUs (dit_jax.sharding.TPU_OVERLAP_OPTIONS,
-# config.mesh.overlap_collectives), exactly as `python -m dit_jax.aot` compiles the step it plans.
+# XLA's options that overlap the data-parallel collectives with compute travel with the train
+# step, not the environment: step.build passes them as compile options on TPUs when
+# --config.mesh.overlap_collectives=True (dit_jax.sharding.TPU_OVERLAP_OPTIONS; off by default),
+# exactly as `python -m dit_jax.aot` compiles the step it plans.
 # jax.distributed starts by itself: JAX's cluster detection finds the TPU VM pod through its
 # metadata server (dit_jax/runtime.py); with it comes the preemption notice service that makes
 # every host save and exit at the same step.
