@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import os
@@ -186,7 +187,7 @@ def _sampling_report(config: ml_collections.ConfigDict, b: step.Built, fwd_macs:
   x = jax.ShapeDtypeStruct((n, h, h, model.in_channels), jnp.float32, sharding=b.batch_sh)
   ints = jax.ShapeDtypeStruct((n,), jnp.int32, sharding=b.batch_sh)
   # t as the objective's samplers pass it (ADM: int32 timesteps, flow: float32 times).
-  t_dtype = jax.eval_shape(b.objective.sample_t, jax.random.PRNGKey(0), n).dtype
+  t_dtype = jax.eval_shape(lambda k: b.objective.sample_t(k, n), jax.random.PRNGKey(0)).dtype
   t = jax.ShapeDtypeStruct((n,), t_dtype, sharding=b.batch_sh)
   scale = jax.ShapeDtypeStruct((), jnp.float32, sharding=b.repl)
   step = jax.jit(lambda p, x, t, y, s: model.apply({"params": p}, x, t, y, s,
@@ -221,7 +222,12 @@ def _sampler_loop_report(config: ml_collections.ConfigDict, b: step.Built,
   labels = jax.ShapeDtypeStruct((n,), jnp.int32, sharding=b.batch_sh)
   scale = jax.ShapeDtypeStruct((), jnp.float32, sharding=b.repl)
   t0 = time.time()
-  with jax.default_matmul_precision(config.sample.matmul_precision), jax.set_mesh(b.mesh):
+  with contextlib.ExitStack() as context:
+    context.enter_context(jax.default_matmul_precision(config.sample.matmul_precision))
+    # The mesh only for splash attention (it shard_maps itself): diffrax (the flow samplers)
+    # runs small eager ops while tracing, which fail under a mesh of unattached devices.
+    if "splash" in str(b.model.attention_impl):
+      context.enter_context(jax.set_mesh(b.mesh))
     compiled = fn.lower(params, key, labels, scale).compile()
   sampler = e.sampler or b.objective.default_sampler
   steps = e.steps or b.objective.default_steps.get(sampler, 250)

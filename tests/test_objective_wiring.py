@@ -93,3 +93,15 @@ def test_converted_sit_checkpoint_samples_with_flow(tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   with np.load(out) as f:
     assert f["arr_0"].shape == (8, 4, 4, 1)
+
+
+def test_planner_compiles_the_flow_step_and_sampler_for_a_tpu_slice(digits_dir):  # noqa: F811
+  from dit_jax import aot  # pylint: disable=import-outside-toplevel
+  c = tiny_config(digits_dir, **{"data.builtin": "", "data.image_size": 64, "eval.batch_size": 8,
+                                 "objective.name": "flow", "eval.sampler": "heun2",
+                                 "eval.steps": 4})
+  devices = aot.topology_devices("v5p-8")
+  b, (step, sample, loop) = aot.plan(c, devices, sampler_loop=True)
+  assert isinstance(b.objective, objectives.Flow)
+  assert step.flops > 0 and sample.flops > 0
+  assert "whole sampler (heun2, 4 steps" in loop.name and loop.memory["total"] > 0
