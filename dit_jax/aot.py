@@ -231,8 +231,7 @@ def _sampler_loop_report(config: ml_collections.ConfigDict, b: step.Built,
     compiled = fn.lower(params, key, labels, scale).compile()
   sampler = e.sampler or b.objective.default_sampler
   steps = e.steps or b.objective.default_steps.get(sampler, 250)
-  return _report(f"whole sampler ({sampler}, {steps} steps, "
-                 f"batch {n})", compiled,
+  return _report(f"whole sampler ({sampler}, {steps} steps, batch {n})", compiled,
                  time.time() - t0, None, device)
 
 

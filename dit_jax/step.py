@@ -347,8 +347,8 @@ def build(config: ml_collections.ConfigDict, info: DataInfo,
 
 
 def _compile(config: ml_collections.ConfigDict, info: DataInfo,
-             model: models.DiT, objective: objectives.Objective, tx: Any, schedule: Any, init_fn: Any,
-             boxed: Any, mesh: jax.sharding.Mesh, layout: sharding.Layout,
+             model: models.DiT, objective: objectives.Objective, tx: Any, schedule: Any,
+             init_fn: Any, boxed: Any, mesh: jax.sharding.Mesh, layout: sharding.Layout,
              microbatches: int) -> Built:
   gbs = config.data.global_batch_size
   sharding.log_mesh(mesh)
