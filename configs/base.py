@@ -150,9 +150,9 @@ def get_config(model: str = "DiT-XL/2", image_size: int = 256) -> ml_collections
   # updates 1/N of the 10 GiB XL state, gradients arrive by reduce-scatter and the parameters
   # go back to the forward by all-gather in its dtype (bf16 token-matmul kernels). 'compute'
   # keeps the part as the forward uses it (replicated at fsdp = 1, as the release). Measured
-  # with dit_jax.aot for XL/2 at batch 256 (docs/performance.md): v5p-256 11.2 -> TODO_MEASURE GiB
-  # per chip and TODO_MEASURE ms per step by XLA's estimate; v5p-8 no slower. Sampling,
-  # evaluation and export gather the EMA whole where they need it.
+  # with dit_jax.aot for XL/2 at batch 256 (docs/performance.md): v5p-256 11.2 -> 2.5 GiB per
+  # chip and 36.2 -> 20.6 ms per step by XLA's estimate. Sampling, evaluation and export
+  # gather the EMA whole where they need it.
   c.sharding.params = "update"
   c.sharding.opt_state = "update"
   c.sharding.ema = "update"
@@ -168,6 +168,8 @@ def get_config(model: str = "DiT-XL/2", image_size: int = 256) -> ml_collections
   # Reading a checkpoint is tried this many times, waiting restore_backoff_s, then 4x longer
   # after each failure (2, 8, 32 s), before it is set aside as unreadable and the previous
   # checkpoint is used: a transient storage error on one host must not lose the newest one.
+  # Damage (data loss, a missing or truncated file, wrong digests or meta) is set aside at once.
+  # All numeric fields are range-checked at start-up (dit_jax/config_checks.py).
   c.checkpoint.restore_attempts = 4
   c.checkpoint.restore_backoff_s = 2.0
   # Write checkpoints in the background while training continues.

@@ -5,22 +5,28 @@ Layout: WORKDIR/checkpoints/<step>/{train, ema, meta}
   ema:   the EMA parameters                what the sampler loads (alone, cheaply)
   meta:  JSON: step, data stream position, model name and kwargs, and the integrity digests
 
-Orbax writes each checkpoint into a temporary directory and renames it when complete, so
+One job per workdir (dit_jax/workdir_lock.py). Orbax writes each checkpoint into a temporary directory and renames it when complete, so
 a run killed at any moment leaves only whole checkpoints. Restoring takes target shardings,
 so a checkpoint can be restored onto a different mesh or number of devices.
 
 Integrity (dit_jax/integrity.py): `save` refuses a state holding NaN/inf and records a
 layout-independent digest of every array in `meta`; `restore_latest` recomputes the digests
-and the finiteness of what it read. A checkpoint that cannot be read or does not verify is
-retried (transient storage errors), then moved to `checkpoints_unreadable/` and the
-previous one is used.
+and the finiteness of what it read. A checkpoint that cannot be read for a reason that may
+pass (an unavailable or slow store) is retried; one that is damaged (data loss, a missing or
+truncated file, digests or meta that do not match) is moved to `checkpoints_unreadable/` at
+once, and the previous one is used. A save that fails (a full disk) stops the job at the
+next step with one error naming the path and the disk; the checkpoints before it stay, and
+Orbax removes the unfinished `<step>.orbax-checkpoint-tmp*` directory on the next start.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import shutil
 import time
+import weakref
 from typing import Any
 
 import jax
@@ -39,6 +45,14 @@ RESTORE_BACKOFF_S = 2.0
 
 class CheckpointIntegrityError(ValueError):
   """A checkpoint's arrays do not match the digests recorded when it was written."""
+
+
+class CheckpointMetaError(ValueError):
+  """A checkpoint's meta is not this project's (or not JSON): the checkpoint is unreadable."""
+
+
+class CheckpointSaveError(RuntimeError):
+  """Writing a checkpoint failed (a full disk, a lost bucket permission)."""
 
 
 def _abspath(path: str) -> str:
@@ -97,9 +111,80 @@ def save(mngr: ocp.CheckpointManager, step: int, train: Any, ema: Any, meta: dic
         f"{', ...' if len(bad) > 3 else ''}); not saved, the checkpoints in {mngr.directory} "
         "are left as they were")
   meta = dict(meta, integrity={item: integrity.digests(s) for item, s in summary.items()})
-  mngr.save(step, args=ocp.args.Composite(
-      train=ocp.args.StandardSave(train), ema=ocp.args.StandardSave(ema),
-      meta=ocp.args.JsonSave(meta)), force=True)
+  finish(mngr)  # a previous save's failure is reported as such
+  _saving[mngr] = step
+  try:
+    mngr.save(step, args=ocp.args.Composite(
+        train=ocp.args.StandardSave(train), ema=ocp.args.StandardSave(ema),
+        meta=ocp.args.JsonSave(meta)), force=True)
+  except Exception as e:  # pylint: disable=broad-except
+    raise _save_error(mngr, step, e) from None
+
+
+# The step each manager is writing, to name it when the background write fails.
+_saving: "weakref.WeakKeyDictionary[ocp.CheckpointManager, int]" = weakref.WeakKeyDictionary()
+
+
+def _chain(err: BaseException):
+  while err is not None:
+    yield err
+    err = err.__cause__ or err.__context__
+
+
+def _disk_of(path: str) -> str:
+  """'the disk mounted at /mnt (12 MiB free)' for a local path, else the path's bucket."""
+  if "://" in path:
+    return path.split("/", 3)[2] if path.count("/") >= 2 else path
+  mount = os.path.abspath(path)
+  while not os.path.exists(mount):
+    mount = os.path.dirname(mount)
+  try:
+    free = shutil.disk_usage(mount).free
+  except OSError:
+    free = None
+  while not os.path.ismount(mount):
+    mount = os.path.dirname(mount)
+  return f"the disk mounted at {mount}" + (f" ({free / 2**20:.0f} MiB free)" if free is not None
+                                           else "")
+
+
+def _save_error(mngr: ocp.CheckpointManager, step: int | None,
+                err: BaseException) -> CheckpointSaveError:
+  where = f"{mngr.directory}/{step}" if step is not None else str(mngr.directory)
+  full = any((isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))
+             or "No space left" in str(e) or "Disk quota exceeded" in str(e)
+             for e in _chain(err))
+  kept = [s for s in mngr.all_steps() if s != step]
+  if full:
+    what = f"no space left on {_disk_of(str(mngr.directory))}: free some space"
+  else:
+    what = f"{_short(err)}: fix the storage"
+  return CheckpointSaveError(
+      f"Saving checkpoint {where} failed, {what}, then run again to resume (kept: "
+      f"{', '.join(map(str, kept)) or 'no checkpoint'})")
+
+
+def finish(mngr: ocp.CheckpointManager) -> None:
+  """Waits for the checkpoint being written; CheckpointSaveError if writing it failed."""
+  try:
+    mngr.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except
+    raise _save_error(mngr, _saving.get(mngr), e) from None
+
+
+def check_saves(mngr: ocp.CheckpointManager) -> None:
+  """CheckpointSaveError if a background save has failed; does not wait (called every step,
+  so that a full disk stops the job at the save that failed, not at the next one)."""
+  if not mngr.is_saving_in_progress():
+    finish(mngr)
+
+
+def finish_quietly(mngr: ocp.CheckpointManager) -> None:
+  """`finish` while another error is already stopping the job: a failed save is logged."""
+  try:
+    finish(mngr)
+  except CheckpointSaveError as e:
+    logging.error("%s", e)
 
 
 def verify(item: str, tree: Any, meta: dict, where: str) -> None:
@@ -188,9 +273,11 @@ def _restore_step(mngr: ocp.CheckpointManager, step: int, train: Any, ema: Any, 
   for attempt in range(1, attempts + 1):
     out, err = None, None
     try:
-      out = mngr.restore(step, args=ocp.args.Composite(
+      read = mngr.restore(step, args=ocp.args.Composite(
           train=ocp.args.StandardRestore(train), ema=ocp.args.StandardRestore(ema),
           meta=ocp.args.JsonRestore()))
+      check_meta(read["meta"], step)
+      out = read
     except Exception as e:  # pylint: disable=broad-except
       err = e
     if _agree(out is not None):
@@ -203,8 +290,8 @@ def _restore_step(mngr: ocp.CheckpointManager, step: int, train: Any, ema: Any, 
         return out, ""
     reason = _short(err) if err is not None else "failed on another process"
     logging.debug("%s: restore attempt %d failed", where, attempt, exc_info=err)
-    # A digest mismatch reads the same bytes again: retry only errors that may be transient.
-    transient = err is not None and not isinstance(err, CheckpointIntegrityError)
+    # Damaged files read the same bytes again: retry only errors that may be transient.
+    transient = err is not None and is_transient(err)
     if attempt == attempts or _agree(not transient):  # nobody may retry usefully
       break
     logging.warning("%s: restore attempt %d/%d failed (%s); retrying in %.0fs", where, attempt,
@@ -212,6 +299,38 @@ def _restore_step(mngr: ocp.CheckpointManager, step: int, train: Any, ema: Any, 
     time.sleep(delay)
     delay *= 4
   return None, reason
+
+
+# TensorStore/absl status codes of errors that reading again cannot fix.
+_PERMANENT_CODES = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND", "INVALID_ARGUMENT",
+                    "FAILED_PRECONDITION", "ALREADY_EXISTS", "UNIMPLEMENTED")
+
+
+def is_transient(err: BaseException) -> bool:
+  """Whether reading a checkpoint again may succeed: not for damaged or missing files, a
+  digest mismatch or a meta that is not ours; yes for other errors (an unavailable store,
+  a timeout, a permission that may be restored)."""
+  for e in _chain(err):
+    if isinstance(e, (CheckpointIntegrityError, CheckpointMetaError, FileNotFoundError,
+                      IsADirectoryError, NotADirectoryError)):
+      return False
+    text = str(e)
+    if any(f"{code}:" in text for code in _PERMANENT_CODES):
+      return False
+  return True
+
+
+def check_meta(meta: Any, step: int) -> None:
+  """CheckpointMetaError unless `meta` is a dit_jax checkpoint meta of `step`."""
+  problem = None
+  if not isinstance(meta, dict):
+    problem = f"a JSON {type(meta).__name__}, not an object"
+  elif not isinstance(meta.get("model_kwargs"), dict):
+    problem = "no model_kwargs"
+  elif meta.get("step") != step:
+    problem = f"step {meta.get('step')!r}, not {step}"
+  if problem:
+    raise CheckpointMetaError(f"its meta is not a dit_jax checkpoint's ({problem})")
 
 
 # model_kwargs that choose a parameter layout, not an architecture: not compared (the caller
@@ -229,7 +348,9 @@ def _read_meta(mngr: ocp.CheckpointManager, step: int | None,
       return None
     raise FileNotFoundError(f"{mngr.directory}: no checkpoint found")
   try:
-    return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    check_meta(meta, step)
+    return meta
   except Exception:  # pylint: disable=broad-except
     if missing_ok:
       return None
@@ -245,7 +366,7 @@ def _check_model(mngr: ocp.CheckpointManager, step: int, model_kwargs: dict,
                  objective: dict | None = None) -> None:
   meta = _read_meta(mngr, step, missing_ok=True)
   if meta is None:
-    return  # unreadable: restore_latest falls back past it
+    return  # unreadable: restore_latest sets it aside and falls back past it
   if objective is not None:
     saved_objective = read_objective(meta).to_meta()
     if saved_objective != objective:

@@ -16,6 +16,7 @@ Resuming rebuilds the stream at that epoch and skips the offset on serialized re
 from __future__ import annotations
 
 import os
+import threading
 from typing import Iterator
 
 import numpy as np
@@ -106,3 +107,10 @@ def _readable(path: str) -> bool:
     return True
   except tf.errors.DataLossError:
     return False
+
+
+def close_in_background(batches: Iterator) -> None:
+  """Closes an `iterate` generator on a daemon thread. Destroying a tf.data iterator waits for
+  the reads and shuffle-buffer fills it has in flight: 0.6 s on an idle 2-core host, 9-10 s
+  on a busy one, after the last checkpoint was committed; the process may exit meanwhile."""
+  threading.Thread(target=batches.close, name="close-input-pipeline", daemon=True).start()

@@ -3,13 +3,14 @@
 The same command runs on every host of a TPU VM pod, on GPUs and on a CPU; any config field
 can be overridden, e.g. `--config.data.dir=LATENTS --config.mesh.fsdp=8`. Multi-process
 runs initialise jax.distributed automatically on TPU pods (see dit_jax/runtime.py), or from
---coordinator_address/--num_processes/--process_id.
+--coordinator_address/--num_processes/--process_id. Errors are one line (`--traceback` for the
+traceback); the process exits as soon as the last checkpoint is committed (runtime.run).
 """
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from dit_jax import runtime
+from dit_jax import config_checks, runtime
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard and samples.")
@@ -21,6 +22,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  config_checks.check(FLAGS.config)  # before any start-up work
   runtime.setup()
   from dit_jax import train  # pylint: disable=import-outside-toplevel
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
@@ -28,7 +30,7 @@ def main(argv):
 
 def run() -> None:
   """Console script `dit-train` (the same as python -m dit_jax.main)."""
-  app.run(main)
+  runtime.run(main)
 
 
 if __name__ == "__main__":

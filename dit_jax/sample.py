@@ -39,17 +39,18 @@ from dit_jax.diffusion import SAMPLERS, SPACINGS
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training workdir: samples its newest checkpoint's EMA.")
-flags.DEFINE_integer("step", None, "Checkpoint step in --workdir (default: the newest).")
+flags.DEFINE_integer("step", None, "Checkpoint step in --workdir (default: the newest).",
+                     lower_bound=0)
 flags.DEFINE_string("checkpoint", None, "A converted release checkpoint (dit_jax.convert --out).")
-flags.DEFINE_integer("num_samples", 64, "Number of images.")
+flags.DEFINE_integer("num_samples", 64, "Number of images.", lower_bound=1)
 flags.DEFINE_float("cfg_scale", 1.5, "Guidance scale (1.5 reproduces the paper's FID 2.27; 1 = "
-                   "no guidance).")
+                   "no guidance).", lower_bound=0.0)
 flags.DEFINE_string("sampler", None, "A sampler of the checkpoint's objective (default: 'ddpm' "
                     f"for ADM, 'sde-euler' for flow). ADM: {', '.join(SAMPLERS)}. Flow: "
                     f"{', '.join(objectives.FLOW_SAMPLERS)}.")
 flags.DEFINE_integer("steps", None, "Model calls per image (x2 with guidance); default 250 for "
                      "ddpm, 50 for ddim, 20 for dpm++*; flow: SiT's grid points (250, dopri5 "
-                     "50).")
+                     "50).", lower_bound=1)
 flags.DEFINE_enum("spacing", "time", list(SPACINGS), "Step spacing (ADM): uniform in 'time', "
                   "in 'logsnr', or 'karras' (rho 7). Flow samplers take only 'time'.")
 flags.DEFINE_list("guidance_interval", None, "SIGMA_LO,SIGMA_HI: guide only where sigma_t = "
@@ -58,7 +59,7 @@ flags.DEFINE_list("guidance_interval", None, "SIGMA_LO,SIGMA_HI: guide only wher
 flags.DEFINE_string("respacing", "", "The release's respacing instead of --sampler/--steps: "
                     "'250' (DDPM) or 'ddimN' (DDIM).")
 flags.DEFINE_bool("release_cfg", True, "Guide only the first 3 channels as the release does.")
-flags.DEFINE_integer("batch_size", 64, "Global batch per sampling call.")
+flags.DEFINE_integer("batch_size", 64, "Global batch per sampling call.", lower_bound=1)
 flags.DEFINE_integer("seed", 0, "Seed for labels and noise.")
 flags.DEFINE_list("labels", None, "Class labels to cycle through (default: uniform random).")
 flags.DEFINE_string("vae", None, "Decoder: diffusers AutoencoderKL folder or 'identity' "
@@ -204,7 +205,7 @@ def write(images: np.ndarray, labels: np.ndarray, out: str) -> None:
 
 def run() -> None:
   """Console script `dit-sample` (the same as python -m dit_jax.sample)."""
-  app.run(main)
+  runtime.run(main)
 
 
 if __name__ == "__main__":

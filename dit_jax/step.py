@@ -151,27 +151,14 @@ def split_microbatches(tree: Any, n: int, batch_axes: Any) -> Any:
   return jax.tree.map(one, tree)
 
 
-@dataclasses.dataclass(frozen=True)
-class _GivenProcess(objectives.ADM):
-  """The ADM objective on a given GaussianDiffusion: train_step's `diffusion` argument of
-  callers from before objectives."""
-  process: Any = None
-
-  @property
-  def diffusion(self) -> Any:
-    return self.process
-
-
 def train_step(state: TrainState, batch: dict, *, model: models.DiT,
-               objective: objectives.Objective | None = None,
-               tx: optax.GradientTransformation, schedule: Any, ema_decay: float,
+               objective: objectives.Objective, tx: optax.GradientTransformation, schedule: Any, ema_decay: float,
                scale: float, random_flip: bool, microbatches: int = 1,
                param_dtypes: Any = None, compute_sh: Any = None, grad_sh: Any = None,
-               batch_axes: Any = None, diffusion: Any = None) -> tuple[TrainState, dict]:
+               batch_axes: Any = None) -> tuple[TrainState, dict]:
   """One AdamW step on the objective's loss (objectives.ADM: the release's hybrid diffusion
   loss; objectives.Flow: SiT's), then the EMA update. Metrics: loss, the objective's logged
-  scalars (ADM: mse, vb), grad_norm, learning_rate. `diffusion` (a GaussianDiffusion) in place
-  of `objective` trains ADM on that process.
+  scalars (ADM: mse, vb), grad_norm, learning_rate.
 
   The parameters are gathered once into the compute layout (`gather_params`); each device's
   share of the gradient is reduce-scattered into `grad_sh` (the stored parameters' layout) and
@@ -180,8 +167,6 @@ def train_step(state: TrainState, batch: dict, *, model: models.DiT,
   same step as the whole batch at once, up to float rounding. All randomness (flip, posterior
   sample, t, noise, label dropout) is drawn for the whole batch first.
   """
-  if objective is None:
-    objective = _GivenProcess(steps=diffusion.num_timesteps, process=diffusion)
   key = jax.random.fold_in(state.rng, state.step)
   k_x0, k_t, k_noise, k_drop = jax.random.split(key, 4)
   x0 = sample_latents(batch, k_x0, scale, random_flip)

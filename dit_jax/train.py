@@ -27,8 +27,8 @@ import numpy as np
 from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
 
-from dit_jax import (checkpointing, convert, demo_data, hardware, input_pipeline, models,
-                     objectives, periodic, profiling, runtime, sampling)
+from dit_jax import (checkpointing, config_checks, convert, demo_data, hardware, input_pipeline,
+                     models, objectives, periodic, profiling, runtime, sampling, workdir_lock)
 from dit_jax.data_info import DataInfo
 from dit_jax.step import Built, TrainState, abstract_state, build, model_kwargs
 
@@ -77,12 +77,14 @@ def vae_path(config: ml_collections.ConfigDict, info: DataInfo,
   return path
 
 
+@workdir_lock.hold  # one job per workdir
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        devices: Any = None) -> dict[int, dict]:
   """Trains (resuming from `workdir` if it holds checkpoints); returns the logged metrics by step.
 
   `devices` restricts the mesh to a subset of jax.devices() (default: all).
   """
+  config_checks.check(config)
   pid, nproc = jax.process_index(), jax.process_count()
   runtime.enable_compilation_cache(
       config.compilation_cache_dir or os.path.join(workdir, "compilation_cache"),
@@ -126,14 +128,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if start_step == 0:
     writer.write_hparams({k: v for k, v in config.to_dict().items() if not isinstance(v, dict)})
   metrics = MetricLogger(config, b, writer, mngr)
+  batches = input_pipeline.iterate(ds, info.files)
   try:
-    state = train_loop(config, info, b, state, mngr, input_pipeline.iterate(ds, info.files),
-                       metrics, grid, evaluate, local_bs, workdir)
+    state = train_loop(config, info, b, state, mngr, batches, metrics, grid, evaluate, local_bs,
+                       workdir)
   except BaseException:
-    mngr.wait_until_finished()  # complete a checkpoint that was being written
+    checkpointing.finish_quietly(mngr)  # complete a checkpoint that was being written
     raise
+  input_pipeline.close_in_background(batches)  # must not delay the exit (see there)
   metrics.write(int(jax.device_get(state.step)), state)
-  mngr.wait_until_finished()
+  checkpointing.finish(mngr)
   mngr.close()
   writer.flush()
   multihost_utils.sync_global_devices("train_and_evaluate done")
@@ -195,12 +199,15 @@ def check_finite(state: TrainState, mngr: Any, step: int) -> None:
   """FloatingPointError naming the first step whose loss or gradient norm was NaN/inf."""
   bad = int(jax.device_get(state.first_bad_step))
   if bad >= 0:
-    mngr.wait_until_finished()
+    checkpointing.finish(mngr)
+    newest = mngr.latest_step()
+    kept = (f"the checkpoints in {mngr.directory} are kept (newest: step {newest})"
+            if newest is not None else f"no checkpoint was written to {mngr.directory}")
     raise FloatingPointError(
         f"The loss or gradient norm became NaN/inf at step {bad} (stopped at step {step}, "
-        f"nothing saved after it): the checkpoints in {mngr.directory} are kept (newest: "
-        f"step {mngr.latest_step()}). Lower config.optim.learning_rate or set "
-        "config.optim.grad_clip_norm, then run again to resume from there.")
+        f"nothing saved after it): {kept}. Lower config.optim.learning_rate or set "
+        "config.optim.grad_clip_norm, then run again"
+        + (" to resume from there." if newest is not None else "."))
 
 
 def save(config: ml_collections.ConfigDict, info: DataInfo, model: models.DiT,
@@ -287,6 +294,7 @@ def train_loop(config: ml_collections.ConfigDict, info: DataInfo, b: Built, stat
         state, step_metrics = b.compiled(state, batch)
       step += 1
       metrics.add(step_metrics)
+      checkpointing.check_saves(mngr)  # a failed background save stops the job here
       report(step)
       if step % config.log_every_steps == 0 or step == config.total_steps:
         metrics.write(step, state)

@@ -10,7 +10,6 @@ import pytest
 
 from configs import demo
 from dit_jax import flow, models, objectives, step
-from dit_jax.diffusion import create_diffusion
 
 
 def _tiny():
@@ -33,12 +32,11 @@ def _tiny():
 
 def test_adm_objective_gives_the_train_steps_loss_for_the_same_keys():
   model, tx, state, batch = _tiny()
-  diffusion = create_diffusion("", learn_sigma=True)
+  obj = objectives.from_config(demo.get_config())
   _, metrics = jax.jit(lambda s, b: step.train_step(
-      s, b, model=model, diffusion=diffusion, tx=tx, schedule=optax.constant_schedule(1e-3),
+      s, b, model=model, objective=obj, tx=tx, schedule=optax.constant_schedule(1e-3),
       ema_decay=0.99, scale=0.5, random_flip=True))(state, batch)
 
-  obj = objectives.from_config(demo.get_config())
   assert isinstance(obj, objectives.ADM) and obj.to_meta() == {
       "name": "adm", "steps": 1000, "noise_schedule": "linear"}
 
@@ -47,8 +45,10 @@ def test_adm_objective_gives_the_train_steps_loss_for_the_same_keys():
     key = jax.random.fold_in(state.rng, state.step)
     k_x0, k_t, k_noise, k_drop = jax.random.split(key, 4)
     x0 = step.sample_latents(batch, k_x0, 0.5, True)
+    # The step draws the label dropout for the whole batch from k_drop.
+    drop = (jax.random.uniform(k_drop, (8,)) < model.class_dropout_prob).astype(jnp.int32)
     model_fn = lambda x, t: model.apply({"params": state.params}, x, t, batch["label"],
-                                        train=True, rngs={"dropout": k_drop})
+                                        train=True, force_drop_ids=drop)
     loss, logged = obj.training_losses(model_fn, x0, t=obj.sample_t(k_t, 8),
                                        noise=jax.random.normal(k_noise, x0.shape, jnp.float32))
     return loss.mean(), logged
