@@ -82,6 +82,26 @@ def get_config(model: str = "DiT-XL/2", image_size: int = 256) -> ml_collections
   c.diffusion.steps = 1000
   c.diffusion.noise_schedule = "linear"
 
+  # The training objective (dit_jax/objectives.py, docs/flow.md), recorded in every checkpoint:
+  # grids, evaluation and dit_jax.sample sample with its samplers.
+  c.objective = ml_collections.ConfigDict()
+  # 'adm' (DiT's diffusion, settings in config.diffusion) or 'flow' (SiT's flow matching).
+  c.objective.name = "adm"
+  # Flow only. Path x_t = alpha_t x1 + sigma_t x0: 'Linear' (SiT's best), 'GVP' or 'VP'.
+  c.objective.path_type = "Linear"
+  # Flow only. What the model predicts: 'velocity' (SiT), 'score' or 'noise'.
+  c.objective.prediction = "velocity"
+  # Flow only. Loss weighting of score/noise predictions: '' (none), 'velocity', 'likelihood'.
+  c.objective.loss_weight = ""
+  # Flow only. Interval shrinkage at singular ends; -1: SiT's defaults by path and prediction.
+  c.objective.train_eps = -1.0
+  c.objective.sample_eps = -1.0
+  # Flow only. Training times: 'uniform' (SiT) or 'logit_normal' (SD3: noise level 1 - t ~
+  # sigmoid(N(logit_mean, logit_std^2))).
+  c.objective.time_sampling = "uniform"
+  c.objective.logit_mean = 0.0
+  c.objective.logit_std = 1.0
+
   c.optim = ml_collections.ConfigDict()
   # AdamW as released: constant lr 1e-4, no weight decay, no warmup, no clipping.
   c.optim.learning_rate = 1e-4
@@ -172,8 +192,10 @@ def get_config(model: str = "DiT-XL/2", image_size: int = 256) -> ml_collections
   c.sample.every_steps = 20_000
   # Images in the periodic grid (0 = no grids).
   c.sample.num_images = 16
-  # Sampler: 'ddpm' (ancestral, the release), 'ddim', 'dpm++2m', 'dpm++3m', 'dpm++2m-sde'.
-  c.sample.sampler = "ddpm"
+  # Sampler: '' (the objective's default: 'ddpm' for ADM, 'sde-euler' for flow). ADM: 'ddpm'
+  # (ancestral, the release), 'ddim', 'dpm++2m', 'dpm++3m', 'dpm++2m-sde'. Flow: 'euler',
+  # 'heun2', 'dopri5' (adaptive; steps is then SiT's grid size), 'sde-euler', 'sde-heun'.
+  c.sample.sampler = ""
   # Model calls per image (x2 images each with guidance); the release: 250 DDPM steps.
   # DPM-Solver++ needs about 20 (see docs/sampling.md and docs/sampler_quality.md).
   c.sample.steps = 250
@@ -182,6 +204,7 @@ def get_config(model: str = "DiT-XL/2", image_size: int = 256) -> ml_collections
   c.sample.spacing = "time"
   # Guide only where the noise level sigma_t = sqrt((1 - abar_t) / abar_t) lies in (lo, hi]
   # (Kynkaanniemi et al. 2024); scale 1 elsewhere, at half the cost. (0, inf): every step.
+  # Flow: flow times (t_lo, t_hi), t = 0 noise, 1 data.
   c.sample.guidance_interval = (0.0, float("inf"))
   # The release's respacing string ('250', 'ddim50'); when set it replaces sampler, steps and
   # spacing (DDIM for 'ddimN', else DDPM). Kept for old command lines.
@@ -204,8 +227,10 @@ def get_config(model: str = "DiT-XL/2", image_size: int = 256) -> ml_collections
   c.eval.batch_size = 256
   # Guidance scale (1.5: the paper's headline; 1.0: the grid's unguided FIDs).
   c.eval.cfg_scale = 1.5
-  # Sampler, steps, spacing and guidance interval as in `sample` ('ddpm', 250 as the paper).
-  c.eval.sampler = "ddpm"
+  # Sampler, steps, spacing and guidance interval as in `sample` ('' = 'ddpm' for ADM, 250
+  # steps as the paper). Flow: spacing stays 'time'; the guidance interval is in flow time
+  # (t_lo, t_hi), t = 0 noise, 1 data.
+  c.eval.sampler = ""
   c.eval.steps = 250
   c.eval.spacing = "time"
   c.eval.guidance_interval = (0.0, float("inf"))

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import os
@@ -185,6 +186,9 @@ def _sampling_report(config: ml_collections.ConfigDict, b: step.Built, fwd_macs:
   h = model.input_size
   x = jax.ShapeDtypeStruct((n, h, h, model.in_channels), jnp.float32, sharding=b.batch_sh)
   ints = jax.ShapeDtypeStruct((n,), jnp.int32, sharding=b.batch_sh)
+  # t as the objective's samplers pass it (ADM: int32 timesteps, flow: float32 times).
+  t_dtype = jax.eval_shape(lambda k: b.objective.sample_t(k, n), jax.random.PRNGKey(0)).dtype
+  t = jax.ShapeDtypeStruct((n,), t_dtype, sharding=b.batch_sh)
   scale = jax.ShapeDtypeStruct((), jnp.float32, sharding=b.repl)
   step = jax.jit(lambda p, x, t, y, s: model.apply({"params": p}, x, t, y, s,
                                                    method=models.DiT.forward_with_cfg),
@@ -192,11 +196,11 @@ def _sampling_report(config: ml_collections.ConfigDict, b: step.Built, fwd_macs:
   t0 = time.time()
   # Under the mesh: splash attention shard_maps itself over it.
   with jax.default_matmul_precision(config.sample.matmul_precision), jax.set_mesh(b.mesh):
-    compiled = step.lower(params, x, ints, ints, scale).compile()
+    compiled = step.lower(params, x, t, ints, scale).compile()
     compile_s = time.time() - t0
     flops = float(flops_lib.xla_cost(compiled).get("flops", 0.0))
     if model.scan_layers:  # XLA counts the scanned blocks' body once (see step._compile)
-      flops += 2 * flops_lib.uncounted_loop_macs(step, params, x, ints, ints, scale) / b.mesh.size
+      flops += 2 * flops_lib.uncounted_loop_macs(step, params, x, t, ints, scale) / b.mesh.size
   return _report(f"guided sampling step (batch {n // 2} x 2)", compiled, compile_s,
                  2 * fwd_macs * n / chips, device, flops=flops)
 
@@ -204,15 +208,13 @@ def _sampling_report(config: ml_collections.ConfigDict, b: step.Built, fwd_macs:
 def _sampler_loop_report(config: ml_collections.ConfigDict, b: step.Built,
                          device: Any) -> StepReport:
   """The whole guided sampler of config.eval (e.g. DDPM, 250 steps) as dit_jax.sample runs it:
-  one program whose loop body is the guided model call. Reported for its compile time and
-  memory; its FLOPs are steps x the sampling step's."""
-  from dit_jax import sampling  # pylint: disable=import-outside-toplevel  (imports TensorFlow)
+  one program whose loop body is the guided model call (the objective's sampler). Reported
+  for its compile time and memory; its FLOPs are steps x the sampling step's."""
   e = config.eval
   n = max(b.mesh.size, e.batch_size // b.mesh.size * b.mesh.size)
-  fn = sampling.make_sample_fn(
+  fn = b.objective.make_sample_fn(
       b.model, sampler=e.sampler, steps=e.steps, spacing=e.spacing,
       guidance_interval=tuple(e.guidance_interval), respacing=e.respacing or None,
-      diffusion_steps=config.diffusion.steps, noise_schedule=config.diffusion.noise_schedule,
       in_shardings=(b.repl, b.repl, b.batch_sh, b.repl), out_shardings=b.batch_sh)
   params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=b.repl),
                         b.abstract.ema_params)
@@ -220,10 +222,16 @@ def _sampler_loop_report(config: ml_collections.ConfigDict, b: step.Built,
   labels = jax.ShapeDtypeStruct((n,), jnp.int32, sharding=b.batch_sh)
   scale = jax.ShapeDtypeStruct((), jnp.float32, sharding=b.repl)
   t0 = time.time()
-  with jax.default_matmul_precision(config.sample.matmul_precision), jax.set_mesh(b.mesh):
+  with contextlib.ExitStack() as context:
+    context.enter_context(jax.default_matmul_precision(config.sample.matmul_precision))
+    # The mesh only for splash attention (it shard_maps itself): diffrax (the flow samplers)
+    # runs small eager ops while tracing, which fail under a mesh of unattached devices.
+    if "splash" in str(b.model.attention_impl):
+      context.enter_context(jax.set_mesh(b.mesh))
     compiled = fn.lower(params, key, labels, scale).compile()
-  steps = e.steps or 250
-  return _report(f"whole sampler ({e.sampler or 'ddpm'}, {steps} steps, batch {n})", compiled,
+  sampler = e.sampler or b.objective.default_sampler
+  steps = e.steps or b.objective.default_steps.get(sampler, 250)
+  return _report(f"whole sampler ({sampler}, {steps} steps, batch {n})", compiled,
                  time.time() - t0, None, device)
 
 

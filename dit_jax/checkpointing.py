@@ -214,18 +214,20 @@ def _abstract(tree: Any, shardings: Any) -> Any:
 def restore_latest(mngr: ocp.CheckpointManager, abstract_train: Any, train_shardings: Any,
                    abstract_ema: Any, ema_shardings: Any,
                    model_kwargs: dict | None = None, attempts: int = RESTORE_ATTEMPTS,
-                   backoff_s: float = RESTORE_BACKOFF_S) -> tuple[Any, Any, dict] | None:
+                   backoff_s: float = RESTORE_BACKOFF_S,
+                   objective: dict | None = None) -> tuple[Any, Any, dict] | None:
   """Restores and verifies the newest good checkpoint, falling back to older ones.
 
-  A checkpoint of a different architecture (`model_kwargs` differ) is an error, not a fallback.
+  A checkpoint of a different architecture (`model_kwargs` differ) or trained with another
+  objective (`objective`: the to_meta() record of the run's) is an error, not a fallback.
   Each checkpoint is tried up to `attempts` times with back-off (transient storage errors
   on any host), every process agreeing on each outcome; one that still cannot be read, or
   whose arrays do not match their recorded digests, is moved to checkpoints_unreadable/.
   Returns (train, ema, meta), or None if there is no checkpoint.
   """
   steps = sorted(mngr.all_steps(), reverse=True)
-  if steps and model_kwargs is not None:
-    _check_model(mngr, steps[0], model_kwargs)
+  if steps and (model_kwargs is not None or objective is not None):
+    _check_model(mngr, steps[0], model_kwargs or {}, objective)
   failed: list[tuple[int, str]] = []
   for step in steps:
     out, reason = _restore_step(mngr, step, _abstract(abstract_train, train_shardings),
@@ -360,10 +362,17 @@ def latest_model_kwargs(mngr: ocp.CheckpointManager) -> dict:
   return (_read_meta(mngr, None, missing_ok=True) or {}).get("model_kwargs", {})
 
 
-def _check_model(mngr: ocp.CheckpointManager, step: int, model_kwargs: dict) -> None:
+def _check_model(mngr: ocp.CheckpointManager, step: int, model_kwargs: dict,
+                 objective: dict | None = None) -> None:
   meta = _read_meta(mngr, step, missing_ok=True)
   if meta is None:
     return  # unreadable: restore_latest sets it aside and falls back past it
+  if objective is not None:
+    saved_objective = read_objective(meta).to_meta()
+    if saved_objective != objective:
+      raise ValueError(
+          f"{mngr.directory}/{step} was trained with the objective {saved_objective}, this run "
+          f"has {objective} (config.objective, config.diffusion): use another workdir")
   saved = meta.get("model_kwargs", {})
   diff = {k: (saved.get(k), v) for k, v in model_kwargs.items()
           if k not in LAYOUT_KWARGS and saved.get(k) != v}
@@ -411,11 +420,20 @@ def restore_ema(workdir: str, abstract_ema: Any, shardings: Any,
   return out["ema"], out["meta"]
 
 
+def read_objective(meta: dict) -> Any:
+  """The objective (dit_jax.objectives.ADM or Flow) a checkpoint's meta records; checkpoints
+  from before objectives are ADM on meta["diffusion"]'s process."""
+  from dit_jax import objectives  # pylint: disable=import-outside-toplevel
+  return objectives.from_meta(meta)
+
+
 def load_ema_model(workdir: str, sharding: Any, step: int | None = None,
                    dtype: Any = None) -> tuple[Any, Any, dict]:
-  """(DiT, EMA params placed with `sharding`, meta) of a training workdir's checkpoint."""
+  """(DiT, EMA params placed with `sharding`, meta) of a training workdir's checkpoint; the
+  objective to sample it with is read_objective(meta) (meta["objective"] is checked here)."""
   from dit_jax import models  # pylint: disable=import-outside-toplevel
   meta = read_meta(workdir, step)
+  read_objective(meta)  # an unknown objective fails before the weights are read
   model = models.DiT(**meta["model_kwargs"], **({"dtype": dtype} if dtype else {}))
   shapes = models.param_shapes(model)
   params, meta = restore_ema(workdir, shapes, jax.tree.map(lambda _: sharding, shapes),

@@ -10,10 +10,17 @@ Linear weights [out, in], the patch conv [D, C, p, p], the label table [classes 
 CLI (torch is needed only here, to read/write .pt files):
 
   python -m dit_jax.convert --official DiT-XL-2-256x256.pt --model DiT-XL/2 --image_size 256 --out DIR
+  python -m dit_jax.convert --official SiT-XL-2-256.pt --model DiT-XL/2 --out DIR   # flow
   python -m dit_jax.convert --to_official --converted DIR --out DiT-XL-2-256x256.pt
 
+Released SiT checkpoints (Ma et al. 2024) have DiT's state-dict layout; they differ in the
+objective, which `--objective` records ('' = 'flow' when the file name contains 'SiT', else
+'adm'; flow is SiT's default transport: Linear path, velocity prediction), so that
+dit_jax.sample samples them with flow samplers.
+
 `DIR` holds an orbax checkpoint (`DIR/params`, item {'params': params}) and `DIR/model.json`
-({"model": name, "kwargs": {...}}); `load_converted(DIR)` returns (model, params).
+({"model": name, "kwargs": {...}, "objective": objectives' meta record});
+`load_converted(DIR)` returns (model, params), `converted_objective(DIR)` the record.
 
 Models with scan_layers=True hold the blocks as one stacked subtree `blocks/...` ([depth, ...]
 arrays) instead of `blocks_0 ... blocks_{depth-1}`: from_official / to_official handle both
@@ -233,8 +240,10 @@ def to_official(params: Mapping, model: models.DiT) -> dict[str, np.ndarray]:
   return out
 
 
-def save_converted(out_dir: str, params: Mapping, model_name: str, **model_kwargs: Any) -> None:
-  """Writes `out_dir/params` (orbax, item {'params': params}) and `out_dir/model.json`."""
+def save_converted(out_dir: str, params: Mapping, model_name: str, objective: dict | None = None,
+                   **model_kwargs: Any) -> None:
+  """Writes `out_dir/params` (orbax, item {'params': params}) and `out_dir/model.json`
+  (`objective`: objectives' to_meta() record; None: ADM, as the DiT release)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   out_dir = os.path.abspath(out_dir)
   model = models.get_model(model_name, **model_kwargs)
@@ -247,7 +256,10 @@ def save_converted(out_dir: str, params: Mapping, model_name: str, **model_kwarg
   ckptr.save(os.path.join(out_dir, 'params'), {'params': params}, force=True)
   ckptr.wait_until_finished()
   with open(os.path.join(out_dir, 'model.json'), 'w') as f:
-    json.dump({'model': model_name, 'kwargs': model_kwargs}, f, indent=2)
+    record = {'model': model_name, 'kwargs': model_kwargs}
+    if objective is not None:
+      record['objective'] = objective
+    json.dump(record, f, indent=2)
 
 
 def load_converted(ckpt_dir: str, sharding: Any = None) -> tuple[models.DiT, dict]:
@@ -258,11 +270,7 @@ def load_converted(ckpt_dir: str, sharding: Any = None) -> tuple[models.DiT, dic
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   ckpt_dir = os.path.abspath(ckpt_dir)
-  meta_path = os.path.join(ckpt_dir, 'model.json')
-  if not os.path.exists(meta_path):
-    raise FileNotFoundError(f'{meta_path} not found: not a directory written by dit_jax.convert')
-  with open(meta_path) as f:
-    meta = json.load(f)
+  meta = _read_model_json(ckpt_dir)
   model = models.get_model(meta['model'], **meta.get('kwargs', {}))
   target = {'params': models.param_shapes(model)}
   if sharding is not None:
@@ -270,6 +278,34 @@ def load_converted(ckpt_dir: str, sharding: Any = None) -> tuple[models.DiT, dic
                           target)
   restored = ocp.StandardCheckpointer().restore(os.path.join(ckpt_dir, 'params'), target)
   return model, restored['params']
+
+
+def _read_model_json(ckpt_dir: str) -> dict:
+  meta_path = os.path.join(os.path.abspath(ckpt_dir), 'model.json')
+  if not os.path.exists(meta_path):
+    raise FileNotFoundError(f'{meta_path} not found: not a directory written by dit_jax.convert')
+  with open(meta_path) as f:
+    return json.load(f)
+
+
+def converted_objective(ckpt_dir: str) -> dict | None:
+  """The objective record of a directory written by save_converted (None: ADM, the DiT
+  release); objectives.from_meta({'objective': record, ...}) builds it."""
+  return _read_model_json(ckpt_dir).get('objective')
+
+
+def official_objective(path: str, objective: str = '') -> dict | None:
+  """The objective record of a released .pt: 'flow' (SiT's default transport: Linear path,
+  velocity prediction), 'adm' (None: the DiT release), or '' (flow if the file name contains
+  'SiT')."""
+  if not objective:
+    objective = 'flow' if 'SiT' in os.path.basename(path) else 'adm'
+  if objective == 'adm':
+    return None
+  if objective == 'flow':
+    from dit_jax import flow, objectives  # pylint: disable=g-import-not-at-top
+    return objectives.Flow(flow.create_transport('Linear', 'velocity')).to_meta()
+  raise ValueError(f"--objective={objective!r}: use 'adm', 'flow' or '' (from the file name)")
 
 
 def _load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
@@ -304,13 +340,27 @@ def main(argv: list[str]) -> None:
     raise app.UsageError('needs --official PATH.pt and --out DIR')
   if flags.image_size % 8:
     raise app.UsageError(f'--image_size={flags.image_size} must be a multiple of 8 (VAE factor)')
-  kwargs = dict(input_size=flags.image_size // 8, num_classes=flags.num_classes)
-  model = models.get_model(flags.model, **kwargs)
-  params = from_official(_load_torch_state_dict(flags.official), model)
-  save_converted(flags.out, params, flags.model, **kwargs)
+  try:
+    objective = official_objective(flags.official, flags.objective)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  model, params = convert_official(flags.official, flags.out, flags.model, objective,
+                                   input_size=flags.image_size // 8,
+                                   num_classes=flags.num_classes)
   n = sum(int(np.prod(v.shape)) for v in jax.tree_util.tree_leaves(params))
   print(f'converted {flags.official} -> {flags.out} ({flags.model}, input_size '
-        f'{model.input_size}, {n:,} trainable params)')
+        f'{model.input_size}, {n:,} trainable params, objective '
+        f'{(objective or {}).get("name", "adm")})')
+
+
+def convert_official(path: str, out_dir: str, model_name: str, objective: dict | None,
+                     **model_kwargs: Any) -> tuple[models.DiT, dict]:
+  """A released .pt -> a directory for load_converted (the CLI's conversion); returns
+  (model, params)."""
+  model = models.get_model(model_name, **model_kwargs)
+  params = from_official(_load_torch_state_dict(path), model)
+  save_converted(out_dir, params, model_name, objective=objective, **model_kwargs)
+  return model, params
 
 
 def run() -> None:
@@ -324,6 +374,9 @@ def run() -> None:
   absl_flags.DEFINE_string('out', None, 'Output directory (or .pt file with --to_official).')
   absl_flags.DEFINE_bool('to_official', False, 'Convert a dit_jax checkpoint back to a .pt file.')
   absl_flags.DEFINE_string('converted', None, 'dit_jax checkpoint directory for --to_official.')
+  absl_flags.DEFINE_string('objective', '', "What the .pt was trained with, recorded for "
+                           "dit_jax.sample: 'adm' (DiT), 'flow' (SiT: Linear path, velocity "
+                           "prediction) or '' (flow if the file name contains 'SiT').")
   _FLAGS = absl_flags.FLAGS
   app.run(main)
 

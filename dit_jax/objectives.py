@@ -102,8 +102,9 @@ class ADM:
 
   def make_sample_fn(self, model: Any, **kwargs: Any) -> Callable:
     """sampling.make_sample_fn with this process: jitted (params, key, labels, cfg_scale) ->
-    latents."""
+    latents. sampler None or '': DDPM (DDIM for a 'ddimN' respacing)."""
     from dit_jax import sampling  # pylint: disable=import-outside-toplevel (TensorFlow)
+    kwargs["sampler"] = kwargs.get("sampler") or None
     return sampling.make_sample_fn(model, diffusion_steps=self.steps,
                                    noise_schedule=self.noise_schedule, **kwargs)
 
@@ -165,11 +166,23 @@ class Flow:
                      steps: Optional[int] = None,
                      guidance_interval: Optional[Sequence[float]] = None, guided: bool = True,
                      release_cfg: bool = True, in_shardings: Any = None,
-                     out_shardings: Any = None, **options: Any) -> Callable:
+                     out_shardings: Any = None, spacing: str = "time",
+                     respacing: Optional[str] = None, **options: Any) -> Callable:
     """Jitted sample(params, key, labels [N], cfg_scale) -> latents [N, h, w, c], as
     sampling.make_sample_fn: the release's CFG on [x; x] with labels [y; null] (first 3
-    channels unless release_cfg=False), guidance_interval (t_lo, t_hi) in flow time."""
+    channels unless release_cfg=False), guidance_interval (t_lo, t_hi) in flow time.
+    sampler None or '': default_sampler. spacing and respacing are ADM's (the same keywords
+    for either objective): flow samplers step on SiT's uniform grid, so only 'time' and ''."""
     from dit_jax.models import DiT  # pylint: disable=import-outside-toplevel
+    if spacing != "time":
+      raise ValueError(f"spacing={spacing!r}: the flow samplers step on SiT's uniform time "
+                       "grid; use 'time'")
+    if respacing:
+      raise ValueError(f"respacing={respacing!r} is ADM's: the flow objective samples with "
+                       f"sampler (one of {list(self.samplers)}) and steps")
+    if sampler and sampler not in self.samplers:
+      raise ValueError(f"sampler: got {sampler!r}, the flow objective offers "
+                       f"{list(self.samplers)}.")
     interval = flow.check_guidance_interval(guidance_interval)
     h = w = model.input_size
 

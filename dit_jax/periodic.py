@@ -30,17 +30,19 @@ def _compile(fn: Any, precision: str | None, mesh: Any, *args: Any) -> Any:
     return fn.lower(*args).compile()
 
 
-def _sample_fn(config: ml_collections.ConfigDict, model: models.DiT,
-               options: ml_collections.ConfigDict, guided: bool, in_shardings: Any,
-               out_shardings: Any) -> Any:
-  """The sampler of `options` (config.sample or config.eval: sampler, steps, spacing,
-  guidance_interval, or the release's respacing string)."""
-  return sampling.make_sample_fn(
-      model, sampler=options.sampler, steps=options.steps, spacing=options.spacing,
-      guidance_interval=options.guidance_interval, respacing=options.respacing, guided=guided,
-      release_cfg=config.sample.release_cfg, diffusion_steps=config.diffusion.steps,
-      noise_schedule=config.diffusion.noise_schedule, in_shardings=in_shardings,
-      out_shardings=out_shardings)
+def _sample_fn(config: ml_collections.ConfigDict, b: Any, options: ml_collections.ConfigDict,
+               guided: bool, in_shardings: Any, out_shardings: Any) -> Any:
+  """The objective's sampler of `options` (config.sample or config.eval: sampler, steps,
+  spacing, guidance_interval, or ADM's respacing string)."""
+  where = "config.sample" if options is config.sample else "config.eval"
+  try:
+    return b.objective.make_sample_fn(
+        b.model, sampler=options.sampler, steps=options.steps, spacing=options.spacing,
+        guidance_interval=options.guidance_interval, respacing=options.respacing,
+        guided=guided, release_cfg=config.sample.release_cfg, in_shardings=in_shardings,
+        out_shardings=out_shardings)
+  except ValueError as e:
+    raise ValueError(f"{where} ({b.objective.name} objective): {e}") from None
 
 
 class SampleGrid:
@@ -61,7 +63,7 @@ class SampleGrid:
     repl_tree = jax.tree.map(lambda _: repl, b.abstract.ema_params)
     self.replicate = jax.jit(lambda p: p, out_shardings=repl_tree).lower(
         _abstract(b.abstract.ema_params, b.state_sh.ema_params)).compile()
-    fn = _sample_fn(config, model, config.sample, models.has_null_class(model),
+    fn = _sample_fn(config, b, config.sample, models.has_null_class(model),
                     (repl, repl, repl, repl), repl)
     self.sample = _compile(fn, config.sample.matmul_precision, b.mesh,
                            _abstract(b.abstract.ema_params, repl_tree),
@@ -115,7 +117,7 @@ class Evaluator:
     n = e.batch_size
     self.labels = np.asarray(jax.random.randint(jax.random.PRNGKey(config.seed + 3),
                                                 (e.num_samples,), 0, model.num_classes), np.int32)
-    fn = _sample_fn(config, model, e, e.cfg_scale != 1.0,
+    fn = _sample_fn(config, b, e, e.cfg_scale != 1.0,
                     (repl, repl, batch_sh, repl), batch_sh)
     key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=repl)
     self.sample = _compile(fn, config.sample.matmul_precision, b.mesh,

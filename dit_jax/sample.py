@@ -3,6 +3,11 @@
   python -m dit_jax.sample --workdir=DIR --num_samples=50000 --cfg_scale=1.5 --out=samples.npz
   python -m dit_jax.sample --checkpoint=CONVERTED_DIR --vae=SD_VAE_DIR --out=samples.npz
   python -m dit_jax.sample --workdir=DIR --sampler=dpm++2m --steps=20 --out=samples.npz
+  python -m dit_jax.sample --workdir=FLOW_DIR --sampler=heun2 --steps=50 --out=samples.npz
+
+The objective (ADM diffusion or flow matching, dit_jax/objectives.py) is the checkpoint's:
+--sampler/--steps take its samplers (ADM: ddpm, ddim, dpm++*; flow: euler, heun2, dopri5,
+sde-euler, sde-heun).
 
 Loads the EMA weights of the newest checkpoint in --workdir (or a checkpoint written by
 `python -m dit_jax.convert`), samples with classifier-free guidance sharded over all devices
@@ -28,7 +33,8 @@ import tensorflow as tf
 from absl import app, flags, logging
 from jax.experimental import multihost_utils
 
-from dit_jax import attention, checkpointing, image_io, models, runtime, sampling, sharding
+from dit_jax import (attention, checkpointing, image_io, models, objectives, runtime, sampling,
+                     sharding)
 from dit_jax.diffusion import SAMPLERS, SPACINGS
 
 FLAGS = flags.FLAGS
@@ -39,14 +45,17 @@ flags.DEFINE_string("checkpoint", None, "A converted release checkpoint (dit_jax
 flags.DEFINE_integer("num_samples", 64, "Number of images.", lower_bound=1)
 flags.DEFINE_float("cfg_scale", 1.5, "Guidance scale (1.5 reproduces the paper's FID 2.27; 1 = "
                    "no guidance).", lower_bound=0.0)
-flags.DEFINE_enum("sampler", "ddpm", list(SAMPLERS), "Sampler: 'ddpm' (the release), "
-                  "'ddim', or DPM-Solver++ 'dpm++2m', 'dpm++3m', 'dpm++2m-sde'.")
+flags.DEFINE_string("sampler", None, "A sampler of the checkpoint's objective (default: 'ddpm' "
+                    f"for ADM, 'sde-euler' for flow). ADM: {', '.join(SAMPLERS)}. Flow: "
+                    f"{', '.join(objectives.FLOW_SAMPLERS)}.")
 flags.DEFINE_integer("steps", None, "Model calls per image (x2 with guidance); default 250 for "
-                     "ddpm, 50 for ddim, 20 for dpm++*.", lower_bound=1)
-flags.DEFINE_enum("spacing", "time", list(SPACINGS), "Step spacing: uniform in 'time', "
-                  "in 'logsnr', or 'karras' (rho 7).")
+                     "ddpm, 50 for ddim, 20 for dpm++*; flow: SiT's grid points (250, dopri5 "
+                     "50).", lower_bound=1)
+flags.DEFINE_enum("spacing", "time", list(SPACINGS), "Step spacing (ADM): uniform in 'time', "
+                  "in 'logsnr', or 'karras' (rho 7). Flow samplers take only 'time'.")
 flags.DEFINE_list("guidance_interval", None, "SIGMA_LO,SIGMA_HI: guide only where sigma_t = "
-                  "sqrt((1-abar_t)/abar_t) is in (lo, hi]; default: every step.")
+                  "sqrt((1-abar_t)/abar_t) is in (lo, hi]; flow: T_LO,T_HI in flow time "
+                  "(0 noise, 1 data); default: every step.")
 flags.DEFINE_string("respacing", "", "The release's respacing instead of --sampler/--steps: "
                     "'250' (DDPM) or 'ddimN' (DDIM).")
 flags.DEFINE_bool("release_cfg", True, "Guide only the first 3 channels as the release does.")
@@ -73,7 +82,8 @@ runtime.define_flags()
 
 
 def load_model(mesh) -> tuple[models.DiT, dict, dict]:
-  """(model, replicated EMA params, checkpoint meta) from --workdir or --checkpoint."""
+  """(model, replicated EMA params, checkpoint meta) from --workdir or --checkpoint; the meta
+  records the objective (objectives.from_meta)."""
   dtype = jnp.dtype(FLAGS.dtype)
   repl = sharding.replicated(mesh)
   if FLAGS.checkpoint:
@@ -82,7 +92,9 @@ def load_model(mesh) -> tuple[models.DiT, dict, dict]:
     if not FLAGS.vae:
       raise app.UsageError("--checkpoint (a converted release model) samples SD-VAE latents: "
                            "pass --vae=DIR (the sd-vae-ft-ema diffusers folder)")
-    return model.clone(dtype=dtype), params, {"scale_factor": 0.18215}
+    meta = {"scale_factor": 0.18215, "model_kwargs": {"learn_sigma": model.learn_sigma},
+            "objective": convert.converted_objective(FLAGS.checkpoint)}
+    return model.clone(dtype=dtype), params, meta
   if not FLAGS.workdir:
     raise app.UsageError("pass --workdir (a training run) or --checkpoint (a converted release)")
   return checkpointing.load_ema_model(FLAGS.workdir, repl, FLAGS.step, dtype)
@@ -114,14 +126,20 @@ def main(argv):
     raise app.UsageError(str(e)) from None
   if FLAGS.respacing and (FLAGS.steps is not None or FLAGS["sampler"].present):
     raise app.UsageError("--respacing replaces --sampler/--steps: pass one or the other")
-  diffusion = meta.get("diffusion", {})
-  sample_fn = sampling.make_sample_fn(
-      model, sampler=FLAGS.sampler, steps=FLAGS.steps, spacing=FLAGS.spacing,
-      guidance_interval=[float(v) for v in FLAGS.guidance_interval or []],
-      respacing=FLAGS.respacing, guided=FLAGS.cfg_scale != 1.0,
-      release_cfg=FLAGS.release_cfg, diffusion_steps=diffusion.get("steps", 1000),
-      noise_schedule=diffusion.get("noise_schedule", "linear"),
-      in_shardings=(repl, repl, batch_sh, repl), out_shardings=batch_sh)
+  objective = objectives.from_meta(meta)
+  if FLAGS.sampler and FLAGS.sampler not in objective.samplers:
+    raise app.UsageError(f"--sampler={FLAGS.sampler}: the checkpoint was trained with the "
+                         f"{objective.name} objective, whose samplers are "
+                         f"{', '.join(objective.samplers)}")
+  try:
+    sample_fn = objective.make_sample_fn(
+        model, sampler=FLAGS.sampler, steps=FLAGS.steps, spacing=FLAGS.spacing,
+        guidance_interval=[float(v) for v in FLAGS.guidance_interval or []],
+        respacing=FLAGS.respacing, guided=FLAGS.cfg_scale != 1.0,
+        release_cfg=FLAGS.release_cfg, in_shardings=(repl, repl, batch_sh, repl),
+        out_shardings=batch_sh)
+  except ValueError as e:
+    raise app.UsageError(f"{e} ({objective.name} objective of the checkpoint)") from None
   decoder = sampling.Decoder(FLAGS.vae or meta.get("vae_path") or "identity", scale, repl,
                              matmul_precision=FLAGS.matmul_precision)
 

@@ -1,10 +1,10 @@
-"""The train step and everything built from (config, data): model, diffusion, optimizer, mesh,
+"""The train step and everything built from (config, data): model, objective, optimizer, mesh,
 shardings and the ahead-of-time compiled step.
 
 `dit_jax.train` runs the loop around it; benchmarks and `dit_jax.aot` use `build` directly. This
-module needs only JAX, Flax, Optax and ml_collections (no TensorFlow, clu or Orbax), so the
-exact step also runs where only a JAX install is at hand (e.g. benchmarks/accelerator_speed.py
-on a GPU image).
+module needs only JAX, Flax, Optax, diffrax and ml_collections (no TensorFlow, clu or Orbax),
+so the exact step also runs where only a JAX install is at hand (e.g.
+benchmarks/accelerator_speed.py on a GPU image).
 """
 
 from __future__ import annotations
@@ -23,10 +23,9 @@ import ml_collections
 import optax
 from jax.sharding import PartitionSpec as P
 
-from dit_jax import attention, flops as flops_lib, hardware, models, sharding
+from dit_jax import attention, flops as flops_lib, hardware, models, objectives, sharding
 from dit_jax.data_info import DataInfo
 from dit_jax.lr_schedule import learning_rate_schedule
-from dit_jax.diffusion import create_diffusion
 
 
 # A layout fits when the compiled step needs at most this share of a device's memory.
@@ -152,12 +151,14 @@ def split_microbatches(tree: Any, n: int, batch_axes: Any) -> Any:
   return jax.tree.map(one, tree)
 
 
-def train_step(state: TrainState, batch: dict, *, model: models.DiT, diffusion: Any,
-               tx: optax.GradientTransformation, schedule: Any, ema_decay: float,
+def train_step(state: TrainState, batch: dict, *, model: models.DiT,
+               objective: objectives.Objective, tx: optax.GradientTransformation, schedule: Any, ema_decay: float,
                scale: float, random_flip: bool, microbatches: int = 1,
                param_dtypes: Any = None, compute_sh: Any = None, grad_sh: Any = None,
                batch_axes: Any = None) -> tuple[TrainState, dict]:
-  """One AdamW step on the hybrid diffusion loss, then the EMA update.
+  """One AdamW step on the objective's loss (objectives.ADM: the release's hybrid diffusion
+  loss; objectives.Flow: SiT's), then the EMA update. Metrics: loss, the objective's logged
+  scalars (ADM: mse, vb), grad_norm, learning_rate.
 
   The parameters are gathered once into the compute layout (`gather_params`); each device's
   share of the gradient is reduce-scattered into `grad_sh` (the stored parameters' layout) and
@@ -170,7 +171,7 @@ def train_step(state: TrainState, batch: dict, *, model: models.DiT, diffusion: 
   k_x0, k_t, k_noise, k_drop = jax.random.split(key, 4)
   x0 = sample_latents(batch, k_x0, scale, random_flip)
   n = x0.shape[0]
-  t = jax.random.randint(k_t, (n,), 0, diffusion.num_timesteps)
+  t = objective.sample_t(k_t, n)  # ADM: int32 timesteps; flow: float32 times in [0, 1]
   noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
   # Label dropout to the null class (classifier-free guidance), as the model would draw it.
   drop = (jax.random.uniform(k_drop, (n,)) < model.class_dropout_prob).astype(jnp.int32)
@@ -187,8 +188,8 @@ def train_step(state: TrainState, batch: dict, *, model: models.DiT, diffusion: 
     def model_fn(x, tt):
       return model.apply({"params": p}, x, tt, mb["label"], train=True,
                          force_drop_ids=mb["drop"] if model.class_dropout_prob > 0 else None)
-    terms = diffusion.training_losses(model_fn, mb["x0"], mb["t"], noise=mb["noise"])
-    return terms["loss"].mean(), {"mse": terms["mse"].mean(), "vb": terms["vb"].mean()}
+    loss, logged = objective.training_losses(model_fn, mb["x0"], t=mb["t"], noise=mb["noise"])
+    return loss.mean(), logged
 
   def grads_of(mb):
     (loss, terms), g = jax.value_and_grad(loss_fn, has_aux=True)(params, mb)
@@ -225,7 +226,7 @@ def train_step(state: TrainState, batch: dict, *, model: models.DiT, diffusion: 
 class Built:
   """Everything derived from (config, data) that training, benchmarks and tools share."""
   model: models.DiT
-  diffusion: Any
+  objective: objectives.Objective  # what is trained, recorded in checkpoint meta
   mesh: jax.sharding.Mesh
   layout: sharding.Layout  # how each part of the state is sharded (config.sharding)
   state_sh: Any           # NamedShardings of the (unboxed) TrainState
@@ -259,7 +260,7 @@ def _microbatch_sizes(config: ml_collections.ConfigDict, per_device: int) -> lis
 
 def build(config: ml_collections.ConfigDict, info: DataInfo,
           devices: Any = None) -> Built:
-  """Model, diffusion, optimizer, mesh, shardings, and the train step compiled ahead of time.
+  """Model, objective, optimizer, mesh, shardings, and the train step compiled ahead of time.
 
   `devices` default to jax.devices(); AOT topology devices (jax.experimental.topologies)
   compile for hardware that is not attached. With config.mesh.fsdp = 0 (auto) the layout is
@@ -276,9 +277,7 @@ def build(config: ml_collections.ConfigDict, info: DataInfo,
   tokens = (model.input_size // model.patch_size) ** 2
   model = model.clone(attention_impl=attention.resolve_for(model.attention_impl, model.dtype,
                                                            devices[0].platform, tokens))
-  diffusion = create_diffusion("", noise_schedule=config.diffusion.noise_schedule,
-                               learn_sigma=model.learn_sigma,
-                               diffusion_steps=config.diffusion.steps)
+  objective = objectives.from_config(config)
   tx, schedule = create_optimizer(config)
   if gbs % len(devices):
     raise ValueError(f"config.data.global_batch_size={gbs} must divide by the {len(devices)} "
@@ -311,7 +310,7 @@ def build(config: ml_collections.ConfigDict, info: DataInfo,
       held = sharding.device_bytes(sharding.state_shardings(boxed, mesh, layout), abstract)
       if held > MEMORY_HEADROOM * limit:
         continue
-    b = _compile(config, info, model.clone(remat=remat), diffusion, tx, schedule, init_fn, boxed,
+    b = _compile(config, info, model.clone(remat=remat), objective, tx, schedule, init_fn, boxed,
                  mesh, layout, micro)
     need = b.memory_gib * 2**30
     if not search or need <= MEMORY_HEADROOM * limit:
@@ -333,8 +332,8 @@ def build(config: ml_collections.ConfigDict, info: DataInfo,
 
 
 def _compile(config: ml_collections.ConfigDict, info: DataInfo,
-             model: models.DiT, diffusion: Any, tx: Any, schedule: Any, init_fn: Any,
-             boxed: Any, mesh: jax.sharding.Mesh, layout: sharding.Layout,
+             model: models.DiT, objective: objectives.Objective, tx: Any, schedule: Any,
+             init_fn: Any, boxed: Any, mesh: jax.sharding.Mesh, layout: sharding.Layout,
              microbatches: int) -> Built:
   gbs = config.data.global_batch_size
   sharding.log_mesh(mesh)
@@ -355,7 +354,7 @@ def _compile(config: ml_collections.ConfigDict, info: DataInfo,
   batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
 
   step_fn = jax.jit(
-      functools.partial(train_step, model=model, diffusion=diffusion, tx=tx,
+      functools.partial(train_step, model=model, objective=objective, tx=tx,
                         schedule=schedule, ema_decay=config.ema_decay,
                         scale=float(config.vae.scale_factor or info.scale_factor),
                         random_flip=config.data.random_flip, microbatches=microbatches,
@@ -389,7 +388,7 @@ def _compile(config: ml_collections.ConfigDict, info: DataInfo,
   logging.info("Compiled the train step in %.1fs: %.3g FLOPs/step/device, %.2f GiB/device",
                compile_s, flops, mem_gib)
   init = jax.jit(lambda k: nn.meta.unbox(init_fn(k)), out_shardings=state_sh)
-  return Built(model=model, diffusion=diffusion, mesh=mesh, layout=layout, state_sh=state_sh,
+  return Built(model=model, objective=objective, mesh=mesh, layout=layout, state_sh=state_sh,
                compute_sh=compute_sh, batch_sh=batch_sh, repl=repl, abstract=abstract,
                init=init, compiled=compiled, microbatches=microbatches, flops=flops,
                model_flops=model_flops, memory_gib=mem_gib, compile_seconds=compile_s)

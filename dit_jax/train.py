@@ -2,7 +2,7 @@
 
 Stages of `train_and_evaluate` (read top to bottom):
   1. data: manifest and this process's shards (built-in digits written on first use);
-  2. `step.build`: model, diffusion, optimizer, mesh and shardings (dit_jax/sharding.py), and
+  2. `step.build`: model, objective, optimizer, mesh and shardings (dit_jax/sharding.py), and
      the train step: one jax.jit with in/out shardings and donated state, compiled ahead of
      time with its FLOPs and memory logged (benchmarks and dit_jax.aot use the same `build`);
   3. `restore_or_init`: the newest readable checkpoint, or a fresh state created sharded;
@@ -28,7 +28,7 @@ from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
 
 from dit_jax import (checkpointing, config_checks, convert, demo_data, hardware, input_pipeline,
-                     models, periodic, profiling, runtime, sampling, workdir_lock)
+                     models, objectives, periodic, profiling, runtime, sampling, workdir_lock)
 from dit_jax.data_info import DataInfo
 from dit_jax.step import Built, TrainState, abstract_state, build, model_kwargs
 
@@ -99,7 +99,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     raise ValueError(f"config.data.global_batch_size={gbs} must divide by {nproc} processes")
   local_bs = gbs // nproc
 
-  # 2. Model, diffusion, optimizer, mesh, shardings and the compiled step.
+  # 2. Model, objective (ADM or flow), optimizer, mesh, shardings and the compiled step.
   b = build(config, info, devices)
 
   # 3. Restore or initialise; the state is created sharded (never whole on one device).
@@ -166,7 +166,7 @@ def restore_or_init(config: ml_collections.ConfigDict, info: DataInfo, b: Built,
     r_abstract, r_sh = abstract_state(config, info, model.clone(scan_layers=saved_scan), b.mesh)
   restored = checkpointing.restore_latest(
       mngr, _train_part(r_abstract), _train_part(r_sh), r_abstract.ema_params,
-      r_sh.ema_params, model_kwargs=model_kwargs(model),
+      r_sh.ema_params, model_kwargs=model_kwargs(model), objective=b.objective.to_meta(),
       attempts=config.checkpoint.restore_attempts, backoff_s=config.checkpoint.restore_backoff_s)
   if restored is None:
     state = b.init(jax.random.PRNGKey(config.seed))
@@ -211,13 +211,17 @@ def check_finite(state: TrainState, mngr: Any, step: int) -> None:
 
 
 def save(config: ml_collections.ConfigDict, info: DataInfo, model: models.DiT,
-         state: TrainState, mngr: Any, step: int, local_bs: int) -> None:
-  """Checkpoint of `step` with its meta (model, data position, diffusion, VAE)."""
+         state: TrainState, mngr: Any, step: int, local_bs: int,
+         objective: objectives.Objective | None = None) -> None:
+  """Checkpoint of `step` with its meta (model, data position, objective, VAE); `objective`
+  defaults to config's."""
   check_finite(state, mngr, step)  # a checkpoint never holds a diverged state
   epoch, offset = input_pipeline.stream_position(step, local_bs, info.local_count)
   meta = {"step": step, "model": config.model.name, "model_kwargs": model_kwargs(model),
           "data": {"dir": config.data.dir, "epoch": epoch, "offset": offset,
                    "local_batch_size": local_bs, "process_count": jax.process_count()},
+          "objective": (objective or objectives.from_config(config)).to_meta(),
+          # For readers from before objectives (ADM's process; unused with flow).
           "diffusion": {"steps": config.diffusion.steps,
                         "noise_schedule": config.diffusion.noise_schedule},
           "scale_factor": _scale(config, info),
@@ -297,7 +301,7 @@ def train_loop(config: ml_collections.ConfigDict, info: DataInfo, b: Built, stat
       preempted = preempt.check(mngr, step)
       # Save before sampling or evaluating, so that nothing there can lose training steps.
       if step % config.checkpoint.every_steps == 0 or step == config.total_steps or preempted:
-        save(config, info, b.model, state, mngr, step, local_bs)
+        save(config, info, b.model, state, mngr, step, local_bs, b.objective)
       if preempted:
         logging.warning("Preempted: checkpoint of step %d written, exiting", step)
         break

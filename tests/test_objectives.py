@@ -10,7 +10,6 @@ import pytest
 
 from configs import demo
 from dit_jax import flow, models, objectives, step
-from dit_jax.diffusion import create_diffusion
 
 
 def _tiny():
@@ -33,12 +32,11 @@ def _tiny():
 
 def test_adm_objective_gives_the_train_steps_loss_for_the_same_keys():
   model, tx, state, batch = _tiny()
-  diffusion = create_diffusion("", learn_sigma=True)
+  obj = objectives.from_config(demo.get_config())
   _, metrics = jax.jit(lambda s, b: step.train_step(
-      s, b, model=model, diffusion=diffusion, tx=tx, schedule=optax.constant_schedule(1e-3),
+      s, b, model=model, objective=obj, tx=tx, schedule=optax.constant_schedule(1e-3),
       ema_decay=0.99, scale=0.5, random_flip=True))(state, batch)
 
-  obj = objectives.from_config(demo.get_config())
   assert isinstance(obj, objectives.ADM) and obj.to_meta() == {
       "name": "adm", "steps": 1000, "noise_schedule": "linear"}
 

@@ -156,11 +156,10 @@ class ProxySampler:
     if self._fn is None:
       sampling.check_batch(model, p.cfg_scale, p.sample_batch, 1,
                            (f"the {p.name} preset's cfg_scale", "sample_batch"))
-      diffusion = meta.get("diffusion", {})
-      self._fn = sampling.make_sample_fn(
+      # The sampler of the objective the model was trained with (its checkpoint's meta).
+      self._fn = checkpointing.read_objective(meta).make_sample_fn(
           model, **p.sampler_kwargs(), guided=p.cfg_scale != 1.0, release_cfg=False,
-          diffusion_steps=diffusion.get("steps", 1000),
-          noise_schedule=diffusion.get("noise_schedule", "linear"))
+          out_shardings=dev)
     decoder = sampling.Decoder(meta.get("vae_path") or "identity", meta.get("scale_factor", 1.0))
     labels = np.arange(p.num_samples, dtype=np.int32) % model.num_classes
     images = np.concatenate([np.asarray(batch) for _, batch in sampling.sample_batches(
