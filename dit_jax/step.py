@@ -137,7 +137,9 @@ def gather_params(params: Any, dtypes: Any, shardings: Any) -> Any:
   """The parameters as the forward uses them: each cast to its compute dtype, then laid out in
   the compute layout. From the update layout that is an all-gather in the compute dtype
   (bfloat16 for the token-matmul kernels): the values the forward sees are those of the
-  replicated step, bit for bit, at half the bytes."""
+  replicated step, bit for bit, at half the bytes. Without shardings: the casts alone."""
+  if shardings is None:
+    return jax.tree.map(lambda p, dt: p.astype(dt), params, dtypes)
   return jax.tree.map(lambda p, dt, sh: jax.lax.with_sharding_constraint(p.astype(dt), sh),
                       params, dtypes, shardings)
 
@@ -152,8 +154,9 @@ def split_microbatches(tree: Any, n: int, batch_axes: Any) -> Any:
 
 
 def train_step(state: TrainState, batch: dict, *, model: models.DiT,
-               objective: objectives.Objective, tx: optax.GradientTransformation, schedule: Any, ema_decay: float,
-               scale: float, random_flip: bool, microbatches: int = 1,
+               objective: objectives.Objective, tx: optax.GradientTransformation,
+               schedule: Any, ema_decay: float, scale: float, random_flip: bool,
+               microbatches: int = 1,
                param_dtypes: Any = None, compute_sh: Any = None, grad_sh: Any = None,
                batch_axes: Any = None) -> tuple[TrainState, dict]:
   """One AdamW step on the objective's loss (objectives.ADM: the release's hybrid diffusion
@@ -178,11 +181,7 @@ def train_step(state: TrainState, batch: dict, *, model: models.DiT,
   inputs = {"x0": x0, "t": t, "noise": noise, "label": batch["label"], "drop": drop}
   if param_dtypes is None:
     param_dtypes = models.compute_dtypes(model, state.params)
-  params = state.params
-  if compute_sh is not None:
-    params = gather_params(params, param_dtypes, compute_sh)
-  else:
-    params = jax.tree.map(lambda p, dt: p.astype(dt), params, param_dtypes)
+  params = gather_params(state.params, param_dtypes, compute_sh)
 
   def loss_fn(p, mb):
     def model_fn(x, tt):
