@@ -282,6 +282,7 @@ def report_dict(config: ml_collections.ConfigDict, topology: str, devices: list[
                      "ema": b.layout.ema},
           "microbatches": int(b.microbatches),
           "overlap": bool(config.mesh.get("overlap_collectives", False)),
+          "collectives": "explicit" if b.explicit else "xla",
           "steps": {r.name.split(" (")[0]: dataclasses.asdict(r) for r in reports}}
 
 
@@ -309,16 +310,22 @@ OPTION_ROWS = (  # (config, overrides) compiled on v5p-64 beside each default
 
 
 # The layout before weight-update sharding: every part of the state replicated (at fsdp 1),
-# no TPU overlap options. Compiled beside each default row.
+# no TPU overlap options, XLA's partitioner. Compiled beside each default row.
 REPLICATED = ("sharding.params=compute", "sharding.opt_state=compute", "sharding.ema=compute",
-              "mesh.overlap_collectives=False")
-# The default with the TPU overlap options on (XL/2 only).
-OVERLAP = ("mesh.overlap_collectives=True",)
+              "mesh.overlap_collectives=False", "sharding.collectives=xla")
+# The update layout with the collectives left to XLA's partitioner (before the explicit step).
+XLA_UPDATE = ("sharding.collectives=xla",)
+# That with the TPU overlap options on (XL/2 only).
+OVERLAP = ("mesh.overlap_collectives=True", "sharding.collectives=xla")
+# Rows of the table, in order, with their labels.
+VARIANTS = (((), "update"), (XLA_UPDATE, "update, XLA's collectives"),
+            (OVERLAP, "update, XLA's collectives, overlap options"), (REPLICATED, "replicated"))
 
 
 def table_rows() -> list[tuple[str, str, tuple[str, ...]]]:
   """(config, topology, --config overrides) of every row of docs/performance.md."""
-  rows = [(c, t, o) for c in TABLE_CONFIGS for t in TABLE_TOPOLOGIES for o in ((), REPLICATED)]
+  rows = [(c, t, o) for c in TABLE_CONFIGS for t in TABLE_TOPOLOGIES
+          for o in ((), XLA_UPDATE, REPLICATED)]
   rows += [("xl2", t, OVERLAP) for t in TABLE_TOPOLOGIES]
   # The option studies keep the replicated layout, so that they compare with each other.
   return rows + [(c, "v5p-64", o + REPLICATED) for c, o in OPTION_ROWS if o]
@@ -430,19 +437,21 @@ def render_table(rows: dict[str, dict]) -> str:
   lines = ["### Train step: every grid config and xl2_512 on five slices (global batch 256, "
            "bf16, default layout and remat)", "",
            "state: `update` = the default (config.sharding: parameters, Adam moments and EMA "
-           "sharded over the data-parallel chips of a slice); `update, overlap options` = the "
-           "default with config.mesh.overlap_collectives=True; `replicated` = the layout before "
-           "it (every part replicated).", "", head]
-  variants = (((), "update"), (OVERLAP, "update, overlap options"), (REPLICATED, "replicated"))
+           "sharded over the data-parallel chips of a slice; at fsdp 1 the data-parallel "
+           "collectives written out in a shard_map, config.sharding.collectives='explicit'); "
+           "`update, XLA's collectives` = the same layout with the collectives left to XLA's "
+           "partitioner ('xla'); `..., overlap options` = that with "
+           "config.mesh.overlap_collectives=True; `replicated` = the layout before them all "
+           "(every part replicated, XLA's collectives).", "", head]
   for c in TABLE_CONFIGS:
     for t in TABLE_TOPOLOGIES:
-      for o, label in variants:
+      for o, label in VARIANTS:
         if (c, t, o) not in table_rows():
           continue
         r = get(c, t, o)
         if not r or "error" in r:
           why = r["error"] if r else ("not compiled yet: python -m dit_jax.aot --table "
-                                      f"--only='^{c} {t}$'")
+                                      f"--only='^{row_key(c, t, o)}$'")
           lines.append(f"| {c} | {t} | {label} | | {why} | | | | | | | |")
           continue
         x = _cells(r)
@@ -515,7 +524,7 @@ def render_grid_cost(rows: dict[str, dict]) -> str:
   for c in TABLE_CONFIGS[:-1]:
     best = None
     for t in TABLE_TOPOLOGIES:
-      for o, label in (((), "update"), (REPLICATED, "replicated")):
+      for o, label in VARIANTS:
         r = rows.get(row_key(c, t, o))
         if not r or "error" in r or not _fits(r) or not _step_seconds(r):
           continue

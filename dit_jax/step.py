@@ -153,12 +153,59 @@ def split_microbatches(tree: Any, n: int, batch_axes: Any) -> Any:
   return jax.tree.map(one, tree)
 
 
+def accumulate(grads_of: Any, inputs: dict, microbatches: int, split: Any) -> tuple[Any, dict]:
+  """grads_of(inputs) -> (float32 gradients, metrics); with microbatches > 1, the mean over the
+  microbatches `split(inputs)` gives ([n, B/n, ...] each), summed by a scan."""
+  if microbatches == 1:
+    return grads_of(inputs)
+  def body(acc, mb):
+    return jax.tree.map(jnp.add, acc, grads_of(mb)), None
+  first = jax.tree.map(lambda x: x[:x.shape[0] // microbatches], inputs)
+  zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32),
+                       jax.eval_shape(grads_of, first))
+  total, _ = jax.lax.scan(body, zeros, split(inputs))
+  return jax.tree.map(lambda x: x / microbatches, total)
+
+
+def explicit_grads(params: Any, inputs: dict, loss_fn: Any, param_dtypes: Any, grad_sh: Any,
+                   microbatches: int) -> tuple[Any, dict]:
+  """(float32 gradients laid out as grad_sh, metrics) of loss_fn's batch mean, with the
+  data-parallel collectives written out: a shard_map over the whole mesh in which each device
+  all-gathers every parameter from its stored layout in the forward's dtype
+  (`sharding.gather_local`), differentiates its own rows of the batch, and reduce-scatters
+  each gradient, in that dtype, back into the stored layout (`sharding.reduce_local`; an
+  all-reduce for a replicated one). Microbatches split each device's rows as
+  `split_microbatches` splits the batch, each reduced as it is done. Metrics are means over
+  the devices of each device's means (the batch means for equal shares: loss, mse, vb)."""
+  specs = jax.tree.map(lambda sh: sh.spec, grad_sh)
+  mesh = jax.tree.leaves(grad_sh)[0].mesh
+  axes = tuple(mesh.axis_names)
+
+  def local(p, rows):
+    full = jax.tree.map(lambda x, dt, sp: sharding.gather_local(x.astype(dt), sp, mesh), p,
+                        param_dtypes, specs)
+
+    def grads_of(mb):
+      (loss, terms), g = jax.value_and_grad(loss_fn, has_aux=True)(full, mb)
+      g = jax.tree.map(lambda x, sp: sharding.reduce_local(x, sp, mesh).astype(jnp.float32)
+                       / mesh.size, g, specs)
+      return g, jax.tree.map(lambda m: jax.lax.pmean(m, axes), {"loss": loss, **terms})
+
+    def split(tree):  # device rows i, i + n, ...: the global split's share of this device
+      return jax.tree.map(lambda x: x.reshape(x.shape[0] // microbatches, microbatches,
+                                              *x.shape[1:]).swapaxes(0, 1), tree)
+    return accumulate(grads_of, rows, microbatches, split)
+
+  return jax.shard_map(local, mesh=mesh, in_specs=(specs, P(axes)), out_specs=(specs, P()),
+                       check_vma=False)(params, inputs)
+
+
 def train_step(state: TrainState, batch: dict, *, model: models.DiT,
                objective: objectives.Objective, tx: optax.GradientTransformation,
                schedule: Any, ema_decay: float, scale: float, random_flip: bool,
                microbatches: int = 1,
                param_dtypes: Any = None, compute_sh: Any = None, grad_sh: Any = None,
-               batch_axes: Any = None) -> tuple[TrainState, dict]:
+               batch_axes: Any = None, explicit: bool = False) -> tuple[TrainState, dict]:
   """One AdamW step on the objective's loss (objectives.ADM: the release's hybrid diffusion
   loss; objectives.Flow: SiT's), then the EMA update. Metrics: loss, the objective's logged
   scalars (ADM: mse, vb), grad_norm, learning_rate.
@@ -169,6 +216,11 @@ def train_step(state: TrainState, batch: dict, *, model: models.DiT,
   > 1 the batch is processed in that many slices by a scan, gradients summed in float32: the
   same step as the whole batch at once, up to float rounding. All randomness (flip, posterior
   sample, t, noise, label dropout) is drawn for the whole batch first.
+
+  `explicit` (config.sharding.collectives='explicit'; data-parallel compute layouts only): the
+  forward and backward run per device in a shard_map over grad_sh's mesh, with the all-gather
+  and the reduce-scatter written out (`explicit_grads`) rather than left to XLA's partitioner.
+  The same step, up to the order of the float sums.
   """
   key = jax.random.fold_in(state.rng, state.step)
   k_x0, k_t, k_noise, k_drop = jax.random.split(key, 4)
@@ -181,7 +233,6 @@ def train_step(state: TrainState, batch: dict, *, model: models.DiT,
   inputs = {"x0": x0, "t": t, "noise": noise, "label": batch["label"], "drop": drop}
   if param_dtypes is None:
     param_dtypes = models.compute_dtypes(model, state.params)
-  params = gather_params(state.params, param_dtypes, compute_sh)
 
   def loss_fn(p, mb):
     def model_fn(x, tt):
@@ -190,23 +241,20 @@ def train_step(state: TrainState, batch: dict, *, model: models.DiT,
     loss, logged = objective.training_losses(model_fn, mb["x0"], t=mb["t"], noise=mb["noise"])
     return loss.mean(), logged
 
-  def grads_of(mb):
-    (loss, terms), g = jax.value_and_grad(loss_fn, has_aux=True)(params, mb)
-    if grad_sh is not None:  # each device keeps its share of the summed gradient
-      g = jax.tree.map(jax.lax.with_sharding_constraint, g, grad_sh)
-    return jax.tree.map(lambda x: x.astype(jnp.float32), g), {"loss": loss, **terms}
-
-  if microbatches == 1:
-    grads, metrics = grads_of(inputs)
+  if explicit:
+    grads, metrics = explicit_grads(state.params, inputs, loss_fn, param_dtypes, grad_sh,
+                                    microbatches)
   else:
-    def body(acc, mb):
-      out = grads_of(mb)
-      return jax.tree.map(jnp.add, acc, out), None
-    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32),
-                         jax.eval_shape(grads_of, jax.tree.map(lambda x: x[:n // microbatches],
-                                                               inputs)))
-    total, _ = jax.lax.scan(body, zeros, split_microbatches(inputs, microbatches, batch_axes))
-    grads, metrics = jax.tree.map(lambda x: x / microbatches, total)
+    params = gather_params(state.params, param_dtypes, compute_sh)
+
+    def grads_of(mb):
+      (loss, terms), g = jax.value_and_grad(loss_fn, has_aux=True)(params, mb)
+      if grad_sh is not None:  # each device keeps its share of the summed gradient
+        g = jax.tree.map(jax.lax.with_sharding_constraint, g, grad_sh)
+      return jax.tree.map(lambda x: x.astype(jnp.float32), g), {"loss": loss, **terms}
+
+    split = lambda tree: split_microbatches(tree, microbatches, batch_axes)
+    grads, metrics = accumulate(grads_of, inputs, microbatches, split)
 
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
@@ -236,6 +284,7 @@ class Built:
   init: Any               # key -> sharded fresh TrainState
   compiled: Any           # (state, global batch) -> (state, metrics), donates state
   microbatches: int       # gradient accumulation steps inside one train step
+  explicit: bool          # collectives written out in a shard_map (config.sharding.collectives)
   flops: float            # per device per step, from XLA's cost analysis (with recomputation;
                           # on GPUs it misses the cuBLAS/cuDNN calls, which XLA does not count)
   model_flops: float      # per device per step: 3 x the forward's matmul FLOPs (the paper's
@@ -351,6 +400,11 @@ def _compile(config: ml_collections.ConfigDict, info: DataInfo,
                     "each device gathers them whole for the forward",
                     repl_bytes / 2**20, mesh.shape["fsdp"])
   batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  # Written-out collectives for plain data parallelism; FSDP layouts leave them to XLA.
+  explicit = layout.collectives == "explicit" and sharding.is_replicated(compute_sh)
+  if layout.collectives == "explicit" and not explicit:
+    logging.info("config.sharding.collectives='explicit' is for data-parallel layouts: at "
+                 "fsdp=%d XLA's partitioner places the collectives", mesh.shape["fsdp"])
 
   step_fn = jax.jit(
       functools.partial(train_step, model=model, objective=objective, tx=tx,
@@ -359,7 +413,7 @@ def _compile(config: ml_collections.ConfigDict, info: DataInfo,
                         random_flip=config.data.random_flip, microbatches=microbatches,
                         param_dtypes=models.compute_dtypes(model, abstract.params),
                         compute_sh=compute_sh, grad_sh=state_sh.params,
-                        batch_axes=sharding.BATCH_AXES),
+                        batch_axes=sharding.BATCH_AXES, explicit=explicit),
       in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl), donate_argnums=0)
   h, w, c = info.latent_shape
   store = jnp.dtype(info.manifest["dtype"])
@@ -389,7 +443,8 @@ def _compile(config: ml_collections.ConfigDict, info: DataInfo,
   init = jax.jit(lambda k: nn.meta.unbox(init_fn(k)), out_shardings=state_sh)
   return Built(model=model, objective=objective, mesh=mesh, layout=layout, state_sh=state_sh,
                compute_sh=compute_sh, batch_sh=batch_sh, repl=repl, abstract=abstract,
-               init=init, compiled=compiled, microbatches=microbatches, flops=flops,
+               init=init, compiled=compiled, microbatches=microbatches, explicit=explicit,
+               flops=flops,
                model_flops=model_flops, memory_gib=mem_gib, compile_seconds=compile_s)
 
 

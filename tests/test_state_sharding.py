@@ -15,6 +15,7 @@ from test_train import digits_dir, final_params, losses, tiny_config  # noqa: F4
 
 REPLICATED = {"sharding.params": "compute", "sharding.opt_state": "compute",
               "sharding.ema": "compute"}
+XLA = {"sharding.collectives": "xla"}
 
 
 def _run_steps(config, info, n=3):
@@ -49,27 +50,37 @@ def _tree_rel_error(a, b):
                        sum(np.sum(y**2) for _, y in pairs)))
 
 
-def test_sharded_update_and_microbatches_equal_the_replicated_step(digits_dir):  # noqa: F811
+def test_sharded_update_and_microbatches_equal_the_replicated_step(digits_dir,  # noqa: F811
+                                                                  monkeypatch):
+  # The reference: the release's layout (every part replicated), XLA's partitioner.
   info = input_pipeline.get_info(digits_dir)
   cfg = lambda **o: tiny_config(digits_dir, **{"model.dtype": "float32",
                                                "data.global_batch_size": 32, **o})
-  ref_b, ref, ref_losses = _run_steps(cfg(**REPLICATED), info)
+  ref_b, ref, ref_losses = _run_steps(cfg(**REPLICATED, **XLA), info)
   assert all(not any(s.spec) for s in jax.tree.leaves(ref_b.state_sh.params))
-  for overrides in ({}, {"optim.microbatches": 2}, {"optim.microbatches": 4}):
-    b, got, got_losses = _run_steps(cfg(**overrides), info)
+  assert not ref_b.explicit
+  per_axis = {"per_axis": True}  # the explicit collectives one mesh axis at a time
+  for overrides in ({}, {"optim.microbatches": 2}, per_axis, XLA,
+                    {**XLA, "optim.microbatches": 4}):
+    with monkeypatch.context() as m:
+      m.setattr(sharding, "PER_AXIS_FROM", 2 if overrides is per_axis else 16)
+      b, got, got_losses = _run_steps(cfg(**{k: v for k, v in overrides.items()
+                                              if k != "per_axis"}), info)
     assert b.microbatches == overrides.get("optim.microbatches", 1)
+    assert b.explicit == (overrides.get("sharding.collectives") != "xla")
     # Each device stores 1/8 of the state (everything but a few odd-sized vectors).
     per_device = sharding.device_bytes(b.state_sh, b.abstract)
     total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(b.abstract))
     assert per_device < 0.15 * total, (per_device, total)
     np.testing.assert_allclose(got_losses, ref_losses, rtol=1e-6)
     for part in ("params", "ema_params", "opt_state"):
-      # Parameters, EMA and Adam moments within 1e-6 (measured: ~1e-7 with microbatches).
-      # Array by array, Adam's normalised update amplifies the gradient's float rounding
-      # where successive gradients cancel: 1.2e-5 in the zero-initialised final layer's kernel.
+      # Parameters, EMA and Adam moments within 1e-6 (measured: ~1e-7 with microbatches or
+      # the explicit collectives, whose sums run in another order). Array by array, Adam's
+      # normalised update amplifies the gradient's float rounding where successive gradients
+      # cancel: 1.2e-5 in the zero-initialised final layer's kernel.
       assert _tree_rel_error(getattr(got, part), getattr(ref, part)) < 1e-6, (overrides, part)
       assert _max_rel_error(getattr(got, part), getattr(ref, part)) < 1e-4, (overrides, part)
-    if not overrides:  # no reordering at all: the same numbers
+    if overrides == XLA:  # no reordering at all: the same numbers
       assert _max_rel_error(got.params, ref.params) == 0.0
 
 
@@ -78,11 +89,17 @@ def test_bf16_gathers_are_exact(digits_dir):  # noqa: F811
   # inside the layers; the numbers are the same.
   info = input_pipeline.get_info(digits_dir)
   cfg = lambda **o: tiny_config(digits_dir, **{"model.dtype": "bfloat16", **o})
-  _, ref, ref_losses = _run_steps(cfg(**REPLICATED), info, n=2)
-  _, got, got_losses = _run_steps(cfg(), info, n=2)
+  _, ref, ref_losses = _run_steps(cfg(**REPLICATED, **XLA), info, n=2)
+  _, got, got_losses = _run_steps(cfg(**XLA), info, n=2)
   assert got_losses == ref_losses
   assert _max_rel_error(got.params, ref.params) == 0.0
   assert _max_rel_error(got.ema_params, ref.ema_params) == 0.0
+  # The explicit collectives: the same forward (the losses), gradients summed in bf16 in
+  # another order (measured: 3e-11 here, well within 1e-6).
+  _, got, got_losses = _run_steps(cfg(), info, n=2)
+  assert got_losses[0] == ref_losses[0]
+  np.testing.assert_allclose(got_losses, ref_losses, rtol=1e-3)
+  assert _tree_rel_error(got.params, ref.params) < 1e-6
 
 
 def test_compute_dtypes_are_the_dtypes_the_model_uses():
@@ -182,6 +199,26 @@ def test_tpu_step_gathers_bf16_and_reduce_scatters(digits_dir):  # noqa: F811
   assert not any(k == "all-gather" for k, _ in repl) and all_reduce(repl) >= 2 * low + 4 * high
   assert coll.get(("reduce-scatter", "bf16"), 0) + coll.get(("reduce-scatter", "f32"), 0) > 0
   assert all_reduce(coll) < all_reduce(repl), (coll, repl)
+
+
+def test_explicit_collectives_reduce_scatter_on_a_32_chip_slice(digits_dir):  # noqa: F811
+  # On a v5p-64 (32 chips over a 4x4x2 torus) XLA's partitioner reduces every gradient with
+  # a whole all-reduce; the explicit step reduce-scatters them, axis by axis.
+  devices = aot.topology_devices("v5p-64")
+  info = input_pipeline.get_info(digits_dir)
+  cfg = lambda **o: tiny_config(digits_dir, **{"model.dtype": "bfloat16",
+                                               "model.overrides.hidden_size": 64,
+                                               "data.global_batch_size": 64, **o})
+  b, coll = _tpu_collectives(cfg(), info, devices)
+  xb, xla = _tpu_collectives(cfg(**XLA), info, devices)
+  assert b.explicit and not xb.explicit
+  kind = lambda c, k: sum(v for (kk, _), v in c.items() if kk == k)
+  grads = sum(x.size * 2 for x in jax.tree.leaves(b.abstract.params))  # >= bf16 gradient bytes
+  assert kind(xla, "reduce-scatter") == 0 and kind(xla, "all-reduce") >= grads, xla
+  # (a reduce-scatter's result is the block each chip keeps: 1/8, then 1/32 of the bytes;
+  # the all-reduces left carry small arrays and the metrics)
+  assert kind(coll, "reduce-scatter") >= grads / 8 and kind(coll, "all-reduce") < 0.5 * grads, \
+      coll
 
 
 def test_checkpoints_cross_layouts(digits_dir, tmp_path):  # noqa: F811
