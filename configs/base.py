@@ -153,8 +153,9 @@ def get_config(model: str = "DiT-XL/2", image_size: int = 256) -> ml_collections
   # updates 1/N of the 10 GiB XL state, gradients arrive by reduce-scatter and the parameters
   # go back to the forward by all-gather in its dtype (bf16 token-matmul kernels). 'compute'
   # keeps the part as the forward uses it (replicated at fsdp = 1, as the release). Measured
-  # with dit_jax.aot for XL/2 at batch 256 (docs/performance.md): v5p-256 11.2 -> 2.5 GiB per
-  # chip and 36.2 -> 20.6 ms per step by XLA's estimate. Sampling, evaluation and export
+  # with dit_jax.aot for XL/2 at batch 256 (docs/performance.md): v5p-256 11.2 -> 2.3 GiB per
+  # chip and 36.2 -> 15.6 ms per step by XLA's estimate (with the explicit collectives
+  # below). Sampling, evaluation and export
   # gather the EMA whole where they need it.
   c.sharding.params = "update"
   c.sharding.opt_state = "update"
@@ -164,8 +165,9 @@ def get_config(model: str = "DiT-XL/2", image_size: int = 256) -> ml_collections
   # dtype) and the gradient reduce-scatter written out; 'xla' leaves them to XLA's
   # partitioner, which on large TPU slices reduces gradients with all-reduces. FSDP layouts
   # always use 'xla'. Measured with dit_jax.aot for XL/2 at batch 256 (docs/performance.md):
-  # v5p-256 20.6 -> 15.6 ms per step by XLA's estimate (whole all-reduces become all-gathers
-  # and reduce-scatters), v5p-64 40.0 -> 38.8 ms.
+  # 'xla' -> 'explicit': v5p-256 20.6 -> 15.6 ms per step by XLA's estimate (whole-array
+  # all-reduces become all-gathers and reduce-scatters), v5p-64 39.9 -> 39.0 ms, v5p-8
+  # 200.7 -> 200.4 ms; the same numbers up to the order of float sums.
   c.sharding.collectives = "explicit"
 
   c.checkpoint = ml_collections.ConfigDict()

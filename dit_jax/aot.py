@@ -317,8 +317,13 @@ REPLICATED = ("sharding.params=compute", "sharding.opt_state=compute", "sharding
 XLA_UPDATE = ("sharding.collectives=xla",)
 # That with the TPU overlap options on (XL/2 only).
 OVERLAP = ("mesh.overlap_collectives=True", "sharding.collectives=xla")
+# The default with splash attention at 256 px (XL/2 on the v5p slices; 'auto' picks it from
+# 1,024 tokens: attention.SPLASH_MIN_TOKENS).
+SPLASH = ("model.attention_impl=splash",)
+SPLASH_TOPOLOGIES = ("v5p-8", "v5p-64", "v5p-256")
 # Rows of the table, in order, with their labels.
-VARIANTS = (((), "update"), (XLA_UPDATE, "update, XLA's collectives"),
+VARIANTS = (((), "update"), (SPLASH, "update, splash attention"),
+            (XLA_UPDATE, "update, XLA's collectives"),
             (OVERLAP, "update, XLA's collectives, overlap options"), (REPLICATED, "replicated"))
 
 
@@ -327,6 +332,7 @@ def table_rows() -> list[tuple[str, str, tuple[str, ...]]]:
   rows = [(c, t, o) for c in TABLE_CONFIGS for t in TABLE_TOPOLOGIES
           for o in ((), XLA_UPDATE, REPLICATED)]
   rows += [("xl2", t, OVERLAP) for t in TABLE_TOPOLOGIES]
+  rows += [("xl2", t, SPLASH) for t in SPLASH_TOPOLOGIES]
   # The option studies keep the replicated layout, so that they compare with each other.
   return rows + [(c, "v5p-64", o + REPLICATED) for c, o in OPTION_ROWS if o]
 
