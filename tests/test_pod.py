@@ -120,20 +120,21 @@ def test_train_step_compiles_on_two_slices_with_default_config(digits_dir):  # n
 
 
 def test_auto_layout_shards_only_as_much_as_memory_needs(digits_dir, monkeypatch):  # noqa: F811
-  c = tiny_config(digits_dir, **{"model.overrides.hidden_size": 256,
-                                 "model.overrides.num_heads": 4})
+  # XLA's collectives at every size, so that the search compares like with like (the tiny
+  # model's explicit data-parallel step already needs about what its FSDP steps need).
+  model = {"model.overrides.hidden_size": 256, "model.overrides.num_heads": 4,
+           "sharding.collectives": "xla"}
+  c = tiny_config(digits_dir, **model)
   info = input_pipeline.get_info(digits_dir)
-  need = dit_step.build(tiny_config(digits_dir, **{
-      "model.overrides.hidden_size": 256, "model.overrides.num_heads": 4, "mesh.fsdp": 1}),
-      info).memory_gib * 2**30
+  need = dit_step.build(tiny_config(digits_dir, **model, **{"mesh.fsdp": 1}),
+                        info).memory_gib * 2**30
   # A device a little smaller than data parallelism needs: the smallest FSDP that fits.
   monkeypatch.setattr(hardware, "memory_bytes", lambda d: int(need))
   b = dit_step.build(c, info)
   assert b.mesh.shape["fsdp"] > 1
   assert b.memory_gib * 2**30 <= dit_step.MEMORY_HEADROOM * need
-  smaller = dit_step.build(tiny_config(digits_dir, **{
-      "model.overrides.hidden_size": 256, "model.overrides.num_heads": 4,
-      "mesh.fsdp": b.mesh.shape["fsdp"] // 2}), info)
+  smaller = dit_step.build(tiny_config(digits_dir, **model,
+                                       **{"mesh.fsdp": b.mesh.shape["fsdp"] // 2}), info)
   assert smaller.memory_gib * 2**30 > dit_step.MEMORY_HEADROOM * need
   sharded, replicated = sharding.replicated_bytes(b.state_sh.params, b.abstract.params)
   assert sharded > 10 * replicated  # biases and norms only stay whole
