@@ -431,9 +431,11 @@ def _compile(config: ml_collections.ConfigDict, info: DataInfo,
     flops = float(flops_lib.xla_cost(compiled).get("flops", 0.0))
     if model.scan_layers or microbatches > 1:
       # XLA counts a loop's body once (the scanned blocks, the microbatches): add the other
-      # iterations' matmuls, a 1/mesh.size share each (the batch is split over all devices).
+      # iterations' matmuls, a 1/mesh.size share each (the batch is split over all devices;
+      # the explicit step's loops run inside its shard_map, on one device's shapes already).
       # Their elementwise work stays uncounted: the figure is ~1% below the unrolled step's.
-      flops += 2 * flops_lib.uncounted_loop_macs(step_fn, abstract, abstract_batch) / mesh.size
+      macs = flops_lib.uncounted_loop_macs(step_fn, abstract, abstract_batch)
+      flops += 2 * macs / (1 if explicit else mesh.size)
   model_flops = 3 * forward_flops(model) * gbs / mesh.size
   mem = compiled.memory_analysis()
   mem_gib = ((mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes -
