@@ -145,17 +145,14 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return local(q, k, v)
-  # The batch over every mesh axis that divides it (step.build's mesh), except those already
-  # manual (inside the explicit data-parallel step's shard_map, q is one device's block).
+  if set(mesh.manual_axes) == set(mesh.axis_names):
+    return local(q, k, v)  # inside the explicit step's shard_map: q is one device's block
+  # The batch over every mesh axis that divides it (step.build's mesh), except manual ones.
   axes, size = [], 1
   for name in mesh.axis_names:
-    if name in mesh.manual_axes:
-      continue
-    if q.shape[0] % (size * mesh.shape[name]) == 0:
+    if name not in mesh.manual_axes and q.shape[0] % (size * mesh.shape[name]) == 0:
       axes.append(name)
       size *= mesh.shape[name]
-  if set(mesh.manual_axes) == set(mesh.axis_names):
-    return local(q, k, v)
   spec = P(tuple(axes) if axes else None)
   return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
                        check_vma=False)(q, k, v)

@@ -287,7 +287,8 @@ def reduce_local(g: jax.Array, spec: P, mesh: Mesh) -> jax.Array:
   a slice; major axes first, each on the block the previous one left), then an all-reduce of
   that block over the remaining axes (the DCN's 'slice' among them), so that only 1/N of the
   bytes crosses the slower network. Large groups go axis by axis (`_groups`; DiT-S/8 on
-  v5p-64 reduces 86 MiB per step as whole all-reduces otherwise, 22 MiB per axis)."""
+  v5p-64: 85.9 MiB of all-reduce per step with one group-wide collective, 10.5 MiB of
+  all-reduce and 11.3 MiB of reduce-scatter results per axis)."""
   used: list[str] = []
   for d, entry in enumerate(tuple(spec)):
     for axes in _groups(entry, mesh):

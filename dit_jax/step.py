@@ -144,11 +144,14 @@ def gather_params(params: Any, dtypes: Any, shardings: Any) -> Any:
                       params, dtypes, shardings)
 
 
-def split_microbatches(tree: Any, n: int, batch_axes: Any) -> Any:
+def split_microbatches(tree: Any, n: int, batch_axes: Any = None) -> Any:
   """[B, ...] -> [n, B/n, ...]: microbatch i takes rows i, i + n, i + 2n, ..., so that each
-  device's rows split evenly among the microbatches (no data moves between devices)."""
+  device's rows split evenly among the microbatches (no data moves between devices). Without
+  batch_axes (one device's rows, inside a shard_map) the reshape alone."""
   def one(x):
     x = x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+    if batch_axes is None:
+      return x
     return jax.lax.with_sharding_constraint(x, P(None, batch_axes))
   return jax.tree.map(one, tree)
 
@@ -191,9 +194,8 @@ def explicit_grads(params: Any, inputs: dict, loss_fn: Any, param_dtypes: Any, g
                        / mesh.size, g, specs)
       return g, jax.tree.map(lambda m: jax.lax.pmean(m, axes), {"loss": loss, **terms})
 
-    def split(tree):  # device rows i, i + n, ...: the global split's share of this device
-      return jax.tree.map(lambda x: x.reshape(x.shape[0] // microbatches, microbatches,
-                                              *x.shape[1:]).swapaxes(0, 1), tree)
+    # This device's rows i, i + n, ...: its share of the global split's microbatch i.
+    split = lambda tree: split_microbatches(tree, microbatches)
     return accumulate(grads_of, rows, microbatches, split)
 
   return jax.shard_map(local, mesh=mesh, in_specs=(specs, P(axes)), out_specs=(specs, P()),
