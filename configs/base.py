@@ -169,6 +169,13 @@ def get_config(model: str = "DiT-XL/2", image_size: int = 256) -> ml_collections
   # all-reduces become all-gathers and reduce-scatters), v5p-64 39.9 -> 39.0 ms, v5p-8
   # 200.7 -> 200.4 ms; the same numbers up to the order of float sums.
   c.sharding.collectives = "explicit"
+  # Where the explicit step computes the adaLN modulations: 'stationary' where their
+  # parameters are stored (each device multiplies its group's conditioning vectors by its own
+  # columns of each adaLN kernel, and an all-to-all returns the rows), 'gathered' after
+  # gathering the kernels whole like every other parameter. The adaLN kernels are a third of
+  # XL's parameters and float32 in the forward, but act on one vector per image: stationary,
+  # they are neither gathered nor their gradients reduce-scattered (docs/pods.md).
+  c.sharding.modulation = "stationary"
 
   c.checkpoint = ml_collections.ConfigDict()
   # Save every N steps (and at the end, and on SIGTERM).

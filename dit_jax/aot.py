@@ -313,6 +313,9 @@ OPTION_ROWS = (  # (config, overrides) compiled on v5p-64 beside each default
 # no TPU overlap options, XLA's partitioner. Compiled beside each default row.
 REPLICATED = ("sharding.params=compute", "sharding.opt_state=compute", "sharding.ema=compute",
               "mesh.overlap_collectives=False", "sharding.collectives=xla")
+# The explicit step with the adaLN kernels gathered like every other parameter (before
+# config.sharding.modulation='stationary').
+GATHERED = ("sharding.modulation=gathered",)
 # The update layout with the collectives left to XLA's partitioner (before the explicit step).
 XLA_UPDATE = ("sharding.collectives=xla",)
 # That with the TPU overlap options on (XL/2 only).
@@ -322,7 +325,8 @@ OVERLAP = ("mesh.overlap_collectives=True", "sharding.collectives=xla")
 SPLASH = ("model.attention_impl=splash",)
 SPLASH_TOPOLOGIES = ("v5p-8", "v5p-64", "v5p-256")
 # Rows of the table, in order, with their labels.
-VARIANTS = (((), "update"), (SPLASH, "update, splash attention"),
+VARIANTS = (((), "update"), (GATHERED, "update, adaLN gathered"),
+            (SPLASH, "update, splash attention"),
             (XLA_UPDATE, "update, XLA's collectives"),
             (OVERLAP, "update, XLA's collectives, overlap options"), (REPLICATED, "replicated"))
 
@@ -330,7 +334,7 @@ VARIANTS = (((), "update"), (SPLASH, "update, splash attention"),
 def table_rows() -> list[tuple[str, str, tuple[str, ...]]]:
   """(config, topology, --config overrides) of every row of docs/performance.md."""
   rows = [(c, t, o) for c in TABLE_CONFIGS for t in TABLE_TOPOLOGIES
-          for o in ((), XLA_UPDATE, REPLICATED)]
+          for o in ((), GATHERED, XLA_UPDATE, REPLICATED)]
   rows += [("xl2", t, OVERLAP) for t in TABLE_TOPOLOGIES]
   rows += [("xl2", t, SPLASH) for t in SPLASH_TOPOLOGIES]
   # The option studies keep the replicated layout, so that they compare with each other.
@@ -444,7 +448,10 @@ def render_table(rows: dict[str, dict]) -> str:
            "bf16, default layout and remat)", "",
            "state: `update` = the default (config.sharding: parameters, Adam moments and EMA "
            "sharded over the data-parallel chips of a slice; at fsdp 1 the data-parallel "
-           "collectives written out in a shard_map, config.sharding.collectives='explicit'); "
+           "collectives written out in a shard_map, config.sharding.collectives='explicit', "
+           "and the adaLN modulations computed where their kernels are stored, "
+           "config.sharding.modulation='stationary'); `update, adaLN gathered` = the same with "
+           "the adaLN kernels gathered whole ('gathered'); "
            "`update, XLA's collectives` = the same layout with the collectives left to XLA's "
            "partitioner ('xla'); `..., overlap options` = that with "
            "config.mesh.overlap_collectives=True; `replicated` = the layout before them all "

@@ -175,6 +175,32 @@ class Mlp(nn.Module):
     return _dense(self.hidden_size, 'mlp', 'embed', self.dtype, 'fc2')(x)
 
 
+class Modulation(nn.Module):
+  """adaLN modulation: c [N, D] -> Linear(D, features)(SiLU(c)) [N, features], float32.
+
+  The parameters are those of the release's `adaLN_modulation.1` Linear (kernel [D, features],
+  bias [features]). Their activations are one vector per image while the kernels hold a third
+  of XL's parameters, so the data-parallel step may keep them where they are stored:
+  `adaln_matmul(x, kernel, bias)`, given, computes the Linear from the parameters as the module
+  receives them (in the explicit step: this device's columns of them, the rows of its group
+  gathered and the results sent back, `dit_jax.sharding.stationary_matmul`).
+  """
+  features: int
+  adaln_matmul: Callable | None = None
+
+  @nn.compact
+  def __call__(self, c: jnp.ndarray) -> jnp.ndarray:
+    x = nn.silu(c.astype(jnp.float32))
+    if self.adaln_matmul is not None and not self.is_initializing():
+      # The stored block, whatever its shape (self.param would check it against the whole).
+      return self.adaln_matmul(x, self.get_variable('params', 'kernel'),
+                               self.get_variable('params', 'bias'))
+    kernel = self.param('kernel', _part(_zeros, ('embed', 'adaln')), (x.shape[-1], self.features),
+                        jnp.float32)
+    bias = self.param('bias', _part(_zeros, ('adaln',)), (self.features,), jnp.float32)
+    return jnp.dot(x, kernel) + bias
+
+
 class DiTBlock(nn.Module):
   """adaLN-Zero transformer block: x [N, T, D] float32, c [N, D] float32 -> [N, T, D] float32.
 
@@ -187,11 +213,12 @@ class DiTBlock(nn.Module):
   mlp_ratio: float = 4.0
   dtype: Any = jnp.float32
   attention_impl: str | None = None
+  adaln_matmul: Callable | None = None  # see Modulation
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, c: jnp.ndarray) -> jnp.ndarray:
     d = self.hidden_size
-    mod = _dense(6 * d, 'embed', 'adaln', jnp.float32, 'adaLN_modulation', _zeros)(nn.silu(c))
+    mod = Modulation(6 * d, self.adaln_matmul, name='adaLN_modulation')(c)
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
     h = modulate(_layer_norm('norm1')(x), shift_msa, scale_msa)
     h = Attention(d, self.num_heads, self.dtype, self.attention_impl, name='attn')(h)
@@ -210,11 +237,11 @@ class FinalLayer(nn.Module):
   """
   hidden_size: int
   out_dim: int
+  adaln_matmul: Callable | None = None  # see Modulation
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, c: jnp.ndarray) -> jnp.ndarray:
-    mod = _dense(2 * self.hidden_size, 'embed', 'adaln', jnp.float32, 'adaLN_modulation',
-                 _zeros)(nn.silu(c))
+    mod = Modulation(2 * self.hidden_size, self.adaln_matmul, name='adaLN_modulation')(c)
     shift, scale = jnp.split(mod, 2, axis=-1)
     x = modulate(_layer_norm('norm_final')(x), shift, scale)
     return _dense(self.out_dim, 'embed', 'out', jnp.float32, 'linear', _zeros)(x)
@@ -291,6 +318,9 @@ class DiT(nn.Module):
   # name 'layers') instead of blocks_0 ... blocks_{depth-1}; dit_jax.convert.stack_blocks and
   # unstack_blocks convert between the two layouts.
   scan_layers: bool = False
+  # How the adaLN modulations are computed from their parameters (`Modulation`); None: as a
+  # plain Linear. Set by the explicit data-parallel step only (dit_jax.step.explicit_grads).
+  adaln_matmul: Callable | None = None
 
   @property
   def out_channels(self) -> int:
@@ -352,7 +382,7 @@ class DiT(nn.Module):
                           name='y_embedder')(y, train, force_drop_ids)
     h = self._blocks(h, c)
     h = FinalLayer(self.hidden_size, self.patch_size**2 * self.out_channels,
-                   name='final_layer')(h, c)
+                   self.adaln_matmul, name='final_layer')(h, c)
     return self.unpatchify(h)
 
   def _blocks(self, h: jnp.ndarray, c: jnp.ndarray) -> jnp.ndarray:
@@ -363,7 +393,8 @@ class DiT(nn.Module):
       # Inside a scan the loop boundary already keeps XLA from merging the recomputation
       # with the forward pass, so prevent_cse is not needed (and costs fusion).
       block_cls = nn.remat(DiTBlock, policy=policy, prevent_cse=not self.scan_layers)
-    args = (self.hidden_size, self.num_heads, self.mlp_ratio, self.dtype, self.attention_impl)
+    args = (self.hidden_size, self.num_heads, self.mlp_ratio, self.dtype, self.attention_impl,
+            self.adaln_matmul)
     if not self.scan_layers:
       for i in range(self.depth):
         h = block_cls(*args, name=f'blocks_{i}')(h, c)

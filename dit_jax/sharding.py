@@ -58,6 +58,13 @@ STATE_PARTS = ("params", "opt_state", "ema")
 #   'xla'       sharding constraints only: XLA's partitioner picks the collectives (on large TPU
 #               slices it reduces gradients with all-reduces: docs/performance.md).
 COLLECTIVES = ("explicit", "xla")
+# Where the explicit step computes the adaLN modulations (`config.sharding.modulation`):
+#   'stationary'  where their parameters are stored: each device multiplies its group's
+#                 conditioning vectors by its own columns of each adaLN kernel
+#                 (`stationary_matmul`); the kernels (a third of XL's parameters, float32 in
+#                 the forward) are neither gathered nor their gradients reduce-scattered;
+#   'gathered'    gathered whole on every device, as every other parameter.
+MODULATIONS = ("stationary", "gathered")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +75,7 @@ class Layout:
   opt_state: str = "update"  # the Adam moments
   ema: str = "update"
   collectives: str = "explicit"  # see COLLECTIVES
+  modulation: str = "stationary"  # see MODULATIONS
 
   @classmethod
   def from_config(cls, config: Any) -> "Layout":
@@ -76,7 +84,7 @@ class Layout:
       return cls()
     rules = tuple((str(a), str(b)) for a, b in s.get("rules", DEFAULT_RULES))
     out = cls(rules, *(str(s.get(p, "update")) for p in STATE_PARTS),
-              str(s.get("collectives", "explicit")))
+              str(s.get("collectives", "explicit")), str(s.get("modulation", "stationary")))
     out.validate()
     return out
 
@@ -90,6 +98,10 @@ class Layout:
       raise ValueError(f"config.sharding.collectives={self.collectives!r}: choose 'explicit' "
                        "(all-gather and reduce-scatter written out in a shard_map) or 'xla' "
                        "(XLA's partitioner picks them)")
+    if self.modulation not in MODULATIONS:
+      raise ValueError(f"config.sharding.modulation={self.modulation!r}: choose 'stationary' "
+                       "(the adaLN modulations computed where their parameters are stored) or "
+                       "'gathered' (their parameters gathered whole, as the others)")
     for logical, axis in self.rules:
       if axis not in MESH_AXES:
         raise ValueError(f"config.sharding.rules: ({logical!r}, {axis!r}) names no mesh axis; "
@@ -296,6 +308,40 @@ def reduce_local(g: jax.Array, spec: P, mesh: Mesh) -> jax.Array:
       used += axes
   rest = tuple(a for a in mesh.axis_names if a not in used and mesh.shape[a] > 1)
   return jax.lax.psum(g, rest) if rest else g
+
+
+def stationary_axes(params: Any, specs: Any) -> tuple[str, ...] | None:
+  """The mesh axes over which every adaLN modulation's kernel and bias are split by their
+  output columns only (kernel [.., D, kD] as P(.., None, X), bias [.., kD] as P(.., X)), when
+  all share one such X: the explicit step then computes the modulations where they are stored
+  (`stationary_matmul`). None when some adaLN parameter is laid out otherwise."""
+  found = set()
+
+  def visit(path, x, spec):
+    if "adaLN_modulation" in {getattr(k, "key", None) for k in path}:
+      entries = (list(tuple(spec)) + [None] * x.ndim)[:x.ndim]
+      ok = x.ndim and _axes(entries[-1]) and all(e is None for e in entries[:-1])
+      found.add(_axes(entries[-1]) if ok else None)
+  jax.tree_util.tree_map_with_path(visit, params, specs)
+  return found.pop() if len(found) == 1 else None
+
+
+def stationary_matmul(axes: tuple[str, ...], mesh: Mesh) -> Any:
+  """Inside a shard_map over `mesh`: (x [B, D], kernel [D, F/G], bias [F/G]) -> x @ W + b
+  [B, F], for a Linear whose kernel and bias each device holds a block of columns of (the G
+  devices of `axes`). Rather than gathering the kernel (F x D floats per device, F/G x D
+  stored), each device gathers the G devices' rows of x (G x B x D floats), multiplies them
+  by its own columns, and an all-to-all returns each device its rows of every column block.
+  For the adaLN modulations at a few images per device this moves ~1/1000 of the bytes; the
+  backward follows by transposition (an all-to-all, then a reduce-scatter of x's gradient),
+  and the kernel's gradient is already the group's sum over its rows: no reduce-scatter."""
+  def matmul(x, kernel, bias):
+    rows = x
+    for group in reversed(_groups(axes, mesh)):  # minor first: rows in the group's order
+      rows = jax.lax.all_gather(rows, group, axis=0, tiled=True)
+    y = jax.numpy.dot(rows, kernel) + bias
+    return jax.lax.all_to_all(y, axes, 0, 1, tiled=True)
+  return matmul
 
 
 def device_bytes(shardings: Any, shapes: Any) -> int:

@@ -171,7 +171,7 @@ def accumulate(grads_of: Any, inputs: dict, microbatches: int, split: Any) -> tu
 
 
 def explicit_grads(params: Any, inputs: dict, loss_fn: Any, param_dtypes: Any, grad_sh: Any,
-                   microbatches: int) -> tuple[Any, dict]:
+                   microbatches: int, stationary: bool = True) -> tuple[Any, dict]:
   """(float32 gradients laid out as grad_sh, metrics) of loss_fn's batch mean, with the
   data-parallel collectives written out: a shard_map over the whole mesh in which each device
   all-gathers every parameter from its stored layout in the forward's dtype
@@ -179,19 +179,39 @@ def explicit_grads(params: Any, inputs: dict, loss_fn: Any, param_dtypes: Any, g
   each gradient, in that dtype, back into the stored layout (`sharding.reduce_local`; an
   all-reduce for a replicated one). Microbatches split each device's rows as
   `split_microbatches` splits the batch, each reduced as it is done. Metrics are means over
-  the devices of each device's means (the batch means for equal shares: loss, mse, vb)."""
+  the devices of each device's means (the batch means for equal shares: loss, mse, vb).
+
+  `stationary` (config.sharding.modulation='stationary'): the adaLN modulation parameters,
+  when all are stored split by output columns (`sharding.stationary_axes`), are not gathered:
+  each device computes its columns of the modulations for its group's images
+  (`sharding.stationary_matmul`), and their gradients need no reduce-scatter. loss_fn(p, mb,
+  adaln_matmul) passes the matmul to the model (`models.Modulation`).
+  """
   specs = jax.tree.map(lambda sh: sh.spec, grad_sh)
   mesh = jax.tree.leaves(grad_sh)[0].mesh
   axes = tuple(mesh.axis_names)
+  adaln = sharding.stationary_axes(params, specs) if stationary else None
+  keep = jax.tree_util.tree_map_with_path(
+      lambda path, _: adaln is not None and "adaLN_modulation" in {getattr(k, "key", None)
+                                                                   for k in path}, params)
+  # A kept block's gradient is its group's sum already: only the other axes (e.g. 'slice').
+  rest = tuple(a for a in axes if a not in (adaln or ()) and mesh.shape[a] > 1)
+
+  def reduce(g, sp, kept):
+    if not kept:
+      return sharding.reduce_local(g, sp, mesh)
+    return jax.lax.psum(g, rest) if rest else g
 
   def local(p, rows):
-    full = jax.tree.map(lambda x, dt, sp: sharding.gather_local(x.astype(dt), sp, mesh), p,
-                        param_dtypes, specs)
+    full = jax.tree.map(lambda x, dt, sp, kept: x.astype(dt) if kept else
+                        sharding.gather_local(x.astype(dt), sp, mesh), p, param_dtypes, specs,
+                        keep)
+    matmul = sharding.stationary_matmul(adaln, mesh) if adaln else None
 
     def grads_of(mb):
-      (loss, terms), g = jax.value_and_grad(loss_fn, has_aux=True)(full, mb)
-      g = jax.tree.map(lambda x, sp: sharding.reduce_local(x, sp, mesh).astype(jnp.float32)
-                       / mesh.size, g, specs)
+      (loss, terms), g = jax.value_and_grad(loss_fn, has_aux=True)(full, mb, matmul)
+      g = jax.tree.map(lambda x, sp, kept: reduce(x, sp, kept).astype(jnp.float32) / mesh.size,
+                       g, specs, keep)
       return g, jax.tree.map(lambda m: jax.lax.pmean(m, axes), {"loss": loss, **terms})
 
     # This device's rows i, i + n, ...: its share of the global split's microbatch i.
@@ -207,7 +227,8 @@ def train_step(state: TrainState, batch: dict, *, model: models.DiT,
                schedule: Any, ema_decay: float, scale: float, random_flip: bool,
                microbatches: int = 1,
                param_dtypes: Any = None, compute_sh: Any = None, grad_sh: Any = None,
-               batch_axes: Any = None, explicit: bool = False) -> tuple[TrainState, dict]:
+               batch_axes: Any = None, explicit: bool = False,
+               stationary_adaln: bool = True) -> tuple[TrainState, dict]:
   """One AdamW step on the objective's loss (objectives.ADM: the release's hybrid diffusion
   loss; objectives.Flow: SiT's), then the EMA update. Metrics: loss, the objective's logged
   scalars (ADM: mse, vb), grad_norm, learning_rate.
@@ -222,7 +243,9 @@ def train_step(state: TrainState, batch: dict, *, model: models.DiT,
   `explicit` (config.sharding.collectives='explicit'; data-parallel compute layouts only): the
   forward and backward run per device in a shard_map over grad_sh's mesh, with the all-gather
   and the reduce-scatter written out (`explicit_grads`) rather than left to XLA's partitioner.
-  The same step, up to the order of the float sums.
+  The same step, up to the order of the float sums. `stationary_adaln`
+  (config.sharding.modulation): there, the adaLN modulations are computed where their
+  parameters are stored rather than gathered (`explicit_grads`).
   """
   key = jax.random.fold_in(state.rng, state.step)
   k_x0, k_t, k_noise, k_drop = jax.random.split(key, 4)
@@ -236,16 +259,18 @@ def train_step(state: TrainState, batch: dict, *, model: models.DiT,
   if param_dtypes is None:
     param_dtypes = models.compute_dtypes(model, state.params)
 
-  def loss_fn(p, mb):
+  def loss_fn(p, mb, adaln_matmul=None):
+    m = model if adaln_matmul is None else model.clone(adaln_matmul=adaln_matmul)
+
     def model_fn(x, tt):
-      return model.apply({"params": p}, x, tt, mb["label"], train=True,
-                         force_drop_ids=mb["drop"] if model.class_dropout_prob > 0 else None)
+      return m.apply({"params": p}, x, tt, mb["label"], train=True,
+                     force_drop_ids=mb["drop"] if model.class_dropout_prob > 0 else None)
     loss, logged = objective.training_losses(model_fn, mb["x0"], t=mb["t"], noise=mb["noise"])
     return loss.mean(), logged
 
   if explicit:
     grads, metrics = explicit_grads(state.params, inputs, loss_fn, param_dtypes, grad_sh,
-                                    microbatches)
+                                    microbatches, stationary_adaln)
   else:
     params = gather_params(state.params, param_dtypes, compute_sh)
 
@@ -415,7 +440,8 @@ def _compile(config: ml_collections.ConfigDict, info: DataInfo,
                         random_flip=config.data.random_flip, microbatches=microbatches,
                         param_dtypes=models.compute_dtypes(model, abstract.params),
                         compute_sh=compute_sh, grad_sh=state_sh.params,
-                        batch_axes=sharding.BATCH_AXES, explicit=explicit),
+                        batch_axes=sharding.BATCH_AXES, explicit=explicit,
+                        stationary_adaln=layout.modulation == "stationary"),
       in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl), donate_argnums=0)
   h, w, c = info.latent_shape
   store = jnp.dtype(info.manifest["dtype"])

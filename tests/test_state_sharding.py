@@ -60,18 +60,23 @@ def test_sharded_update_and_microbatches_equal_the_replicated_step(digits_dir,  
   assert all(not any(s.spec) for s in jax.tree.leaves(ref_b.state_sh.params))
   assert not ref_b.explicit
   per_axis = {"per_axis": True}  # the explicit collectives one mesh axis at a time
-  for overrides in ({}, {"optim.microbatches": 2}, per_axis, XLA,
-                    {**XLA, "optim.microbatches": 4}):
+  # The state split over 'data' only (4 of the 8 devices): each block is then summed over
+  # 'data_minor' after its group, as over 'slice' on a multi-slice pod.
+  data_only = {"data_only": True}
+  for overrides in ({}, {"optim.microbatches": 2}, per_axis, data_only,
+                    {"sharding.modulation": "gathered"}, XLA, {**XLA, "optim.microbatches": 4}):
     with monkeypatch.context() as m:
       m.setattr(sharding, "PER_AXIS_FROM", 2 if overrides is per_axis else 16)
+      if overrides is data_only:
+        m.setattr(sharding, "UPDATE_AXES", ("data",))
       b, got, got_losses = _run_steps(cfg(**{k: v for k, v in overrides.items()
-                                              if k != "per_axis"}), info)
+                                              if k not in ("per_axis", "data_only")}), info)
     assert b.microbatches == overrides.get("optim.microbatches", 1)
     assert b.explicit == (overrides.get("sharding.collectives") != "xla")
     # Each device stores 1/8 of the state (everything but a few odd-sized vectors).
     per_device = sharding.device_bytes(b.state_sh, b.abstract)
     total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(b.abstract))
-    assert per_device < 0.15 * total, (per_device, total)
+    assert per_device < (0.3 if overrides is data_only else 0.15) * total, (per_device, total)
     np.testing.assert_allclose(got_losses, ref_losses, rtol=1e-6)
     for part in ("params", "ema_params", "opt_state"):
       # Parameters, EMA and Adam moments within 1e-6 (measured: ~1e-7 with microbatches or
@@ -82,6 +87,33 @@ def test_sharded_update_and_microbatches_equal_the_replicated_step(digits_dir,  
       assert _max_rel_error(getattr(got, part), getattr(ref, part)) < 1e-4, (overrides, part)
     if overrides == XLA:  # no reordering at all: the same numbers
       assert _max_rel_error(got.params, ref.params) == 0.0
+
+
+def test_stationary_modulation_moves_no_adaln_kernel(digits_dir):  # noqa: F811
+  # The explicit step's default: each device computes its columns of the adaLN modulations
+  # for its group's images, so the adaLN kernels and biases are neither all-gathered nor
+  # their gradients reduce-scattered; the conditioning rows and modulations move instead.
+  info = input_pipeline.get_info(digits_dir)
+  cfg = lambda **o: tiny_config(digits_dir, **{"model.dtype": "float32",
+                                               "model.overrides.hidden_size": 64, **o})
+  kinds = {}
+  for mode in ("stationary", "gathered"):
+    b = step.build(cfg(**{"sharding.modulation": mode}), info)
+    assert b.explicit
+    kinds[mode] = aot.collective_bytes(b.compiled.as_text())
+  params = b.abstract.params
+  adaln = sum(x.size * 4 for path, x in jax.tree_util.tree_flatten_with_path(params)[0]
+              if "adaLN_modulation" in jax.tree_util.keystr(path))
+  assert sharding.stationary_axes(params, jax.tree.map(lambda s: s.spec, b.state_sh.params)) \
+      == ("data", "data_minor")
+  s, g = kinds["stationary"], kinds["gathered"]
+  # Gathered: every adaLN parameter arrives whole on each device (adaln bytes of results).
+  # Stationary: only the 16 images' conditioning vectors, once per Linear (3 x 16 x 64 floats).
+  assert g["all-gather"] - s["all-gather"] >= 0.9 * adaln, (s, g, adaln)
+  assert s.get("all-to-all", 0) > 0 and "all-to-all" not in g, (s, g)
+  assert s.get("all-to-all", 0) < 0.1 * adaln, (s, adaln)
+  with pytest.raises(ValueError, match="config.sharding.modulation='nearby'"):
+    step.build(cfg(**{"sharding.modulation": "nearby"}), info)
 
 
 def test_bf16_gathers_are_exact(digits_dir):  # noqa: F811
