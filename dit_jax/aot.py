@@ -117,6 +117,38 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
   return dict(out)
 
 
+def _source(op_name: str) -> str:
+  """A JAX op_name as a short source label: 'fwd attn/qkv/dot_general' (blocks merged)."""
+  s = re.sub(r"^jit\([^)]*\)/", "", op_name).replace("shard_map/", "")
+  s = re.sub(r"blocks_\d+", "blocks", s)
+  way = "bwd" if "transpose(" in s else "fwd" if "jvp(" in s else ""
+  s = re.sub(r"(transpose|jvp)\(([^)]*)\)", r"\2", s)
+  return f"{way} {'/'.join(s.split('/')[-3:])}".strip()
+
+
+def cycles_by_source(hlo_text: str) -> list[tuple[str, float, int]]:
+  """Where a TPU program's time goes, by XLA's own cost model: the `estimated_cycles` of each
+  instruction of the entry computation, summed by the JAX source of the instruction
+  (`_source` of its op_name) -> [(source, share of all the cycles, instructions)], largest
+  first. Empty for programs without the estimates (CPU, GPU)."""
+  inst = re.compile(r'^\s*(?:ROOT )?%\S+ = .*"estimated_cycles":"(\d+)"')
+  totals: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+  entry = False
+  for line in hlo_text.splitlines():
+    if line.startswith("ENTRY"):
+      entry = True
+    elif entry and line.startswith("}"):
+      break
+    elif entry and (m := inst.match(line)):
+      name = re.search(r'op_name="([^"]*)"', line)
+      opcode = re.search(r"\s([\w-]+)\(", line.split("= ", 1)[1])
+      key = _source(name.group(1)) if name else opcode.group(1) if opcode else "?"
+      totals[key][0] += int(m.group(1))
+      totals[key][1] += 1
+  whole = sum(c for c, _ in totals.values()) or 1
+  return sorted(((k, c / whole, n) for k, (c, n) in totals.items()), key=lambda r: -r[1])
+
+
 def _roofline(spec: hardware.Chip, flops: float, accessed: float, collective: float) -> float:
   """Seconds: compute or HBM bound, plus the collectives with no overlap. `flops` should be at
   least the analytic count: XLA counts no FLOPs in Pallas kernels (splash attention)."""
@@ -598,6 +630,13 @@ def main(argv: list[str]) -> None:
   if FLAGS.json:
     with open(FLAGS.json, "w") as f:
       json.dump(report_dict(FLAGS.config, FLAGS.topology, devices, b, reports), f, indent=1)
+  if FLAGS.hlo:
+    with open(FLAGS.hlo, "w") as f:
+      f.write(b.compiled.as_text())
+  if FLAGS.breakdown:
+    print("train step, share of XLA's estimated cycles by source (fwd/bwd, module, op):")
+    for source, share, n in cycles_by_source(b.compiled.as_text())[:FLAGS.breakdown]:
+      print(f"  {100 * share:5.1f}%  {n:4d} ops  {source}")
 
 
 def run() -> None:
@@ -611,6 +650,9 @@ def run() -> None:
   flags.DEFINE_integer("slices", 1, "Slices (multi-slice over the data-centre network).")
   flags.DEFINE_bool("sampling", True, "Also compile the guided sampling step.")
   flags.DEFINE_string("json", "", "Also write the figures to this JSON file.")
+  flags.DEFINE_string("hlo", "", "Also write the train step's optimized HLO text to this file.")
+  flags.DEFINE_integer("breakdown", 0, "Also print the N largest sources of the train step's "
+                       "time by XLA's TPU cost model (cycles_by_source).")
   flags.DEFINE_bool("sampler_loop", False, "Also compile config.eval's whole guided sampler "
                     "(e.g. 250 DDPM steps): its compile time and memory.")
   flags.DEFINE_bool("table", False, "Compile every row of docs/performance.md and write it.")

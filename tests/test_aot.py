@@ -71,6 +71,30 @@ def test_plan_compiles_train_and_sampling_steps_for_a_tpu_slice(digits_dir):  # 
   assert step.roofline_seconds and step.roofline_seconds > 0
   text = aot.format_reports(c, "v5p-8", devices, b, [step, sample])
   assert "of 95.0 GiB" in text and "train step" in text and "guided sampling step" in text
+  # XLA's TPU cost model, by JAX source: shares of one whole, the model's matmuls among them
+  # in both directions.
+  parts = aot.cycles_by_source(b.compiled.as_text())
+  assert sum(share for _, share, _ in parts) == pytest.approx(1.0)
+  sources = {name for name, _, _ in parts}
+  for layer in ("attn/qkv/dot_general", "mlp/fc1/dot_general"):
+    assert {f"fwd {layer}", f"bwd {layer}"} <= sources, sorted(sources)
+
+
+def test_cycles_by_source_labels():
+  hlo = """
+%fused (p: f32[8]) -> f32[8] {
+  %x = f32[8]{0} add(%p, %p), backend_config={"estimated_cycles":"999"}
+}
+
+ENTRY %main (p: f32[8]) -> f32[8] {
+  %a = f32[8]{0} fusion(%p), kind=kLoop, calls=%fused, metadata={op_name="jit(train_step)/shard_map/jvp(DiT)/blocks_3/mlp/fc1/dot_general"}, backend_config={"estimated_cycles":"300"}
+  %b = f32[8]{0} fusion(%a), metadata={op_name="jit(train_step)/shard_map/transpose(jvp(DiT))/blocks_0/mlp/fc1/dot_general"}, backend_config={"estimated_cycles":"600"}
+  ROOT %c = (f32[8]{0}, f32[8]{0}) tuple(%a, %b), backend_config={"estimated_cycles":"100"}
+}
+"""
+  # Only the entry computation counts (fused computations are inside its fusions); blocks merge.
+  assert aot.cycles_by_source(hlo) == [("bwd mlp/fc1/dot_general", 0.6, 1),
+                                       ("fwd mlp/fc1/dot_general", 0.3, 1), ("tuple", 0.1, 1)]
 
 
 def test_plan_with_scanned_blocks_and_splash_attention(digits_dir):  # noqa: F811
