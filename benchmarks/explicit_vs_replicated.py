@@ -14,6 +14,6 @@ from dit_jax import input_pipeline, demo_data
 d = tempfile.mkdtemp(); demo_data.write_digits(d); info = input_pipeline.get_info(d)
 cfg = lambda **o: tiny_config(d, **{"model.dtype": "float32", "data.global_batch_size": 32, **o})
 _, ref, _ = _run_steps(cfg(**REPLICATED, **XLA), info)
-for o in ({}, {"optim.microbatches": 2}):
+for o in ({}, {"optim.microbatches": 2}, {"sharding.modulation": "gathered"}):
   _, got, _ = _run_steps(cfg(**o), info)
   print("explicit", o or "no microbatches", [f"{part} tree {_tree_rel_error(getattr(got, part), getattr(ref, part)):.1e} max {_max_rel_error(getattr(got, part), getattr(ref, part)):.1e}" for part in ("params", "ema_params", "opt_state")])

@@ -104,6 +104,8 @@ def test_train_step_compiles_on_two_slices_with_default_config(digits_dir):  # n
   # Fits one v5p chip: data parallel over both slices, the DCN carrying only gradients.
   assert dict(b.mesh.shape) == {"slice": 2, "data": 4, "data_minor": 2, "fsdp": 1}
   assert 0 < b.memory_gib < 1 and b.flops > 0
+  # The explicit step, the adaLN modulations computed within each slice (all-to-all).
+  assert b.explicit and "all-to-all" in b.compiled.as_text()
   # The 'slice' axis is the DCN: each slice's devices sit under one index of it.
   for s in range(2):
     assert {d.slice_index for d in b.mesh.devices[s].flat} == {s}
