@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from dit_jax import aot, input_pipeline, models, sharding, step, train
 from test_train import digits_dir, final_params, losses, tiny_config  # noqa: F401
@@ -114,6 +115,24 @@ def test_stationary_modulation_moves_no_adaln_kernel(digits_dir):  # noqa: F811
   assert s.get("all-to-all", 0) < 0.1 * adaln, (s, adaln)
   with pytest.raises(ValueError, match="config.sharding.modulation='nearby'"):
     step.build(cfg(**{"sharding.modulation": "nearby"}), info)
+
+
+def test_stationary_axes_need_one_column_layout_for_every_modulation():
+  z = np.zeros
+  params = {"blocks_0": {"adaLN_modulation": {"kernel": z((4, 24)), "bias": z((24,))},
+                         "attn": {"qkv": {"kernel": z((4, 12))}}},
+            "final_layer": {"adaLN_modulation": {"kernel": z((4, 8)), "bias": z((8,))}}}
+  X = ("data", "data_minor")
+
+  def specs(final_kernel=P(None, X), final_bias=P(X)):
+    return {"blocks_0": {"adaLN_modulation": {"kernel": P(None, X), "bias": P(X)},
+                         "attn": {"qkv": {"kernel": P(X, None)}}},  # others: any layout
+            "final_layer": {"adaLN_modulation": {"kernel": final_kernel, "bias": final_bias}}}
+  assert sharding.stationary_axes(params, specs()) == X
+  # One modulation split otherwise (other axes, its rows, not at all): every one is gathered.
+  assert sharding.stationary_axes(params, specs(P(None, "data"), P("data"))) is None
+  assert sharding.stationary_axes(params, specs(P(X, None), P(None))) is None
+  assert sharding.stationary_axes(params, specs(P(), P())) is None
 
 
 def test_bf16_gathers_are_exact(digits_dir):  # noqa: F811
