@@ -60,11 +60,8 @@ class _LinearParams(nn.Module):
     return kernel.astype(self.dtype), bias.astype(self.dtype)
 
 
-class HeadsMajorAttention(nn.Module):
-  hidden_size: int
-  num_heads: int
-  dtype: Any = jnp.float32
-  attention_impl: str | None = None
+class HeadsMajorAttention(models.Attention):
+  """models.Attention's fields and parameters; only the layouts of the computation differ."""
 
   @nn.compact
   def __call__(self, x):

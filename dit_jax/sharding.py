@@ -310,6 +310,11 @@ def reduce_local(g: jax.Array, spec: P, mesh: Mesh) -> jax.Array:
   return jax.lax.psum(g, rest) if rest else g
 
 
+def is_modulation(path: Any) -> bool:
+  """Whether a parameter's tree path is inside an adaLN modulation (`models.Modulation`)."""
+  return "adaLN_modulation" in {getattr(k, "key", None) for k in path}
+
+
 def stationary_axes(params: Any, specs: Any) -> tuple[str, ...] | None:
   """The mesh axes over which every adaLN modulation's kernel and bias are split by their
   output columns only (kernel [.., D, kD] as P(.., None, X), bias [.., kD] as P(.., X)), when
@@ -318,7 +323,7 @@ def stationary_axes(params: Any, specs: Any) -> tuple[str, ...] | None:
   found = set()
 
   def visit(path, x, spec):
-    if "adaLN_modulation" in {getattr(k, "key", None) for k in path}:
+    if is_modulation(path):
       entries = (list(tuple(spec)) + [None] * x.ndim)[:x.ndim]
       ok = x.ndim and _axes(entries[-1]) and all(e is None for e in entries[:-1])
       found.add(_axes(entries[-1]) if ok else None)

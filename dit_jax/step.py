@@ -192,8 +192,7 @@ def explicit_grads(params: Any, inputs: dict, loss_fn: Any, param_dtypes: Any, g
   axes = tuple(mesh.axis_names)
   adaln = sharding.stationary_axes(params, specs) if stationary else None
   keep = jax.tree_util.tree_map_with_path(
-      lambda path, _: adaln is not None and "adaLN_modulation" in {getattr(k, "key", None)
-                                                                   for k in path}, params)
+      lambda path, _: adaln is not None and sharding.is_modulation(path), params)
   # A kept block's gradient is its group's sum already: only the other axes (e.g. 'slice').
   rest = tuple(a for a in axes if a not in (adaln or ()) and mesh.shape[a] > 1)
 
