@@ -334,10 +334,11 @@ OPTION_ROWS = (  # (config, overrides) compiled on v5p-64 beside each default
     ("xl2_512", ("model.remat=dots_saveable",)),
     ("xl2_512", ("model.remat=dots_with_no_batch_dims_saveable",)),
     ("xl2_512", ("model.remat=full",)),
-    ("xl2_512", ("model.remat=full", "model.attention_impl=xla")),
-    ("xl2_512", ("model.remat=none", "model.attention_impl=xla")),
-    ("xl2_512", ("model.remat=dots_saveable", "model.attention_impl=xla")),
-    ("xl2_512", ("model.remat=dots_with_no_batch_dims_saveable", "model.attention_impl=xla")),
+    ("xl2_512", ("model.remat=full", "model.attention_impl=xla_tokens")),
+    ("xl2_512", ("model.remat=none", "model.attention_impl=xla_tokens")),
+    ("xl2_512", ("model.remat=dots_saveable", "model.attention_impl=xla_tokens")),
+    ("xl2_512", ("model.remat=dots_with_no_batch_dims_saveable",
+                 "model.attention_impl=xla_tokens")),
 )
 
 
@@ -356,21 +357,43 @@ OVERLAP = ("mesh.overlap_collectives=True", "sharding.collectives=xla")
 # 1,024 tokens: attention.SPLASH_MIN_TOKENS).
 SPLASH = ("model.attention_impl=splash",)
 SPLASH_TOPOLOGIES = ("v5p-8", "v5p-64", "v5p-256")
+# The XLA attention path in the token-major layout (the default before the head-major one).
+# The layouts above that predate it were compiled with it: `overrides` adds it to their rows,
+# except xl2_512's, whose 'auto' attention is splash on TPUs.
+TOKENS = ("model.attention_impl=xla_tokens",)
 # Rows of the table, in order, with their labels.
-VARIANTS = (((), "update"), (GATHERED, "update, adaLN gathered"),
+VARIANTS = (((), "update"), (TOKENS, "update, token-major attention"),
+            (GATHERED, "update, adaLN gathered"),
             (SPLASH, "update, splash attention"),
             (XLA_UPDATE, "update, XLA's collectives"),
             (OVERLAP, "update, XLA's collectives, overlap options"), (REPLICATED, "replicated"))
+_BEFORE_HEADS_MAJOR = (GATHERED, XLA_UPDATE, OVERLAP, REPLICATED)
+
+
+def overrides(config: str, variant: tuple[str, ...]) -> tuple[str, ...]:
+  """The --config overrides of `variant`'s row for `config` (the older layouts with the
+  attention they were compiled with)."""
+  if variant in _BEFORE_HEADS_MAJOR and config != "xl2_512":
+    return variant + TOKENS
+  return variant
+
+
+def option_overrides(config: str, option: tuple[str, ...]) -> tuple[str, ...]:
+  """The --config overrides of an option study's row (replicated state, token-major XLA
+  attention where the option leaves attention to 'auto' at 256 px)."""
+  auto_xla = config != "xl2_512" and not any("attention_impl" in o for o in option)
+  return option + REPLICATED + (TOKENS if auto_xla else ())
 
 
 def table_rows() -> list[tuple[str, str, tuple[str, ...]]]:
   """(config, topology, --config overrides) of every row of docs/performance.md."""
-  rows = [(c, t, o) for c in TABLE_CONFIGS for t in TABLE_TOPOLOGIES
-          for o in ((), GATHERED, XLA_UPDATE, REPLICATED)]
-  rows += [("xl2", t, OVERLAP) for t in TABLE_TOPOLOGIES]
+  rows = [(c, t, overrides(c, o)) for c in TABLE_CONFIGS for t in TABLE_TOPOLOGIES
+          for o in ((), TOKENS, GATHERED, XLA_UPDATE, REPLICATED)
+          if not (o == TOKENS and c == "xl2_512")]
+  rows += [("xl2", t, overrides("xl2", OVERLAP)) for t in TABLE_TOPOLOGIES]
   rows += [("xl2", t, SPLASH) for t in SPLASH_TOPOLOGIES]
   # The option studies keep the replicated layout, so that they compare with each other.
-  return rows + [(c, "v5p-64", o + REPLICATED) for c, o in OPTION_ROWS if o]
+  return rows + [(c, "v5p-64", option_overrides(c, o)) for c, o in OPTION_ROWS if o]
 
 
 def row_key(config: str, topology: str, overrides: tuple[str, ...]) -> str:
@@ -416,7 +439,7 @@ def run_table(cache: str, jobs: int, timeout: float, only: str = "") -> dict[str
   todo.sort(key=lambda r: (order.index(r[0]), not r[2]))
   print(f"{len(rows)} rows cached in {cache}; compiling {len(todo)} with {jobs} process(es)")
   sampling = lambda c, t, o: (c in ("xl2", "xl2_512") and not o and
-                              row_key(c, t, REPLICATED) not in rows)
+                              row_key(c, t, overrides(c, REPLICATED)) not in rows)
   with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
     futures = {pool.submit(_run_row, *r, sampling(*r), timeout): r for r in todo}
     for fut in concurrent.futures.as_completed(futures):
@@ -471,7 +494,7 @@ def _cells(row: dict) -> dict[str, str]:
 def render_table(rows: dict[str, dict]) -> str:
   """The Markdown of docs/performance.md's generated part."""
   def get(c, t, o=()):
-    return rows.get(row_key(c, t, o))
+    return rows.get(row_key(c, t, overrides(c, o)))
   head = ("| config | topology | state | mesh data x fsdp | memory/chip GiB (of HBM) | "
           "FLOPs / analytic | collectives MiB/step | roofline ms/step | XLA's estimate ms | "
           "images/s at roofline | MFU at roofline | compile s |\n"
@@ -482,8 +505,11 @@ def render_table(rows: dict[str, dict]) -> str:
            "sharded over the data-parallel chips of a slice; at fsdp 1 the data-parallel "
            "collectives written out in a shard_map, config.sharding.collectives='explicit', "
            "and the adaLN modulations computed where their kernels are stored, "
-           "config.sharding.modulation='stationary'); `update, adaLN gathered` = the same with "
-           "the adaLN kernels gathered whole ('gathered'); "
+           "config.sharding.modulation='stationary', and the XLA attention path head-major); "
+           "`update, token-major attention` = the same with the XLA attention path in the "
+           "token-major layout (model.attention_impl='xla_tokens'); the rows below it keep "
+           "that attention, as they were compiled (not xl2_512, whose attention is splash): "
+           "`update, adaLN gathered` = the adaLN kernels gathered whole ('gathered'); "
            "`update, XLA's collectives` = the same layout with the collectives left to XLA's "
            "partitioner ('xla'); `..., overlap options` = that with "
            "config.mesh.overlap_collectives=True; `replicated` = the layout before them all "
@@ -491,12 +517,12 @@ def render_table(rows: dict[str, dict]) -> str:
   for c in TABLE_CONFIGS:
     for t in TABLE_TOPOLOGIES:
       for o, label in VARIANTS:
-        if (c, t, o) not in table_rows():
+        if (c, t, overrides(c, o)) not in table_rows():
           continue
         r = get(c, t, o)
         if not r or "error" in r:
           why = r["error"] if r else ("not compiled yet: python -m dit_jax.aot --table "
-                                      f"--only='^{row_key(c, t, o)}$'")
+                                      f"--only='^{row_key(c, t, overrides(c, o))}$'")
           lines.append(f"| {c} | {t} | {label} | | {why} | | | | | | | |")
           continue
         x = _cells(r)
@@ -510,7 +536,7 @@ def render_table(rows: dict[str, dict]) -> str:
             "| config | option | memory/chip GiB | FLOPs / analytic | collectives MiB/step | "
             "roofline ms/step | MFU at roofline | compile s |", "|---|---|---|---|---|---|---|---|"]
   for c, o in OPTION_ROWS:
-    r = get(c, "v5p-64", o + REPLICATED)
+    r = rows.get(row_key(c, "v5p-64", option_overrides(c, o)))
     if not r:
       continue
     label = ", ".join(x.replace("model.", "") for x in o) or "default"
@@ -571,7 +597,7 @@ def render_grid_cost(rows: dict[str, dict]) -> str:
     for t in TABLE_TOPOLOGIES:
       # Not the splash rows: XLA's estimate leaves the Pallas kernel's own cost out.
       for o, label in [v for v in VARIANTS if v[0] != SPLASH]:
-        r = rows.get(row_key(c, t, o))
+        r = rows.get(row_key(c, t, overrides(c, o)))
         if not r or "error" in r or not _fits(r) or not _step_seconds(r):
           continue
         cost = _step_seconds(r) * r["chips"]

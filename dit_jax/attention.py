@@ -3,7 +3,14 @@
 Non-causal, no mask, scale head_dim**-0.5. The implementation is `DiT.attention_impl`
 (`config.model.attention_impl`):
 
-  None, 'xla'        jax.nn.dot_product_attention's XLA path: two einsums, float32 softmax.
+  None, 'xla'        the XLA path: two einsums, float32 softmax. `models.Attention` runs it
+                     head-major ([N, heads, T, head_dim] straight from the qkv kernel,
+                     `xla_heads_major`).
+  'xla_tokens'       the same math in the token-major layout: the qkv Linear reshaped to
+                     [N, T, heads, head_dim] and jax.nn.dot_product_attention's XLA path. The
+                     default before 2026-11-30 (slower on TPUs by XLA's cost model: XL/2's step
+                     on v5p-64 35.5 against 33.6 ms); the planner's rows compiled before then
+                     use it.
   'cudnn'            cuDNN fused attention through jax.nn.dot_product_attention (GPUs, bf16/fp16).
   'auto'             cuDNN on GPUs when q is bf16/fp16 (decided when tracing, with the XLA path as
                      fallback where cuDNN rejects the call: old cuDNN or GPU); splash on TPUs from
@@ -28,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-IMPLEMENTATIONS = (None, 'xla', 'cudnn', 'auto', 'splash', 'splash_interpret')
+IMPLEMENTATIONS = (None, 'xla', 'cudnn', 'auto', 'splash', 'splash_interpret', 'xla_tokens')
 
 _LANES = 128  # splash's block sizes are multiples of the TPU lane width
 
@@ -84,7 +91,32 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
       except Exception as e:  # pylint: disable=broad-except
         logging.warning('cuDNN attention is unavailable here (%s): using the XLA path', e)
       impl = 'xla'
+  if impl == 'xla_tokens':
+    impl = 'xla'
   return jax.nn.dot_product_attention(q, k, v, implementation=impl)
+
+
+def xla_heads_major(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """The XLA path in the head-major layout: q, k, v [N, heads, T, head_dim] -> the same shape.
+
+  The math of jax.nn.dot_product_attention's XLA path element for element (logits accumulated
+  in float32, with bf16 x bf16 -> f32 products for bf16 inputs; float32 softmax; probabilities
+  cast to v's dtype); only the layout differs. `models.Attention` produces q, k and v in this
+  layout straight from the fused qkv kernel, so XLA is given no [N, T, heads, head_dim] slices
+  to transpose around the two einsums (by XLA's TPU cost model ~9% of XL/2's train step on
+  v5p-64, docs/performance.md).
+  """
+  if q.dtype == jnp.bfloat16:
+    precision = jax.lax.DotAlgorithmPreset.BF16_BF16_F32
+  elif q.dtype == jnp.float16:
+    precision = jax.lax.DotAlgorithmPreset.F16_F16_F32
+  else:
+    precision = None
+  logits = jnp.einsum('bnth,bnsh->bnts', q, k, precision=precision,
+                      preferred_element_type=jnp.promote_types(q.dtype, jnp.float32))
+  logits = logits * jnp.float32(q.shape[-1] ** -0.5)
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+  return jnp.einsum('bnts,bnsh->bnth', probs, v)
 
 
 def _block(tokens: int) -> int:

@@ -146,21 +146,64 @@ class LabelEmbedder(nn.Module):
 
 
 class Attention(nn.Module):
-  """Multi-head self-attention, fused qkv (output ordered [q | k | v], each head-major)."""
+  """Multi-head self-attention, fused qkv (output ordered [q | k | v], each head-major).
+
+  Parameters: the release's `qkv` Linear(D, 3D) and `proj` Linear(D, D) (kernel [in, out], bias
+  [out]), whatever the implementation. On the XLA path (`attention_impl` None, 'xla', or 'auto'
+  where it resolves to XLA) q, k and v come out of one einsum head-major, [N, heads, T,
+  head_dim], attention runs in that layout, and the output projection contracts (heads,
+  head_dim) directly: the same math as the Linear, reshape and [N, T, heads, head_dim] path that
+  the other kernels take ('xla_tokens' is the XLA path in that layout), in layouts XLA fuses
+  better (benchmarks/heads_major_attention.py).
+  """
   hidden_size: int
   num_heads: int
   dtype: Any = jnp.float32
   attention_impl: str | None = None
 
+  def _xla_path(self, tokens: int) -> bool:
+    impl = self.attention_impl
+    if impl == 'auto':
+      # cuDNN stays with attention.dot_product_attention, which falls back where cuDNN refuses.
+      impl = attention.resolve_auto(self.dtype, jax.default_backend(), tokens)
+    return impl in (None, 'xla')
+
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     n, t, d = x.shape
-    qkv = _dense(3 * d, 'embed', 'qkv', self.dtype, 'qkv')(x)
-    qkv = qkv.reshape(n, t, 3, self.num_heads, d // self.num_heads)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [N, T, heads, head_dim]
-    out = attention.dot_product_attention(q, k, v, self.attention_impl)
-    out = out.reshape(n, t, d)
-    return _dense(d, 'heads', 'embed', self.dtype, 'proj')(out)
+    nh = self.num_heads
+    hd = d // nh
+    if not self._xla_path(t):
+      qkv = _dense(3 * d, 'embed', 'qkv', self.dtype, 'qkv')(x)
+      qkv = qkv.reshape(n, t, 3, nh, hd)
+      q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [N, T, heads, head_dim]
+      out = attention.dot_product_attention(q, k, v, self.attention_impl)
+      return _dense(d, 'heads', 'embed', self.dtype, 'proj')(out.reshape(n, t, d))
+    wqkv, bqkv = _LinearParams(d, 3 * d, 'embed', 'qkv', self.dtype, name='qkv')()
+    wo, bo = _LinearParams(d, d, 'heads', 'embed', self.dtype, name='proj')()
+    qkv = jnp.einsum('btd,dknh->bknth', x.astype(self.dtype), wqkv.reshape(d, 3, nh, hd))
+    qkv = qkv + bqkv.reshape(1, 3, nh, 1, hd)
+    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # [N, heads, T, head_dim]
+    out = attention.xla_heads_major(q, k, v)
+    return jnp.einsum('bnth,nhd->btd', out, wo.reshape(nh, hd, d)) + bo
+
+
+class _LinearParams(nn.Module):
+  """nn.Dense's parameters as `_dense` makes them (kernel [in, out], bias [out]: same names,
+  initialisers, logical axes, float32), returned cast to the compute dtype for a layer that
+  contracts them in another shape."""
+  in_features: int
+  features: int
+  in_name: str
+  out_name: str
+  dtype: Any
+
+  @nn.compact
+  def __call__(self) -> tuple[jnp.ndarray, jnp.ndarray]:
+    kernel = self.param('kernel', _part(_xavier, (self.in_name, self.out_name)),
+                        (self.in_features, self.features), jnp.float32)
+    bias = self.param('bias', _part(_zeros, (self.out_name,)), (self.features,), jnp.float32)
+    return kernel.astype(self.dtype), bias.astype(self.dtype)
 
 
 class Mlp(nn.Module):

@@ -86,8 +86,10 @@ def test_sharded_update_and_microbatches_equal_the_replicated_step(digits_dir,  
       # cancel: 1.2e-5 in the zero-initialised final layer's kernel.
       assert _tree_rel_error(getattr(got, part), getattr(ref, part)) < 1e-6, (overrides, part)
       assert _max_rel_error(getattr(got, part), getattr(ref, part)) < 1e-4, (overrides, part)
-    if overrides == XLA:  # no reordering at all: the same numbers
-      assert _max_rel_error(got.params, ref.params) == 0.0
+    if overrides == XLA:
+      # The same program but for where XLA's partitioner puts the gradient sums: float32
+      # rounding only (measured 1.5e-9; bit-equal with attention_impl='xla_tokens').
+      assert _max_rel_error(got.params, ref.params) < 1e-8
 
 
 def test_stationary_modulation_moves_no_adaln_kernel(digits_dir):  # noqa: F811
