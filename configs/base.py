@@ -41,9 +41,11 @@ def get_config(model: str = "DiT-XL/2", image_size: int = 256) -> ml_collections
   # optimizer state.
   c.model.dtype = "float32"
   # Attention kernel (dit_jax/attention.py). 'auto' (default): cuDNN fused attention on GPUs
-  # in bf16/fp16, else the XLA path; 'xla' (or None): jax.nn.dot_product_attention's XLA path
-  # (einsums, float32 softmax); 'cudnn': cuDNN only (GPUs, bf16/fp16); 'splash': the Pallas
-  # splash-attention kernel (TPUs only; docs/performance.md compares it on v5p).
+  # in bf16/fp16, splash on TPUs from 1,024 tokens, else the XLA path; 'xla' (or None): the
+  # XLA path (einsums, float32 softmax) in the head-major layout; 'xla_tokens': the same in the
+  # previous token-major layout (jax.nn.dot_product_attention); 'cudnn': cuDNN only (GPUs,
+  # bf16/fp16); 'splash': the Pallas splash-attention kernel (TPUs only; docs/performance.md
+  # compares it on v5p).
   c.model.attention_impl = ml_collections.config_dict.placeholder(str)
   c.model.attention_impl = "auto"
   # Rematerialisation of each block in the backward pass (dit_jax.models.REMAT_POLICIES):

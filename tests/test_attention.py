@@ -121,3 +121,32 @@ def test_auto_is_decided_for_the_target_when_compiling_for_other_hardware():
   if jax.default_backend() != 'gpu':  # compiled from this CPU for a GPU: no trace-time fallback
     assert attention.resolve_for('auto', jnp.bfloat16, 'gpu', xl2_256) == 'cudnn'
     assert attention.resolve_for('auto', jnp.float32, 'gpu', xl2_256) == 'xla'
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_head_major_xla_path_equals_jax_reference_layout(dtype):
+  # models.Attention's XLA path (q, k, v head-major from one einsum on the fused kernel) against
+  # the reference layout: the qkv Linear reshaped to [N, T, heads, head_dim] and
+  # jax.nn.dot_product_attention ('xla_tokens'). Same parameters; outputs and gradients equal up
+  # to float32 summation order (bf16: the same bf16 products).
+  x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 16, 48)), jnp.float32)
+  heads = models.Attention(48, 3, dtype, 'xla')
+  tokens = heads.clone(attention_impl='xla_tokens')
+  params = nn.meta.unbox(heads.init(jax.random.key(0), x)['params'])
+  params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(1), p.shape), params)
+  assert (jax.tree.map(jnp.shape, params) ==
+          jax.tree.map(jnp.shape, nn.meta.unbox(tokens.init(jax.random.key(0), x)['params'])))
+  w = jnp.asarray(np.random.default_rng(4).standard_normal(x.shape), jnp.float32)
+
+  def loss_and_grads(model):
+    loss = lambda p, x: jnp.sum(w * model.apply({'params': p}, x).astype(jnp.float32))
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
+
+  (loss, grads), (loss_ref, grads_ref) = loss_and_grads(heads), loss_and_grads(tokens)
+  out, out_ref = heads.apply({'params': params}, x), tokens.apply({'params': params}, x)
+  assert out.dtype == out_ref.dtype == dtype
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  assert _rel(out, out_ref) < tol
+  np.testing.assert_allclose(loss, loss_ref, rtol=tol)
+  for g, g_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
+    assert _rel(g, g_ref) < tol
