@@ -76,7 +76,7 @@ def test_plan_compiles_train_and_sampling_steps_for_a_tpu_slice(digits_dir):  # 
   parts = aot.cycles_by_source(b.compiled.as_text())
   assert sum(share for _, share, _ in parts) == pytest.approx(1.0)
   sources = {name for name, _, _ in parts}
-  for layer in ("attn/qkv/dot_general", "mlp/fc1/dot_general"):
+  for layer in ("attn/btd,dknh->bknth/dot_general", "mlp/fc1/dot_general"):  # qkv, fc1
     assert {f"fwd {layer}", f"bwd {layer}"} <= sources, sorted(sources)
 
 
