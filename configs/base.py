@@ -157,8 +157,8 @@ def get_config(model: str = "DiT-XL/2", image_size: int = 256) -> ml_collections
   # keeps the part as the forward uses it (replicated at fsdp = 1, as the release). Measured
   # with dit_jax.aot for XL/2 at batch 256 (docs/performance.md): v5p-256 11.2 -> 1.9 GiB per
   # chip and 36.2 -> 12.4 ms per step by XLA's estimate (with the explicit collectives and the
-  # stationary modulations below, and the head-major attention). Sampling, evaluation and export gather the EMA whole where
-  # they need it.
+  # stationary modulations below, and the head-major attention). Sampling, evaluation and
+  # export gather the EMA whole where they need it.
   c.sharding.params = "update"
   c.sharding.opt_state = "update"
   c.sharding.ema = "update"

@@ -131,6 +131,13 @@ def cycles_by_source(hlo_text: str) -> list[tuple[str, float, int]]:
   instruction of the entry computation, summed by the JAX source of the instruction
   (`_source` of its op_name) -> [(source, share of all the cycles, instructions)], largest
   first. Empty for programs without the estimates (CPU, GPU)."""
+  totals = _cycles_by_key(hlo_text)
+  whole = sum(c for c, _ in totals.values()) or 1
+  return sorted(((k, c / whole, n) for k, (c, n) in totals.items()), key=lambda r: -r[1])
+
+
+def _cycles_by_key(hlo_text: str) -> dict[str, list[int]]:
+  """{source: [estimated cycles, instructions]} over the entry computation (cycles_by_source)."""
   inst = re.compile(r'^\s*(?:ROOT )?%\S+ = .*"estimated_cycles":"(\d+)"')
   totals: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
   entry = False
@@ -145,8 +152,7 @@ def cycles_by_source(hlo_text: str) -> list[tuple[str, float, int]]:
       key = _source(name.group(1)) if name else opcode.group(1) if opcode else "?"
       totals[key][0] += int(m.group(1))
       totals[key][1] += 1
-  whole = sum(c for c, _ in totals.values()) or 1
-  return sorted(((k, c / whole, n) for k, (c, n) in totals.items()), key=lambda r: -r[1])
+  return totals
 
 
 def _roofline(spec: hardware.Chip, flops: float, accessed: float, collective: float) -> float:
@@ -660,8 +666,13 @@ def main(argv: list[str]) -> None:
     with open(FLAGS.hlo, "w") as f:
       f.write(b.compiled.as_text())
   if FLAGS.breakdown:
-    print("train step, share of XLA's estimated cycles by source (fwd/bwd, module, op):")
-    for source, share, n in cycles_by_source(b.compiled.as_text())[:FLAGS.breakdown]:
+    text = b.compiled.as_text()
+    # The sum is comparable between two programs for one chip even where XLA's own total
+    # (optimal_seconds) is invalid, as on v5e and v6e slices.
+    whole = sum(c for c, _ in _cycles_by_key(text).values())
+    print(f"train step, XLA's estimated cycles of the entry computation: {whole:,}; share by "
+          "source (fwd/bwd, module, op):")
+    for source, share, n in cycles_by_source(text)[:FLAGS.breakdown]:
       print(f"  {100 * share:5.1f}%  {n:4d} ops  {source}")
 
 
