@@ -1,9 +1,11 @@
 """tf.data pipeline streaming precomputed latent records (see `records.py`).
 
 Each process reads its own subset of shards (`files[process_index::process_count]`) and
-yields host-local batches `{label [B], mean [B, 2, h, w, c], std [B, 2, h, w, c]}` with
-B = global_batch / process_count. The random flip and the posterior sample are drawn on
-device in the train step, from keys folded from the step, so they are reproducible.
+yields host-local batches `{label [B], mean [B, 2, h, w, c], std [B, 2, h, w, c], NAME ...}`
+with B = global_batch / process_count, one array under its own name for each of the
+manifest's extras (`records.batch_spec` gives every shape and dtype). The random flip and the
+posterior sample are drawn on device in the train step, from keys folded from the step, so
+they are reproducible.
 
 Order is a pure function of (seed, process, epoch): epoch e permutes this process's
 shards and shuffles records with seeds derived from (seed, e). Batches run across epoch
@@ -96,8 +98,10 @@ def iterate(ds: tf.data.Dataset, files: tuple[str, ...] = ()) -> Iterator[dict[s
           f"{where}: corrupt TFRecord shard ({e.message.splitlines()[0]}); write it again with "
           "dit_jax.prepare_latents (--config.data.verify_checksums=True checks every shard "
           "against the manifest's sha256 at start-up)") from None
-    except tf.errors.InvalidArgumentError as e:  # decode_fn's size check names the file
-      raise ValueError(f"Mis-shaped latent record: {e.message}") from None
+    except tf.errors.InvalidArgumentError as e:  # decode_fn's size checks name field and file
+      # tf.debugging.Assert prints string tensors with their quotes escaped.
+      message = e.message.replace("\\'", "'")
+      raise ValueError(f"Mis-shaped latent record: {message}") from None
 
 
 def _readable(path: str) -> bool:

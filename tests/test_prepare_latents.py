@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 import pytest
 from sklearn.datasets import load_sample_images
+import tensorflow as tf
 import tensorflow_datasets as tfds
 import torch
 
@@ -62,6 +63,18 @@ def tree(tmp_path_factory):
   return root, _make_tree(root)
 
 
+def _read_all(data_dir: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """A small dataset in manifest order, via decode_fn: labels [N], mean/std [N, 2, h, w, c]."""
+  m = records.read_manifest(data_dir)
+  records.check_shards(data_dir, m)
+  decode = records.decode_fn(m)
+  rows = []
+  for s in m["shards"]:
+    path = os.path.join(data_dir, s["file"])
+    rows += [decode(r, tf.constant(path)) for r in tf.data.TFRecordDataset(path)]
+  return tuple(np.stack([r[k].numpy() for r in rows]) for k in ("label", "mean", "std"))
+
+
 def _expected_images(good):
   return np.stack([preprocessing.preprocess(p, SIZE) for p, _ in good])
 
@@ -77,7 +90,7 @@ def test_identity_records_labels_and_flip_pairs(tree, tmp_path):
   side = json.load(open(os.path.join(out, "latents-p000-00000.tfrecord.json")))
   assert side["extra"]["skipped_files"] == [os.path.join(CLASSES[0], "broken.jpg")]
 
-  labels, mean, std = records.read_all(out)
+  labels, mean, std = _read_all(out)
   images = _expected_images(good)
   np.testing.assert_array_equal(labels, [label for _, label in good])
   np.testing.assert_allclose(mean[:, 0], images, atol=1e-3)           # float16 storage
@@ -122,7 +135,7 @@ def test_vae_records_match_diffusers_encodings(tree, tmp_path):
   weights = open(os.path.join(vae_dir, "diffusion_pytorch_model.safetensors"), "rb").read()
   assert manifest["vae_weights_sha256"] == hashlib.sha256(weights).hexdigest()
 
-  labels, mean, std = records.read_all(out)
+  labels, mean, std = _read_all(out)
   images = _expected_images(good)
   np.testing.assert_array_equal(labels, [label for _, label in good])
   for flip in (0, 1):
@@ -171,7 +184,7 @@ def test_interrupted_run_resumes_without_duplicates(tree, tmp_path, monkeypatch)
 
   assert manifest["count"] == reference["count"] == 13 and manifest["num_skipped"] == 1
   assert [s["sha256"] for s in manifest["shards"]] == [s["sha256"] for s in reference["shards"]]
-  got, want = records.read_all(out), records.read_all(str(tmp_path / "reference"))
+  got, want = _read_all(out), _read_all(str(tmp_path / "reference"))
   for a, b in zip(got, want):
     np.testing.assert_array_equal(a, b)
 
@@ -207,7 +220,7 @@ def test_two_processes_write_their_own_shards(tree, tmp_path, monkeypatch):
   assert [s["file"] for s in manifest["shards"]] == [
       "latents-p000-00000.tfrecord", "latents-p000-00001.tfrecord",
       "latents-p001-00000.tfrecord", "latents-p001-00001.tfrecord"]
-  labels, mean, _ = records.read_all(out)
+  labels, mean, _ = _read_all(out)
   np.testing.assert_array_equal(labels, [label for _, label in good])
   np.testing.assert_allclose(mean[:, 0], _expected_images(good), atol=1e-3)
 
@@ -243,7 +256,7 @@ def test_tfds_source(tmp_path):
                                      tfds_data_dir=str(tmp_path / "tfds"))
   assert manifest["count"] == 7 and manifest["classes"] == ["x", "y", "z"]
   assert len(manifest["shards"]) == 3 and manifest["split"] == "train"
-  labels, mean, _ = records.read_all(out)
+  labels, mean, _ = _read_all(out)
   images = np.stack([preprocessing.preprocess(Image.fromarray(x), SIZE) for x in _tfds_images()])
   found = []
   for label, m in zip(labels, mean):  # TFDS stores examples in its own (fixed) order
