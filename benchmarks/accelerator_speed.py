@@ -34,7 +34,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dit_jax import data_info, hardware, models, step  # noqa: E402
+from dit_jax import data_info, guidance, hardware, step  # noqa: E402
 from dit_jax.grid import presets  # noqa: E402
 
 # In order of importance: a run cut short by --budget_s loses the last ones.
@@ -61,13 +61,13 @@ def load_config(name: str, batch: int, overrides: list[str]):
   return presets.apply_overrides(presets.load_config(f"configs/{name}.py"), changes)
 
 
-def synthetic_batch(b: step.Built, info: data_info.DataInfo, gbs: int) -> dict:
+def synthetic_batch(setup: step.TrainSetup, info: data_info.DataInfo, gbs: int) -> dict:
   rng = np.random.default_rng(0)
   dtype = np.dtype(info.manifest["dtype"])
   host = {"label": rng.integers(0, info.num_classes, gbs).astype(np.int32),
           "mean": rng.normal(size=(gbs, 2, *info.latent_shape)).astype(dtype),
           "std": np.full((gbs, 2, *info.latent_shape), 0.1, dtype)}
-  return {k: jax.device_put(v, b.batch_sh) for k, v in host.items()}
+  return {k: jax.device_put(v, setup.batch_sh) for k, v in host.items()}
 
 
 def timed(fn, min_steps: int, min_seconds: float) -> tuple[int, float]:
@@ -83,19 +83,19 @@ def timed(fn, min_steps: int, min_seconds: float) -> tuple[int, float]:
   return n, time.perf_counter() - t0
 
 
-def time_train_step(b: step.Built, info: data_info.DataInfo, batch: int, min_steps: int,
+def time_train_step(setup: step.TrainSetup, info: data_info.DataInfo, batch: int, min_steps: int,
                     min_seconds: float) -> tuple[float, float, int]:
-  """(steps/s, last loss, timed steps) of b's compiled step on a synthetic batch, after 2
+  """(steps/s, last loss, timed steps) of setup's compiled step on a synthetic batch, after 2
   warm-up steps."""
-  state = b.init(jax.random.PRNGKey(0))
-  data = synthetic_batch(b, info, batch)
+  state = setup.init(jax.random.PRNGKey(0))
+  data = synthetic_batch(setup, info, batch)
   for _ in range(2):
-    state, m = b.compiled(state, data)
+    state, m = setup.compiled(state, data)
   jax.block_until_ready(m)
   holder = {"state": state}
 
   def one():
-    holder["state"], metrics = b.compiled(holder["state"], data)
+    holder["state"], metrics = setup.compiled(holder["state"], data)
     return metrics["loss"]
   n, dt = timed(one, min_steps, min_seconds)
   return n / dt, float(jax.device_get(one())), n
@@ -104,17 +104,17 @@ def time_train_step(b: step.Built, info: data_info.DataInfo, batch: int, min_ste
 def train_case(name: str, batch: int, overrides: list[str], args) -> dict:
   config = load_config(name, batch, overrides)
   info = data_info.synthetic_info(config)
-  b = step.build(config, info)
-  sps, loss, n = time_train_step(b, info, batch, args.steps, args.min_seconds)
+  setup = step.build(config, info)
+  sps, loss, n = time_train_step(setup, info, batch, args.steps, args.min_seconds)
   dev = jax.devices()[0]
   peak = hardware.peak_flops(dev)
-  ndev = b.mesh.size
+  ndev = setup.mesh.size
   return {"case": f"{name}:{batch}" + "".join(f":{o}" for o in overrides),
           "model": config.model.name, "batch": batch, "dtype": config.model.dtype,
-          "remat": str(b.model.remat), "attention": str(b.model.attention_impl),
-          "scan_layers": bool(b.model.scan_layers), "devices": ndev,
-          "compile_s": b.compile_seconds, "memory_gib": b.memory_gib, "steps_per_s": sps,
-          "images_per_s": sps * batch, "mfu": b.model_flops * sps / peak if peak else None,
+          "remat": str(setup.model.remat), "attention": str(setup.model.attention_impl),
+          "scan_layers": bool(setup.model.scan_layers), "devices": ndev,
+          "compile_s": setup.compile_seconds, "memory_gib": setup.memory_gib, "steps_per_s": sps,
+          "images_per_s": sps * batch, "mfu": setup.model_flops * sps / peak if peak else None,
           "loss": loss,
           "finite": bool(np.isfinite(loss)), "timed_steps": n}
 
@@ -123,20 +123,20 @@ def max_batch(name: str, overrides: list[str], limit: float) -> int:
   """The largest multiple of 32 whose train step XLA says fits in step.MEMORY_HEADROOM x `limit`
   bytes."""
   config = load_config(name, 256, overrides)
-  b = step.build(config, data_info.synthetic_info(config))
-  state_gib = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(b.abstract)) / 2**30
-  per_image = (b.memory_gib - 2 * state_gib) / 256  # arguments + outputs hold the state twice
+  setup = step.build(config, data_info.synthetic_info(config))
+  state_gib = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(setup.abstract)) / 2**30
+  per_image = (setup.memory_gib - 2 * state_gib) / 256  # arguments + outputs hold the state twice
   usable = step.MEMORY_HEADROOM * limit / 2**30
   batch = max(32, int((usable - 2 * state_gib) / per_image) // 32 * 32)
-  print(f"  {name}: {b.memory_gib:.1f} GiB at batch 256 ({per_image * 1024:.0f} MiB per image "
+  print(f"  {name}: {setup.memory_gib:.1f} GiB at batch 256 ({per_image * 1024:.0f} MiB per image "
         f"beyond the state): predicting batch {batch}", flush=True)
   while batch >= 32:
     if batch != 256:
       config = load_config(name, batch, overrides)
-      b = step.build(config, data_info.synthetic_info(config))
-    if b.memory_gib * 2**30 <= step.MEMORY_HEADROOM * limit:
+      setup = step.build(config, data_info.synthetic_info(config))
+    if setup.memory_gib * 2**30 <= step.MEMORY_HEADROOM * limit:
       return batch
-    print(f"  batch {batch} needs {b.memory_gib:.1f} GiB: trying {batch - 32}", flush=True)
+    print(f"  batch {batch} needs {setup.memory_gib:.1f} GiB: trying {batch - 32}", flush=True)
     batch -= 32
   raise RuntimeError(f"{name}: not even batch 32 fits in {limit / 2**30:.1f} GiB")
 
@@ -158,8 +158,8 @@ def sample_case(name: str, batch: int, overrides: list[str], args) -> dict:
                        jnp.full((batch,), 1000, jnp.int32)])
   out = {}
   for precision in ("highest", "default"):
-    fn = jax.jit(lambda p, x, t, y: model.apply({"params": p}, x, t, y, 1.5,
-                                                method=models.DiT.forward_with_cfg))
+    fn = jax.jit(lambda p, x, t, y: guidance.cfg_model_fn(
+        lambda xx, tt, yy: model.apply({"params": p}, xx, tt, yy), y[:batch], 1000, 1.5)(x, t))
     t0 = time.perf_counter()
     with jax.default_matmul_precision(precision):
       compiled = fn.lower(params, x, t, y).compile()

@@ -21,7 +21,7 @@ from sklearn.datasets import load_digits  # noqa: E402
 from sklearn.model_selection import train_test_split  # noqa: E402
 from sklearn.svm import SVC  # noqa: E402
 
-from dit_jax import checkpointing, sampling  # noqa: E402
+from dit_jax import checkpointing, guidance  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Demo workdir.")
@@ -41,7 +41,8 @@ def main(_):
   model, params, meta = checkpointing.load_ema_model(FLAGS.workdir, dev)
   labels = jnp.repeat(jnp.arange(10, dtype=jnp.int32), FLAGS.per_class)
   for scale in map(float, FLAGS.cfg_scales):
-    fn = sampling.make_sample_fn(model, respacing=FLAGS.respacing, guided=scale != 1.0,
+    fn = guidance.make_sample_fn(checkpointing.read_objective(meta), model,
+                                 respacing=FLAGS.respacing, guided=scale != 1.0,
                                  release_cfg=False)
     lat = fn(params, jax.random.PRNGKey(0), labels, jnp.float32(scale))
     pixels = (np.clip(np.asarray(lat)[..., 0], -1, 1) + 1) * 8  # back to the 0..16 digit scale

@@ -1,14 +1,14 @@
-"""The XLA attention path, head-major (the default since 2026-11-30) against the previous,
-token-major one (`--config.model.attention_impl=xla_tokens`), compiled by the planner side by
-side.
+"""The XLA attention path in its two layouts, compiled by the planner side by side: head-major
+(`model.attention_impl='xla'`, what 'auto' runs at 256 px on TPUs) against token-major
+(`--config.model.attention_impl=xla_tokens`).
 
 `models.Attention` on the XLA path produces q, k and v head-major ([N, heads, T, head_dim]) by
 one einsum on the fused qkv kernel, attends in that layout, and its output projection contracts
-(heads, head_dim) directly. The previous path ('xla_tokens', the layout the splash and cuDNN
-kernels still take) applied the qkv Linear, reshaped to [N, T, heads,
-head_dim] and called jax.nn.dot_product_attention. Same parameters, same math per element; by
-XLA's TPU cost model the token-major path spent ~9% of XL/2's step on v5p-64 on the qkv bias
-add, reshape and gradient sum around its [N, T, heads, head_dim] slices
+(heads, head_dim) directly. The token-major path ('xla_tokens', the layout the splash and cuDNN
+kernels take) applies the qkv Linear, reshapes to [N, T, heads, head_dim] and calls
+jax.nn.dot_product_attention. Same parameters, same math per element; by XLA's TPU cost model
+the token-major path spends ~9% of XL/2's step on v5p-64 on the qkv bias add, reshape and
+gradient sum around its [N, T, heads, head_dim] slices
 (`python -m dit_jax.aot ... --breakdown=40`).
 
   python benchmarks/heads_major_attention.py --config=configs/xl2.py --topology=v5p-64

@@ -1,6 +1,6 @@
-"""Flow matching (SiT) against ADM diffusion on the digits demo: equal training steps, equal NFE.
+"""The objectives against each other on the digits demo: equal training steps, equal NFE.
 
-  python benchmarks/flow_vs_adm_digits.py --steps=1500
+  python benchmarks/objectives_digits.py --steps=1500 --objectives=adm,flow,edm
 
 Trains the demo's model (configs/demo.py: a DiT-S/2 variant on scikit-learn's 8x8 digits) once
 per objective from the same initialisation, data order and keys, with dit_jax.step's pieces
@@ -26,7 +26,7 @@ from absl import app, flags  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 
 from configs import demo  # noqa: E402
-from dit_jax import objectives, sampling, step  # noqa: E402
+from dit_jax import data_info, guidance, objectives, sampling, step  # noqa: E402
 from dit_jax.evaluation import proxy  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -34,11 +34,16 @@ flags.DEFINE_integer("steps", 1500, "Training steps per objective.")
 flags.DEFINE_integer("per_class", 50, "Samples per digit for the metrics.")
 flags.DEFINE_integer("seed", 0, "Initialisation, data order and sampling seed.")
 flags.DEFINE_list("cfg_scales", ["1", "3"], "Guidance scales.")
+flags.DEFINE_list("objectives", ["adm", "flow", "edm"], "Registered objectives to train.")
 
-# (label, objective, sampler, steps): rows of equal NFE (model calls per sample).
+# (NFE, objective, sampler, steps): rows of about equal model calls per sample. EDM's Heun
+# makes 2 steps - 1 calls; flow's heun2 2 (points - 1).
 SAMPLERS = [
     (100, "adm", "ddpm", 100), (100, "flow", "sde-euler", 100), (100, "flow", "euler", 101),
+    (99, "edm", "heun", 50),
+    (35, "adm", "dpm++2m", 35), (34, "flow", "heun2", 18), (35, "edm", "heun", 18),
     (20, "adm", "dpm++2m", 20), (20, "flow", "heun2", 11), (20, "flow", "euler", 21),
+    (19, "edm", "heun", 10),
 ]
 
 
@@ -57,7 +62,7 @@ def train(config, objective, info, pixels, labels):
     def loss_fn(params):
       model_fn = lambda x, t: model.apply({"params": params}, x, t, y, train=True,
                                           rngs={"dropout": k_drop})
-      loss, logged = objective.training_losses(model_fn, x0, k_obj)
+      loss, logged = objective.training_losses(model_fn, x0, objective.draw(k_obj, x0))
       return loss.mean(), logged
 
     (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -84,29 +89,33 @@ def train(config, objective, info, pixels, labels):
 
 def main(_):
   config = demo.get_config()
-  info = step.synthetic_info(config)
+  info = data_info.synthetic_info(config)
   digits = load_digits()  # what dit_jax.demo_data writes: x in 0..16 trained as x / 8 - 1
   pixels = jnp.asarray(digits.images[..., None] / 8.0 - 1.0, jnp.float32)
   labels = jnp.asarray(digits.target, jnp.int32)
-  flow_config = demo.get_config()
-  flow_config.objective = objectives.default_config()
-  flow_config.objective.name = "flow"
-  objs = {"adm": objectives.from_config(config), "flow": objectives.from_config(flow_config)}
+  objs = {}
+  for name in FLAGS.objectives:
+    c = demo.get_config()
+    c.objective.name = name
+    objs[name] = objectives.from_config(c)
   trained = {name: train(config, obj, info, pixels, labels) for name, obj in objs.items()}
 
   want = jnp.repeat(jnp.arange(10, dtype=jnp.int32), FLAGS.per_class)
+  decode = sampling.Decoder("identity", 1.0)  # as the demo's grids: pixels are the latents
   print(f"\n{len(want)} samples, seed {FLAGS.seed}, {FLAGS.steps} training steps; proxy FID "
         "(lower is better) / class accuracy")
   print(f"{'NFE':>4} {'objective':>9} {'sampler':>10} {'steps':>5} " +
         " ".join(f"{'cfg ' + s:>16}" for s in FLAGS.cfg_scales))
   for nfe, name, sampler, steps in SAMPLERS:
+    if name not in trained:
+      continue
     model, params = trained[name]
     cells = []
     for scale in map(float, FLAGS.cfg_scales):
-      fn = objs[name].make_sample_fn(model, sampler=sampler, steps=steps,
-                                     guided=scale != 1.0, release_cfg=False)
+      fn = guidance.make_sample_fn(objs[name], model, sampler=sampler, steps=steps,
+                                   guided=scale != 1.0, release_cfg=False)
       lat = fn(params, jax.random.PRNGKey(FLAGS.seed + 1), want, jnp.float32(scale))
-      imgs = sampling.to_uint8(np.asarray(lat))
+      imgs = np.asarray(decode(lat))
       cells.append(f"{proxy.proxy_fid(imgs):7.2f} / {proxy.class_accuracy(imgs, want):.3f}")
     print(f"{nfe:>4} {name:>9} {sampler:>10} {steps:>5} " + " ".join(f"{c:>16}" for c in cells),
           flush=True)

@@ -18,10 +18,9 @@ import time
 import jax
 import jax.numpy as jnp
 
+from dit_jax import guidance
 from dit_jax.diffusion import create_diffusion
-from dit_jax.diffusion import kept_half_model_fn
 from dit_jax.diffusion import sample_with_cfg
-from dit_jax.models import DiT
 from dit_jax.models import DiT_models
 
 FULL_STEPS = 250
@@ -63,11 +62,10 @@ def main():
       lambda p: p + 0.02 * jax.random.normal(jax.random.PRNGKey(p.size), p.shape, p.dtype),
       params)
   labels = jnp.arange(n, dtype=jnp.int32) % 1000
-  y2 = jnp.concatenate([labels, jnp.full_like(labels, 1000)])
 
   def guided(params, scale):
-    return lambda x, t: model.apply({"params": params}, x, t, y2, scale,
-                                    method=DiT.forward_with_cfg)
+    return guidance.cfg_model_fn(lambda x, t, y: model.apply({"params": params}, x, t, y),
+                                 labels, 1000, scale)
 
   @jax.jit
   def scan_loop(params, scale, key):
@@ -76,7 +74,7 @@ def main():
   @jax.jit
   def step(params, scale, x, i, key_steps):
     t = jnp.full((n,), i, jnp.int32)
-    fn = kept_half_model_fn(guided(params, scale))
+    fn = guidance.kept_half(guided(params, scale))
     return diffusion.p_sample(fn, x, t, jax.random.fold_in(key_steps, i))["sample"]
 
   def python_loop(params, scale, key):

@@ -30,7 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from dit_jax import checkpointing, sampling  # noqa: E402
+from dit_jax import checkpointing, guidance, sampling  # noqa: E402
 from dit_jax.diffusion import create_sampler, guidance_active  # noqa: E402
 from dit_jax.evaluation import proxy  # noqa: E402
 
@@ -53,6 +53,7 @@ flags.mark_flags_as_required(["workdir"])
 def main(_):
   dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   model, params, meta = checkpointing.load_ema_model(FLAGS.workdir, dev)
+  objective = checkpointing.read_objective(meta)
   decoder = sampling.Decoder(meta.get("vae_path") or "identity", meta.get("scale_factor", 1.0))
   labels = jnp.repeat(jnp.arange(model.num_classes, dtype=jnp.int32), FLAGS.per_class)
   clf = proxy.classifier()
@@ -64,9 +65,9 @@ def main(_):
   interval = tuple(float(v) for v in FLAGS.guidance_interval or ())
 
   def run(sampler, steps, spacing, scale, seeds=None, limit=()):
-    fn = sampling.make_sample_fn(model, sampler=sampler, steps=steps, spacing=spacing,
-                                 guidance_interval=limit or None, guided=scale != 1.0,
-                                 release_cfg=False)
+    fn = guidance.make_sample_fn(objective, model, sampler=sampler, steps=steps,
+                                 spacing=spacing, guidance_interval=limit or None,
+                                 guided=scale != 1.0, release_cfg=False)
     args = (params, jax.random.PRNGKey(FLAGS.seed), labels, jnp.float32(scale))
     start = time.perf_counter()
     compiled = fn.lower(*args).compile()

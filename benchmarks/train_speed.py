@@ -32,24 +32,24 @@ flags.mark_flags_as_required(["config"])
 def main(_):
   config = FLAGS.config
   info = data_info.synthetic_info(config, FLAGS.num_classes)
-  b = step.build(config, info)
+  setup = step.build(config, info)
   gbs = config.data.global_batch_size
-  sps, loss, _ = accelerator_speed.time_train_step(b, info, gbs, FLAGS.steps, 0.0)
-  n = b.mesh.size
-  params = sum(x.size for x in jax.tree.leaves(b.abstract.params))
+  sps, loss, _ = accelerator_speed.time_train_step(setup, info, gbs, FLAGS.steps, 0.0)
+  n = setup.mesh.size
+  params = sum(x.size for x in jax.tree.leaves(setup.abstract.params))
   peak = hardware.peak_flops(jax.devices()[0])
   print(f"config            {config.model.name} latents {info.latent_shape} batch {gbs} "
         f"dtype {config.model.dtype} remat {config.model.remat}")
-  print(f"devices           {n} x {jax.devices()[0].device_kind}  mesh {dict(b.mesh.shape)}")
+  print(f"devices           {n} x {jax.devices()[0].device_kind}  mesh {dict(setup.mesh.shape)}")
   print(f"parameters        {params:,}")
-  print(f"compile           {b.compile_seconds:.1f} s")
-  print(f"FLOPs/step        {b.model_flops:.4g} per device (3 x forward), XLA counts "
-        f"{b.flops:.4g}")
-  print(f"memory            {b.memory_gib:.3f} GiB per device (args + outputs + temps)")
+  print(f"compile           {setup.compile_seconds:.1f} s")
+  print(f"FLOPs/step        {setup.model_flops:.4g} per device (3 x forward), XLA counts "
+        f"{setup.flops:.4g}")
+  print(f"memory            {setup.memory_gib:.3f} GiB per device (args + outputs + temps)")
   print(f"steps/s           {sps:.3f}")
   print(f"images/s          {sps * gbs:.1f} total, {sps * gbs / n:.1f} per device")
   if peak:
-    print(f"MFU               {b.model_flops * sps / peak:.1%} of {peak / 1e12:.0f} TFLOP/s per "
+    print(f"MFU               {setup.model_flops * sps / peak:.1%} of {peak / 1e12:.0f} TFLOP/s per "
           "device")
   print(f"loss              {loss:.4f} (finite: {np.isfinite(loss)})")
 

@@ -7,6 +7,14 @@ Experiment files import `get_config()` from here and override a few fields. Laun
 
 import ml_collections
 
+from dit_jax import objectives
+
+
+def _add_sampler_options(section: ml_collections.ConfigDict) -> None:
+  for key, value in objectives.sampler_option_defaults().items():
+    if key not in section:
+      section[key] = value
+
 
 def get_config(model: str = "DiT-XL/2", image_size: int = 256) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -42,10 +50,11 @@ def get_config(model: str = "DiT-XL/2", image_size: int = 256) -> ml_collections
   c.model.dtype = "float32"
   # Attention kernel (dit_jax/attention.py). 'auto' (default): cuDNN fused attention on GPUs
   # in bf16/fp16, splash on TPUs from 1,024 tokens, else the XLA path; 'xla' (or None): the
-  # XLA path (einsums, float32 softmax) in the head-major layout; 'xla_tokens': the same in the
-  # previous token-major layout (jax.nn.dot_product_attention); 'cudnn': cuDNN only (GPUs,
-  # bf16/fp16); 'splash': the Pallas splash-attention kernel (TPUs only; docs/performance.md
-  # compares it on v5p).
+  # XLA path (einsums, float32 softmax) in the head-major layout; 'xla_tokens': the XLA path in
+  # the token-major layout [N, T, heads, head_dim] through jax.nn.dot_product_attention (the
+  # layout the splash and cuDNN kernels take; docs/performance.md compares it with head-major
+  # for every grid config); 'cudnn': cuDNN only (GPUs, bf16/fp16); 'splash': the Pallas
+  # splash-attention kernel (TPUs only; docs/performance.md compares it on v5p).
   c.model.attention_impl = ml_collections.config_dict.placeholder(str)
   c.model.attention_impl = "auto"
   # Rematerialisation of each block in the backward pass (dit_jax.models.REMAT_POLICIES):
@@ -55,6 +64,13 @@ def get_config(model: str = "DiT-XL/2", image_size: int = 256) -> ml_collections
   # 'auto': the first of none, dots_with_no_batch_dims_saveable, full whose compiled step fits
   # 90% of a device's memory (step.build; needs a known device memory, else none).
   c.model.remat = "none"
+  # The block's parts (dit_jax.models.NORMS, MLPS, POS_EMBEDDINGS); these are the release's.
+  # The norm of every block and of the final layer: 'layernorm' (no affine, eps 1e-6, float32).
+  c.model.norm = "layernorm"
+  # The block MLP: 'gelu' (Linear(D, mlp_ratio D), tanh GELU, Linear back).
+  c.model.mlp = "gelu"
+  # The fixed position table added to the patch tokens: 'sincos' (MAE's 2-D sin-cos).
+  c.model.pos_embedding = "sincos"
   # nn.scan over the blocks: one compiled block instead of depth copies (faster compiles);
   # parameters are stacked [depth, ...] under 'blocks' instead of blocks_0 ... blocks_{depth-1}.
   # Checkpoints of either layout resume in the other; the released-checkpoint converter
@@ -84,25 +100,12 @@ def get_config(model: str = "DiT-XL/2", image_size: int = 256) -> ml_collections
   c.diffusion.steps = 1000
   c.diffusion.noise_schedule = "linear"
 
-  # The training objective (dit_jax/objectives.py, docs/flow.md), recorded in every checkpoint:
-  # grids, evaluation and dit_jax.sample sample with its samplers.
-  c.objective = ml_collections.ConfigDict()
-  # 'adm' (DiT's diffusion, settings in config.diffusion) or 'flow' (SiT's flow matching).
-  c.objective.name = "adm"
-  # Flow only. Path x_t = alpha_t x1 + sigma_t x0: 'Linear' (SiT's best), 'GVP' or 'VP'.
-  c.objective.path_type = "Linear"
-  # Flow only. What the model predicts: 'velocity' (SiT), 'score' or 'noise'.
-  c.objective.prediction = "velocity"
-  # Flow only. Loss weighting of score/noise predictions: '' (none), 'velocity', 'likelihood'.
-  c.objective.loss_weight = ""
-  # Flow only. Interval shrinkage at singular ends; -1: SiT's defaults by path and prediction.
-  c.objective.train_eps = -1.0
-  c.objective.sample_eps = -1.0
-  # Flow only. Training times: 'uniform' (SiT) or 'logit_normal' (SD3: noise level 1 - t ~
-  # sigmoid(N(logit_mean, logit_std^2))).
-  c.objective.time_sampling = "uniform"
-  c.objective.logit_mean = 0.0
-  c.objective.logit_std = 1.0
+  # The training objective (dit_jax/objectives/, docs/objectives.md), recorded in every
+  # checkpoint: grids, evaluation and dit_jax.sample sample with its samplers. config.objective
+  # .name picks one of objectives.names() ('adm': DiT's diffusion, its process in
+  # config.diffusion; 'flow': SiT's flow matching; ...); the other fields are each objective's
+  # own, commented where it declares them (dit_jax/objectives/<name>.py, `config_fields`).
+  c.objective = objectives.default_config()
 
   c.optim = ml_collections.ConfigDict()
   # AdamW as released: constant lr 1e-4, no weight decay, no warmup, no clipping.
@@ -140,8 +143,8 @@ def get_config(model: str = "DiT-XL/2", image_size: int = 256) -> ml_collections
   # On TPUs, compile the step with XLA's options that overlap the data-parallel collectives
   # (gradient reduce-scatter, parameter all-gather) with compute (dit_jax.sharding
   # .TPU_OVERLAP_OPTIONS); the planner (dit_jax.aot) compiles with the same setting. Off: in
-  # the planner they make XL/2's step worse by XLA's estimate (v5p-64: 40.0 -> 45.6 ms, 4x the
-  # all-gather bytes, 2.7x the compile time; v5p-256 unchanged; docs/performance.md). Try them
+  # the planner they make XL/2's step slower by XLA's estimate, with more all-gather bytes and
+  # a longer compile (docs/performance.md, "The overlap options", has the figures). Try them
   # on a real pod, where overlap that XLA's static estimate does not credit may pay.
   c.mesh.overlap_collectives = False
 
@@ -154,11 +157,10 @@ def get_config(model: str = "DiT-XL/2", image_size: int = 256) -> ml_collections
   # the data-parallel devices of a slice (weight-update sharding, Xu et al. 2020): each device
   # updates 1/N of the 10 GiB XL state, gradients arrive by reduce-scatter and the parameters
   # go back to the forward by all-gather in its dtype (bf16 token-matmul kernels). 'compute'
-  # keeps the part as the forward uses it (replicated at fsdp = 1, as the release). Measured
-  # with dit_jax.aot for XL/2 at batch 256 (docs/performance.md): v5p-256 11.2 -> 1.9 GiB per
-  # chip and 36.2 -> 12.4 ms per step by XLA's estimate (with the explicit collectives and the
-  # stationary modulations below, and the head-major attention). Sampling, evaluation and
-  # export gather the EMA whole where they need it.
+  # keeps the part as the forward uses it (replicated at fsdp = 1, as the release). 'update'
+  # cuts the memory per chip and the step time on every slice: docs/performance.md has XL/2's
+  # figures per slice from dit_jax.aot (the XL/2 layout table, replicated -> default). Sampling,
+  # evaluation and export gather the EMA whole where they need it.
   c.sharding.params = "update"
   c.sharding.opt_state = "update"
   c.sharding.ema = "update"
@@ -166,20 +168,20 @@ def get_config(model: str = "DiT-XL/2", image_size: int = 256) -> ml_collections
   # forward and backward per device in a shard_map with the all-gather (in the forward's
   # dtype) and the gradient reduce-scatter written out; 'xla' leaves them to XLA's
   # partitioner, which on large TPU slices reduces gradients with all-reduces. FSDP layouts
-  # always use 'xla'. Measured with dit_jax.aot for XL/2 at batch 256 (docs/performance.md):
-  # 'xla' -> 'explicit': v5p-256 20.6 -> 15.6 ms per step by XLA's estimate (whole-array
-  # all-reduces become all-gathers and reduce-scatters), v5p-64 39.9 -> 39.0 ms, v5p-8
-  # 200.7 -> 200.4 ms; the same numbers up to the order of float sums.
+  # always use 'xla'. 'explicit' turns the partitioner's whole-array all-reduces into
+  # all-gathers and reduce-scatters and is faster by XLA's estimate, most on large slices
+  # (docs/performance.md: "What the explicit step changes" and the XL/2 layout table, update
+  # XLA -> adaLN gathered); the same numbers up to the order of float sums (docs/pods.md).
   c.sharding.collectives = "explicit"
   # Where the explicit step computes the adaLN modulations: 'stationary' where their
   # parameters are stored (each device multiplies its group's conditioning vectors by its own
   # columns of each adaLN kernel, and an all-to-all returns the rows), 'gathered' after
   # gathering the kernels whole like every other parameter. The adaLN kernels are a third of
   # XL's parameters and float32 in the forward, but act on one vector per image: stationary,
-  # they are neither gathered nor their gradients reduce-scattered (docs/pods.md). Measured
-  # with dit_jax.aot for XL/2 at batch 256: 'gathered' -> 'stationary' v5p-256 15.6 -> 12.9 ms
-  # per step by XLA's estimate, v5p-64 39.0 -> 35.5 ms, v5p-8 200.4 -> 192.8 ms; the same
-  # numbers up to the order of float sums. Only with the explicit collectives.
+  # they are neither gathered nor their gradients reduce-scattered, which makes the step faster
+  # by XLA's estimate on every slice; the same numbers up to the order of float sums
+  # (docs/pods.md has XL/2's figures, gathered -> stationary). Only with the explicit
+  # collectives.
   c.sharding.modulation = "stationary"
 
   c.checkpoint = ml_collections.ConfigDict()
@@ -239,6 +241,12 @@ def get_config(model: str = "DiT-XL/2", image_size: int = 256) -> ml_collections
   # float32 as the release does, also on TPUs (whose default is one bfloat16 pass).
   c.sample.matmul_precision = "highest"
 
+  # The other sampler options of each objective, at their unset values: each objective takes
+  # its own (ADM's eta for DDIM; the flow ODE's atol/rtol and SDE's diffusion_form,
+  # diffusion_norm, last_step, last_step_size; ...), documented where it declares them
+  # (`sampler_options` in dit_jax/objectives/<name>.py). config.eval holds the same.
+  _add_sampler_options(c.sample)
+
   c.eval = ml_collections.ConfigDict()
   # FID/sFID/IS/precision/recall of EMA samples every N steps and at the end (0 = off); the
   # paper's numbers need FID-50K with dit_jax.sample + dit_jax.evaluate, this tracks progress.
@@ -258,6 +266,7 @@ def get_config(model: str = "DiT-XL/2", image_size: int = 256) -> ml_collections
   c.eval.guidance_interval = (0.0, float("inf"))
   # The release's respacing string; when set it replaces sampler, steps and spacing.
   c.eval.respacing = ""
+  _add_sampler_options(c.eval)
   # FID Inception weights: pt_inception-2015-12-05-6726825d.pth or its converted .npz.
   c.eval.inception = ""
   # Reference: ADM batch .npz (VIRTUAL_imagenet256_labeled.npz), an image folder or tfds:NAME.

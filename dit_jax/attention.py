@@ -7,10 +7,10 @@ Non-causal, no mask, scale head_dim**-0.5. The implementation is `DiT.attention_
                      head-major ([N, heads, T, head_dim] straight from the qkv kernel,
                      `xla_heads_major`).
   'xla_tokens'       the same math in the token-major layout: the qkv Linear reshaped to
-                     [N, T, heads, head_dim] and jax.nn.dot_product_attention's XLA path. The
-                     default before 2026-11-30 (by XLA's TPU cost model XL/2's step on v5p-64
-                     takes 35.5 ms with it, 33.6 head-major; docs/performance.md compares the
-                     two for every grid config); the planner's rows compiled before then use it.
+                     [N, T, heads, head_dim] and jax.nn.dot_product_attention's XLA path (by
+                     XLA's TPU cost model XL/2's step on v5p-64 takes 35.5 ms with it, 33.6
+                     head-major; docs/performance.md compares the two for every grid config);
+                     the planner table's token-major rows compile with it (planner_table).
   'cudnn'            cuDNN fused attention through jax.nn.dot_product_attention (GPUs, bf16/fp16).
   'auto'             cuDNN on GPUs when q is bf16/fp16 (decided when tracing, with the XLA path as
                      fallback where cuDNN rejects the call: old cuDNN or GPU); splash on TPUs from

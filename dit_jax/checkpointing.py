@@ -373,7 +373,9 @@ def _check_model(mngr: ocp.CheckpointManager, step: int, model_kwargs: dict,
       raise ValueError(
           f"{mngr.directory}/{step} was trained with the objective {saved_objective}, this run "
           f"has {objective} (config.objective, config.diffusion): use another workdir")
-  saved = meta.get("model_kwargs", {})
+  from dit_jax import models  # pylint: disable=import-outside-toplevel
+  # A field the checkpoint's meta lacks (it predates the field) is the field's default.
+  saved = {**models.architecture_fields(), **meta.get("model_kwargs", {})}
   diff = {k: (saved.get(k), v) for k, v in model_kwargs.items()
           if k not in LAYOUT_KWARGS and saved.get(k) != v}
   if diff:
@@ -434,7 +436,8 @@ def load_ema_model(workdir: str, sharding: Any, step: int | None = None,
   from dit_jax import models  # pylint: disable=import-outside-toplevel
   meta = read_meta(workdir, step)
   read_objective(meta)  # an unknown objective fails before the weights are read
-  model = models.DiT(**meta["model_kwargs"], **({"dtype": dtype} if dtype else {}))
+  model = models.from_architecture(meta["model_kwargs"], f"{workdir}: meta model_kwargs",
+                                   **({"dtype": dtype} if dtype else {}))
   shapes = models.param_shapes(model)
   params, meta = restore_ema(workdir, shapes, jax.tree.map(lambda _: sharding, shapes),
                              meta["step"])

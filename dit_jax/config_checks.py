@@ -1,7 +1,7 @@
 """Start-up checks of a training config's numeric fields, before anything is built or trained.
 
 ml_collections already refuses a wrong type (`--config.total_steps=abc`); these catch values of
-the right type that make no sense (`total_steps=0` used to exit 0 having trained nothing). Each
+the right type that make no sense (`total_steps=0` would exit 0 having trained nothing). Each
 error names the field, its value and what it must be, in one line.
 """
 

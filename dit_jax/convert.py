@@ -295,17 +295,18 @@ def converted_objective(ckpt_dir: str) -> dict | None:
 
 
 def official_objective(path: str, objective: str = '') -> dict | None:
-  """The objective record of a released .pt: 'flow' (SiT's default transport: Linear path,
-  velocity prediction), 'adm' (None: the DiT release), or '' (flow if the file name contains
-  'SiT')."""
+  """The objective record of a released .pt: a registered objective's name, with that
+  objective's defaults (for 'flow' SiT's transport: Linear path, velocity prediction); 'adm'
+  is None (the DiT release); '' is flow if the file name contains 'SiT', else adm."""
+  from dit_jax import objectives  # pylint: disable=g-import-not-at-top
   if not objective:
     objective = 'flow' if 'SiT' in os.path.basename(path) else 'adm'
+  if objective not in objectives.names():
+    raise ValueError(f"--objective={objective!r}: use one of {list(objectives.names())} or '' "
+                     "(from the file name)")
   if objective == 'adm':
     return None
-  if objective == 'flow':
-    from dit_jax import flow, objectives  # pylint: disable=g-import-not-at-top
-    return objectives.Flow(flow.create_transport('Linear', 'velocity')).to_meta()
-  raise ValueError(f"--objective={objective!r}: use 'adm', 'flow' or '' (from the file name)")
+  return objectives.from_meta({'objective': {'name': objective}}).to_meta()
 
 
 def _load_torch_state_dict(path: str) -> dict[str, np.ndarray]:

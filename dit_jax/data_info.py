@@ -28,5 +28,7 @@ def synthetic_info(config: ml_collections.ConfigDict, num_classes: int = 1000) -
   channels, stored float16) or, for the built-in digits, the 1-channel float32 pixels."""
   s = int(config.data.image_size)
   if config.data.get("builtin") == "digits":
-    return DataInfo((s, s, 1), 10, 1.0, 0, 0, (), {"dtype": "float32"})
-  return DataInfo((s // 8, s // 8, 4), num_classes, 0.18215, 0, 0, (), {"dtype": "float16"})
+    return DataInfo((s, s, 1), 10, 1.0, 0, 0, (), {"dtype": "float32",
+                                                  "latent_shape": [s, s, 1]})
+  return DataInfo((s // 8, s // 8, 4), num_classes, 0.18215, 0, 0, (),
+                  {"dtype": "float16", "latent_shape": [s // 8, s // 8, 4]})

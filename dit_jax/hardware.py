@@ -66,3 +66,10 @@ def memory_bytes(device: Any) -> int | None:
     pass
   spec = chip(device)
   return spec.memory if spec else None
+
+
+def roofline_seconds(spec: Chip, flops: float, accessed: float, collective: float) -> float:
+  """Seconds: compute or HBM bound, plus the collectives with no overlap. `flops` should be at
+  least the analytic count: XLA counts no FLOPs in Pallas kernels (splash attention)."""
+  return (max(flops / spec.peak_flops, accessed / spec.hbm_bandwidth) +
+          collective / spec.ici_bandwidth)

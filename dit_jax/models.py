@@ -15,8 +15,9 @@ Every parameter carries logical axis names (`LOGICAL_AXES`) for sharding rules; 
 `nn.LogicallyPartitioned` from `init` (use `flax.linen.meta.unbox` or `nn.get_partition_spec`).
 """
 
+import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -86,6 +87,10 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
   return np.concatenate([emb_col, emb_row], axis=1)
 
 
+# pos_embedding: name -> (hidden_size, grid_size) -> a fixed [grid_size**2, hidden_size] table.
+POS_EMBEDDINGS: dict[str, Callable[[int, int], np.ndarray]] = {'sincos': get_2d_sincos_pos_embed}
+
+
 def timestep_features(t: jnp.ndarray, dim: int = FREQ_DIM) -> jnp.ndarray:
   """[N] timesteps -> [N, dim] float32 features [cos(t f), sin(t f)], f = exp(-ln(1e4) k / half)."""
   half = dim // 2
@@ -106,6 +111,12 @@ def _layer_norm(name: str) -> nn.LayerNorm:
   # No affine; float32 in and out (the residual stream), whatever the matmul dtype.
   return nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False, dtype=jnp.float32,
                       name=name)
+
+
+# The block's parts by name (DiT.norm, DiT.mlp, DiT.pos_embed): a variant of the model is an
+# entry here and a field value, and every default is the released DiT's.
+#   norm: name -> a float32 norm module over the last axis.
+NORMS: dict[str, Callable[[str], nn.Module]] = {'layernorm': _layer_norm}
 
 
 class TimestepEmbedder(nn.Module):
@@ -218,6 +229,10 @@ class Mlp(nn.Module):
     return _dense(self.hidden_size, 'mlp', 'embed', self.dtype, 'fc2')(x)
 
 
+# mlp: name -> module(hidden_size, mlp_dim, dtype, name=...) mapping [N, T, D] -> [N, T, D].
+MLPS: dict[str, Callable[..., nn.Module]] = {'gelu': Mlp}
+
+
 class Modulation(nn.Module):
   """adaLN modulation: c [N, D] -> Linear(D, features)(SiLU(c)) [N, features], float32.
 
@@ -257,18 +272,21 @@ class DiTBlock(nn.Module):
   dtype: Any = jnp.float32
   attention_impl: str | None = None
   adaln_matmul: Callable | None = None  # see Modulation
+  norm: str = 'layernorm'  # a NORMS name
+  mlp: str = 'gelu'  # an MLPS name
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, c: jnp.ndarray) -> jnp.ndarray:
     d = self.hidden_size
+    norm = NORMS[self.norm]
     mod = Modulation(6 * d, self.adaln_matmul, name='adaLN_modulation')(c)
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
-    h = modulate(_layer_norm('norm1')(x), shift_msa, scale_msa)
+    h = modulate(norm('norm1')(x), shift_msa, scale_msa)
     h = Attention(d, self.num_heads, self.dtype, self.attention_impl, name='attn')(h)
     # The residual stream stays float32: bf16 branch outputs promote on the gated add.
     x = x + gate_msa[:, None] * h
-    h = modulate(_layer_norm('norm2')(x), shift_mlp, scale_mlp)
-    h = Mlp(d, int(d * self.mlp_ratio), self.dtype, name='mlp')(h)
+    h = modulate(norm('norm2')(x), shift_mlp, scale_mlp)
+    h = MLPS[self.mlp](d, int(d * self.mlp_ratio), self.dtype, name='mlp')(h)
     return x + gate_mlp[:, None] * h
 
 
@@ -281,12 +299,13 @@ class FinalLayer(nn.Module):
   hidden_size: int
   out_dim: int
   adaln_matmul: Callable | None = None  # see Modulation
+  norm: str = 'layernorm'  # a NORMS name
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, c: jnp.ndarray) -> jnp.ndarray:
     mod = Modulation(2 * self.hidden_size, self.adaln_matmul, name='adaLN_modulation')(c)
     shift, scale = jnp.split(mod, 2, axis=-1)
-    x = modulate(_layer_norm('norm_final')(x), shift, scale)
+    x = modulate(NORMS[self.norm]('norm_final')(x), shift, scale)
     return _dense(self.out_dim, 'embed', 'out', jnp.float32, 'linear', _zeros)(x)
 
 
@@ -364,6 +383,11 @@ class DiT(nn.Module):
   # How the adaLN modulations are computed from their parameters (`Modulation`); None: as a
   # plain Linear. Set by the explicit data-parallel step only (dit_jax.step.explicit_grads).
   adaln_matmul: Callable | None = None
+  # The block's parts by name (NORMS, MLPS, POS_EMBEDDINGS); the defaults are the release's.
+  # A checkpoint whose meta predates a field reads it as its default (`from_kwargs`).
+  norm: str = 'layernorm'
+  mlp: str = 'gelu'
+  pos_embedding: str = 'sincos'
 
   @property
   def out_channels(self) -> int:
@@ -385,12 +409,15 @@ class DiT(nn.Module):
           f'hidden_size={self.hidden_size} must be divisible by 4 for the 2-D sin-cos position table')
     if self.num_classes < 1:
       raise ValueError(f'num_classes={self.num_classes} must be >= 1')
+    for field, table in (('norm', NORMS), ('mlp', MLPS), ('pos_embedding', POS_EMBEDDINGS)):
+      if getattr(self, field) not in table:
+        raise ValueError(f'{field}={getattr(self, field)!r} is not one of {sorted(table)}')
     remat_policy(self.remat)
     attention.check_implementation(self.attention_impl)
 
   def pos_embed(self) -> np.ndarray:
     """The fixed position table [grid_size**2, hidden_size], float32 (computed in float64)."""
-    return get_2d_sincos_pos_embed(self.hidden_size, self.grid_size).astype(np.float32)
+    return POS_EMBEDDINGS[self.pos_embedding](self.hidden_size, self.grid_size).astype(np.float32)
 
   def unpatchify(self, x: jnp.ndarray) -> jnp.ndarray:
     """[N, T, p*p*C] (each token ordered row-in-patch, col-in-patch, channel) -> [N, H, W, C]."""
@@ -401,11 +428,13 @@ class DiT(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, t: jnp.ndarray, y: jnp.ndarray, train: bool = False,
-               force_drop_ids: jnp.ndarray | None = None) -> jnp.ndarray:
+               force_drop_ids: jnp.ndarray | None = None,
+               capture: int | None = None) -> jnp.ndarray | tuple[jnp.ndarray, jnp.ndarray]:
     """x [N, H, W, C] float, t [N] int/float timesteps, y [N] int labels -> [N, H, W, out] float32.
 
     With train=True and class_dropout_prob > 0, labels are dropped to the null class using the
-    'dropout' rng; force_drop_ids [N] (1 = drop) overrides that, as in the release.
+    'dropout' rng; force_drop_ids [N] (1 = drop) overrides that, as in the release. capture=i
+    also returns the hidden states [N, T, D] float32 after blocks_i: (output, hidden).
     """
     self.validate()
     expected = (self.input_size, self.input_size, self.in_channels)
@@ -416,6 +445,8 @@ class DiT(nn.Module):
     if tuple(jnp.shape(t)) != (n,) or tuple(jnp.shape(y)) != (n,):
       raise ValueError(f'DiT expects t and y of shape [{n}], got t {tuple(jnp.shape(t))}, '
                        f'y {tuple(jnp.shape(y))}')
+    if capture is not None and not 0 <= capture < self.depth:
+      raise ValueError(f'capture={capture}: the blocks are 0 .. {self.depth - 1}')
 
     h = PatchEmbed(self.patch_size, self.hidden_size, self.dtype, name='x_embedder')(x)
     h = h.astype(jnp.float32) + jnp.asarray(self.pos_embed())[None]
@@ -423,48 +454,58 @@ class DiT(nn.Module):
     c = TimestepEmbedder(self.hidden_size, name='t_embedder')(t)
     c = c + LabelEmbedder(self.num_classes, self.hidden_size, self.class_dropout_prob,
                           name='y_embedder')(y, train, force_drop_ids)
-    h = self._blocks(h, c)
+    h, hidden = self._blocks(h, c, capture)
     h = FinalLayer(self.hidden_size, self.patch_size**2 * self.out_channels,
-                   self.adaln_matmul, name='final_layer')(h, c)
-    return self.unpatchify(h)
+                   self.adaln_matmul, self.norm, name='final_layer')(h, c)
+    out = self.unpatchify(h)
+    return out if capture is None else (out, hidden)
 
-  def _blocks(self, h: jnp.ndarray, c: jnp.ndarray) -> jnp.ndarray:
-    """The depth DiT blocks: unrolled (blocks_0 ... blocks_{depth-1}) or one scanned stack."""
+  def _block_args(self) -> tuple:
+    return (self.hidden_size, self.num_heads, self.mlp_ratio, self.dtype, self.attention_impl,
+            self.adaln_matmul, self.norm, self.mlp)
+
+  def _blocks(self, h: jnp.ndarray, c: jnp.ndarray,
+              capture: int | None) -> tuple[jnp.ndarray, jnp.ndarray | None]:
+    """The depth DiT blocks, unrolled (blocks_0 ... blocks_{depth-1}) or one scanned stack;
+    and the hidden states after blocks_{capture} (None without capture)."""
     block_cls = DiTBlock
     policy = remat_policy(self.remat)
     if policy is not None:
       # Inside a scan the loop boundary already keeps XLA from merging the recomputation
       # with the forward pass, so prevent_cse is not needed (and costs fusion).
       block_cls = nn.remat(DiTBlock, policy=policy, prevent_cse=not self.scan_layers)
-    args = (self.hidden_size, self.num_heads, self.mlp_ratio, self.dtype, self.attention_impl,
-            self.adaln_matmul)
+    hidden = None
     if not self.scan_layers:
       for i in range(self.depth):
-        h = block_cls(*args, name=f'blocks_{i}')(h, c)
-      return h
+        h = block_cls(*self._block_args(), name=f'blocks_{i}')(h, c)
+        hidden = h if i == capture else hidden
+      return h, hidden
+    if capture is not None and not self.is_initializing():
+      return self._split_scan(h, c, capture, policy)
     stack = nn.scan(_scan_body, variable_axes={'params': 0}, split_rngs={'params': True},
                     in_axes=nn.broadcast, length=self.depth,
                     metadata_params={nn.PARTITION_NAME: 'layers'})
-    h, _ = stack(block_cls(*args, name='blocks'), h, c)
-    return h
+    h, _ = stack(block_cls(*self._block_args(), name='blocks'), h, c)
+    return h, (None if capture is None else h)
 
-  def forward_with_cfg(self, x: jnp.ndarray, t: jnp.ndarray, y: jnp.ndarray, cfg_scale: Any,
-                       guide_all_channels: bool = False) -> jnp.ndarray:
-    """Classifier-free guided forward, the release's semantics.
+  def _split_scan(self, h: jnp.ndarray, c: jnp.ndarray, capture: int,
+                  policy: Callable | None) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """The scanned stack as two scans, blocks 0 .. capture and the rest, over the stored
+    [depth, ...] parameters (the same layout): the hidden states between them come out."""
+    stacked = self.variables['params']['blocks']
+    block = DiTBlock(*self._block_args(), parent=None)
 
-    x [2N, H, W, C] (only the first half is used, for both halves), t [2N], y [2N] = [labels; null
-    labels]. Returns [2N, H, W, out] with guided eps = uncond + s * (cond - uncond) in both halves.
-    The release guides only the first 3 output channels (kept for exact FID reproduction); with
-    guide_all_channels=True all C eps channels are guided. Variance channels pass through per half.
-    cfg_scale may be a traced scalar.
-    """
-    half = x[: x.shape[0] // 2]
-    out = self(jnp.concatenate([half, half], axis=0), t, y)
-    k = self.in_channels if guide_all_channels else 3
-    eps, rest = out[..., :k], out[..., k:]
-    cond, uncond = jnp.split(eps, 2, axis=0)
-    guided = uncond + jnp.asarray(cfg_scale, out.dtype) * (cond - uncond)
-    return jnp.concatenate([jnp.concatenate([guided, guided], axis=0), rest], axis=-1)
+    def body(x, p):
+      return block.apply({'params': p}, x, c), None
+    if policy is not None:
+      body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+
+    def run(x, start, stop):
+      if start == stop:
+        return x
+      return jax.lax.scan(body, x, jax.tree.map(lambda p: p[start:stop], stacked))[0]
+    hidden = run(h, 0, capture + 1)
+    return run(hidden, capture + 1, self.depth), hidden
 
 
 _CONFIGS = {
@@ -491,6 +532,32 @@ def get_model(name: str, **kwargs: Any) -> DiT:
   if name not in DiT_models:
     raise ValueError(f'Unknown model {name!r}; valid names: {", ".join(DiT_models)}')
   return DiT_models[name](**kwargs)
+
+
+# DiT fields that choose how the forward runs, not what it computes (and flax's own): every
+# other field is the architecture, recorded with each checkpoint as its meta's model_kwargs.
+RUNTIME_FIELDS = ('dtype', 'attention_impl', 'remat', 'adaln_matmul', 'parent', 'name')
+
+
+def architecture_fields() -> dict[str, Any]:
+  """The architecture fields of DiT and their defaults."""
+  return {f.name: f.default for f in dataclasses.fields(DiT) if f.name not in RUNTIME_FIELDS}
+
+
+def architecture(model: DiT) -> dict[str, Any]:
+  """The architecture and parameter layout of `model` (checkpoint meta's model_kwargs)."""
+  return {k: getattr(model, k) for k in architecture_fields()}
+
+
+def from_architecture(kwargs: Mapping[str, Any], where: str = 'model_kwargs',
+                      **runtime: Any) -> DiT:
+  """The DiT of recorded model_kwargs: a field they lack (a checkpoint older than the field)
+  takes its default; one DiT does not have (a newer dit_jax) is an error naming it."""
+  fields = architecture_fields()
+  unknown = sorted(set(kwargs) - set(fields))
+  if unknown:
+    raise ValueError(f'{where}: unknown DiT fields {unknown} (written by a newer dit_jax?)')
+  return DiT(**{**fields, **kwargs}, **runtime)
 
 
 # Modules whose parameters the forward uses in `DiT.dtype` (the token matmuls: patch embedding,

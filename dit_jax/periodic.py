@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dit_jax import image_io, models, sampling
+from dit_jax import guidance, image_io, models, objectives, sampling
 
 
 def _abstract(tree: Any, shardings: Any) -> Any:
@@ -30,27 +30,25 @@ def _compile(fn: Any, precision: str | None, mesh: Any, *args: Any) -> Any:
     return fn.lower(*args).compile()
 
 
-def _sample_fn(config: ml_collections.ConfigDict, b: Any, options: ml_collections.ConfigDict,
-               guided: bool, in_shardings: Any, out_shardings: Any) -> Any:
-  """The objective's sampler of `options` (config.sample or config.eval: sampler, steps,
-  spacing, guidance_interval, or ADM's respacing string)."""
-  where = "config.sample" if options is config.sample else "config.eval"
+def _sample_fn(setup: Any, options: Any, where: str, guided: bool, release_cfg: bool,
+               in_shardings: Any, out_shardings: Any) -> Any:
+  """The objective's guided sampler of a config section (config.sample or config.eval,
+  named `where` in errors): its sampler, steps, guidance interval and the objective's own
+  options."""
   try:
-    return b.objective.make_sample_fn(
-        b.model, sampler=options.sampler, steps=options.steps, spacing=options.spacing,
-        guidance_interval=options.guidance_interval, respacing=options.respacing,
-        guided=guided, release_cfg=config.sample.release_cfg, in_shardings=in_shardings,
-        out_shardings=out_shardings)
+    return guidance.make_sample_fn(
+        setup.objective, setup.model, **objectives.sampler_kwargs(options), guided=guided,
+        release_cfg=release_cfg, in_shardings=in_shardings, out_shardings=out_shardings)
   except ValueError as e:
-    raise ValueError(f"{where} ({b.objective.name} objective): {e}") from None
+    raise ValueError(f"{where} ({setup.objective.name} objective): {e}") from None
 
 
 class SampleGrid:
   """A class-conditional grid from the EMA weights: PNG under WORKDIR/samples and TensorBoard."""
 
-  def __init__(self, config: ml_collections.ConfigDict, b: Any, decoder: sampling.Decoder,
+  def __init__(self, config: ml_collections.ConfigDict, setup: Any, decoder: sampling.Decoder,
                writer: Any, workdir: str):
-    model, repl = b.model, b.repl
+    model, repl = setup.model, setup.repl
     n = config.sample.num_images
     self.decoder, self.writer, self.workdir = decoder, writer, workdir
     # Labels cycle through the classes: with one column per class, a column is a class.
@@ -60,13 +58,13 @@ class SampleGrid:
          jnp.float32(config.sample.cfg_scale)), repl)
     # The EMA (sharded over the devices with config.sharding.ema='update') is gathered whole
     # once per grid, so the sampling loop does no per-step all-gathers.
-    repl_tree = jax.tree.map(lambda _: repl, b.abstract.ema_params)
+    repl_tree = jax.tree.map(lambda _: repl, setup.abstract.ema_params)
     self.replicate = jax.jit(lambda p: p, out_shardings=repl_tree).lower(
-        _abstract(b.abstract.ema_params, b.state_sh.ema_params)).compile()
-    fn = _sample_fn(config, b, config.sample, models.has_null_class(model),
-                    (repl, repl, repl, repl), repl)
-    self.sample = _compile(fn, config.sample.matmul_precision, b.mesh,
-                           _abstract(b.abstract.ema_params, repl_tree),
+        _abstract(setup.abstract.ema_params, setup.state_sh.ema_params)).compile()
+    fn = _sample_fn(setup, config.sample, "config.sample", models.has_null_class(model),
+                    config.sample.release_cfg, (repl, repl, repl, repl), repl)
+    self.sample = _compile(fn, config.sample.matmul_precision, setup.mesh,
+                           _abstract(setup.abstract.ema_params, repl_tree),
                            *_abstract(self.args, (repl,) * 3))
     h, w, c = model.input_size, model.input_size, model.in_channels
     decoder.compile(jax.ShapeDtypeStruct((n, h, w, c), jnp.float32, sharding=repl))
@@ -91,16 +89,16 @@ class Evaluator:
   only features cross hosts. `__call__` returns the same floats on every process.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, b: Any, decoder: sampling.Decoder,
+  def __init__(self, config: ml_collections.ConfigDict, setup: Any, decoder: sampling.Decoder,
                workdir: str):
     from dit_jax import evaluation  # pylint: disable=import-outside-toplevel
     from dit_jax.evaluation import features  # pylint: disable=import-outside-toplevel
-    e, model, repl, batch_sh = config.eval, b.model, b.repl, b.batch_sh
+    e, model, repl, batch_sh = config.eval, setup.model, setup.repl, setup.batch_sh
     if not (e.inception and e.reference):
       raise ValueError("config.eval.every_steps is set: config.eval.inception (the "
                        "pt_inception-2015-12-05 .pth or converted .npz) and config.eval.reference "
                        "(an ADM reference batch .npz, image folder or tfds:NAME) are needed")
-    sampling.check_batch(model, e.cfg_scale, e.batch_size, b.mesh.size,
+    sampling.check_batch(model, e.cfg_scale, e.batch_size, setup.mesh.size,
                          ("config.eval.cfg_scale", "config.eval.batch_size"))
     if decoder.path == "identity" and model.in_channels not in (1, 3):
       raise ValueError(f"config.eval needs images, but latents with {model.in_channels} channels "
@@ -111,17 +109,17 @@ class Evaluator:
         e.reference, self.inception, cache_path=os.path.join(workdir, "eval_reference_stats.npz"),
         batch_size_per_device=e.inception_batch_per_device)
     self.metrics = evaluation.compute_metrics
-    abstract_ema = _abstract(b.abstract.ema_params, b.state_sh.ema_params)
-    repl_tree = jax.tree.map(lambda _: repl, b.abstract.ema_params)
+    abstract_ema = _abstract(setup.abstract.ema_params, setup.state_sh.ema_params)
+    repl_tree = jax.tree.map(lambda _: repl, setup.abstract.ema_params)
     self.replicate = jax.jit(lambda p: p, out_shardings=repl_tree).lower(abstract_ema).compile()
     n = e.batch_size
     self.labels = np.asarray(jax.random.randint(jax.random.PRNGKey(config.seed + 3),
                                                 (e.num_samples,), 0, model.num_classes), np.int32)
-    fn = _sample_fn(config, b, e, e.cfg_scale != 1.0,
+    fn = _sample_fn(setup, e, "config.eval", e.cfg_scale != 1.0, config.sample.release_cfg,
                     (repl, repl, batch_sh, repl), batch_sh)
     key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=repl)
-    self.sample = _compile(fn, config.sample.matmul_precision, b.mesh,
-                           _abstract(b.abstract.ema_params, repl_tree),
+    self.sample = _compile(fn, config.sample.matmul_precision, setup.mesh,
+                           _abstract(setup.abstract.ema_params, repl_tree),
                            key, jax.ShapeDtypeStruct((n,), jnp.int32, sharding=batch_sh),
                            jax.ShapeDtypeStruct((), jnp.float32, sharding=repl))
     h, w, c = model.input_size, model.input_size, model.in_channels

@@ -5,9 +5,8 @@
   python -m dit_jax.sample --workdir=DIR --sampler=dpm++2m --steps=20 --out=samples.npz
   python -m dit_jax.sample --workdir=FLOW_DIR --sampler=heun2 --steps=50 --out=samples.npz
 
-The objective (ADM diffusion or flow matching, dit_jax/objectives.py) is the checkpoint's:
---sampler/--steps take its samplers (ADM: ddpm, ddim, dpm++*; flow: euler, heun2, dopri5,
-sde-euler, sde-heun).
+The objective (dit_jax/objectives/: ADM diffusion, flow matching, ...) is the checkpoint's:
+--sampler/--steps take its samplers, listed in --help.
 
 Loads the EMA weights of the newest checkpoint in --workdir (or a checkpoint written by
 `python -m dit_jax.convert`), samples with classifier-free guidance sharded over all devices
@@ -33,9 +32,8 @@ import tensorflow as tf
 from absl import app, flags, logging
 from jax.experimental import multihost_utils
 
-from dit_jax import (attention, checkpointing, image_io, models, objectives, runtime, sampling,
-                     sharding)
-from dit_jax.diffusion import SAMPLERS, SPACINGS
+from dit_jax import (attention, checkpointing, guidance, image_io, models, objectives, runtime,
+                     sampling, sharding)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training workdir: samples its newest checkpoint's EMA.")
@@ -45,19 +43,23 @@ flags.DEFINE_string("checkpoint", None, "A converted release checkpoint (dit_jax
 flags.DEFINE_integer("num_samples", 64, "Number of images.", lower_bound=1)
 flags.DEFINE_float("cfg_scale", 1.5, "Guidance scale (1.5 reproduces the paper's FID 2.27; 1 = "
                    "no guidance).", lower_bound=0.0)
-flags.DEFINE_string("sampler", None, "A sampler of the checkpoint's objective (default: 'ddpm' "
-                    f"for ADM, 'sde-euler' for flow). ADM: {', '.join(SAMPLERS)}. Flow: "
-                    f"{', '.join(objectives.FLOW_SAMPLERS)}.")
+flags.DEFINE_string("sampler", None, "A sampler of the checkpoint's objective (default: the "
+                    "objective's first below). " + "; ".join(
+                        f"{cls.name}: {cls.default_sampler}, " + ", ".join(
+                            s for s in cls.samplers if s != cls.default_sampler)
+                        for cls in objectives.REGISTRY.values()) + ".")
 flags.DEFINE_integer("steps", None, "Model calls per image (x2 with guidance); default 250 for "
                      "ddpm, 50 for ddim, 20 for dpm++*; flow: SiT's grid points (250, dopri5 "
                      "50).", lower_bound=1)
-flags.DEFINE_enum("spacing", "time", list(SPACINGS), "Step spacing (ADM): uniform in 'time', "
-                  "in 'logsnr', or 'karras' (rho 7). Flow samplers take only 'time'.")
+flags.DEFINE_string("spacing", "time", "Step spacing (ADM): uniform in 'time', in 'logsnr', or "
+                    "'karras' (rho 7). The other objectives take only 'time'.")
 flags.DEFINE_list("guidance_interval", None, "SIGMA_LO,SIGMA_HI: guide only where sigma_t = "
                   "sqrt((1-abar_t)/abar_t) is in (lo, hi]; flow: T_LO,T_HI in flow time "
                   "(0 noise, 1 data); default: every step.")
 flags.DEFINE_string("respacing", "", "The release's respacing instead of --sampler/--steps: "
                     "'250' (DDPM) or 'ddimN' (DDIM).")
+flags.DEFINE_list("sampler_options", [], "KEY=VALUE,...: the checkpoint's objective's own "
+                  "sampler options (see `sampler_options` in dit_jax/objectives/<name>.py).")
 flags.DEFINE_bool("release_cfg", True, "Guide only the first 3 channels as the release does.")
 flags.DEFINE_integer("batch_size", 64, "Global batch per sampling call.", lower_bound=1)
 flags.DEFINE_integer("seed", 0, "Seed for labels and noise.")
@@ -132,10 +134,12 @@ def main(argv):
                          f"{objective.name} objective, whose samplers are "
                          f"{', '.join(objective.samplers)}")
   try:
-    sample_fn = objective.make_sample_fn(
-        model, sampler=FLAGS.sampler, steps=FLAGS.steps, spacing=FLAGS.spacing,
-        guidance_interval=[float(v) for v in FLAGS.guidance_interval or []],
-        respacing=FLAGS.respacing, guided=FLAGS.cfg_scale != 1.0,
+    options = objectives.sampler_kwargs({
+        "sampler": FLAGS.sampler, "steps": FLAGS.steps, "spacing": FLAGS.spacing,
+        "guidance_interval": [float(v) for v in FLAGS.guidance_interval or []],
+        "respacing": FLAGS.respacing, **objectives.parse_options(FLAGS.sampler_options)})
+    sample_fn = guidance.make_sample_fn(
+        objective, model, **options, guided=FLAGS.cfg_scale != 1.0,
         release_cfg=FLAGS.release_cfg, in_shardings=(repl, repl, batch_sh, repl),
         out_shardings=batch_sh)
   except ValueError as e:

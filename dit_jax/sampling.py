@@ -1,82 +1,20 @@
-"""Class-conditional sampling with classifier-free guidance, decoding, and the batched loop.
+"""The batched sampling loop (labels -> shard -> sample -> decode), its checks, and decoding.
 
-`make_sample_fn` returns ONE jitted function (params, key, labels, cfg_scale) -> latents
-whose whole denoising loop is a single compiled computation (lax.scan inside the
-diffusion) for any sampler (DDPM, DDIM, DPM-Solver++ 2M/3M/2M-SDE), step count and spacing;
-the guidance scale is a traced argument, so changing it never recompiles.
+The guided sampler it runs is dit_jax.guidance.make_sample_fn: one jitted (params, key,
+labels, cfg_scale) -> latents whose whole loop is the objective's sampler.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dit_jax.diffusion import (check_guidance_interval, create_sampler, get_named_beta_schedule,
-                               limit_guidance, sample_with_cfg)
 from dit_jax.models import DiT, has_null_class
-
-
-def make_sample_fn(model: DiT, *, sampler: str | None = None, steps: int | None = None,
-                   spacing: str = "time", guidance_interval: Sequence[float] | None = None,
-                   respacing: str | None = None, guided: bool = True, release_cfg: bool = True,
-                   diffusion_steps: int = 1000, noise_schedule: str = "linear",
-                   progress: bool = False, in_shardings: Any = None,
-                   out_shardings: Any = None) -> Callable:
-  """Builds `sample(params, key, labels [N], cfg_scale) -> latents [N, h, w, c]` (jitted).
-
-  Args:
-    model: the DiT (its learn_sigma, input_size, in_channels, num_classes are used).
-    sampler: 'ddpm' (the release), 'ddim', 'dpm++2m', 'dpm++3m' or 'dpm++2m-sde'; None:
-      DDPM, or DDIM for a 'ddimN' respacing (the old behaviour).
-    steps: model calls per sample (x2 images each with guidance); None: the sampler's
-      default (diffusion.DEFAULT_STEPS: 250 DDPM, 50 DDIM, 20 DPM-Solver++).
-    spacing: 'time', 'logsnr' or 'karras' (see diffusion.create_sampler).
-    guidance_interval: (sigma_lo, sigma_hi): guide only where lo < sigma_t <= hi,
-      sigma_t = sqrt((1 - abar_t) / abar_t); elsewhere scale 1 at half the cost. None or
-      (0, inf): every step, as the release.
-    respacing: the release's respacing string ('250', 'ddim50'); when set it replaces
-      sampler/steps/spacing (DDIM for 'ddimN', else DDPM).
-    guided: double each model call as the release does ([x; x], labels [y; null]).
-    release_cfg: guide only the first 3 channels (the release's quirk, needed to reproduce
-      its FIDs), else all eps channels.
-    diffusion_steps, noise_schedule: the training process.
-    progress: print sampling progress from the device.
-    in_shardings, out_shardings: for jax.jit.
-  """
-  if respacing:
-    sampler, steps = ("ddim" if respacing.startswith("ddim") else "ddpm"), None
-  elif sampler is None:
-    sampler = "ddpm"
-  process = create_sampler(sampler, steps, spacing, respacing=respacing or None,
-                           noise_schedule=noise_schedule, diffusion_steps=diffusion_steps,
-                           learn_sigma=model.learn_sigma)
-  interval = check_guidance_interval(guidance_interval)
-  abar = np.cumprod(1.0 - get_named_beta_schedule(noise_schedule, diffusion_steps))
-  h = w = model.input_size
-  null = model.num_classes  # the null-class row of the label table
-
-  def sample(params, key, labels, cfg_scale):
-    n = labels.shape[0]
-    k_noise, k_loop = jax.random.split(key)
-    z = jax.random.normal(k_noise, (n, h, w, model.in_channels), jnp.float32)
-    variables = {"params": params}
-    cond = lambda x, t: model.apply(variables, x, t, labels)
-    if guided:
-      # The loop carries the N kept samples; each step runs the model on [x; x] with
-      # labels [y; null], so both halves see the same noise, as in the release.
-      y = jnp.concatenate([labels, jnp.full_like(labels, null)])
-      fn = lambda x, t: model.apply(variables, x, t, y, cfg_scale, not release_cfg,
-                                    method=DiT.forward_with_cfg)
-      fn = limit_guidance(fn, cond, interval, abar)
-      return sample_with_cfg(process, fn, z.shape, k_loop, noise=z, progress=progress)
-    return process.sample(cond, z.shape, k_loop, noise=z, progress=progress)
-
-  return jax.jit(sample, in_shardings=in_shardings, out_shardings=out_shardings)
 
 
 def check_batch(model: DiT, cfg_scale: float, batch_size: int, num_devices: int,

@@ -13,7 +13,7 @@ import dataclasses
 import functools
 import logging
 import time
-from typing import Any
+from typing import Any, Mapping
 
 import flax
 import flax.linen as nn
@@ -23,7 +23,8 @@ import ml_collections
 import optax
 from jax.sharding import PartitionSpec as P
 
-from dit_jax import attention, flops as flops_lib, hardware, models, objectives, sharding
+from dit_jax import (attention, flops as flops_lib, hardware, models, objectives, records,
+                     sharding)
 from dit_jax.data_info import DataInfo
 from dit_jax.lr_schedule import learning_rate_schedule
 
@@ -76,24 +77,19 @@ def create_model(config: ml_collections.ConfigDict, info: DataInfo) -> models.Di
       check()
     except ValueError as e:
       raise ValueError(f"config.model.{field}: {e}") from None
+  # Every architecture field config.model holds (a variant is a field there, e.g. norm).
+  variant = {k: config.model[k] for k in models.architecture_fields()
+             if k in config.model and k not in ("input_size", "in_channels", "num_classes")}
   model = models.get_model(
       config.model.name, input_size=h, in_channels=c, num_classes=info.num_classes,
-      class_dropout_prob=config.model.class_dropout_prob, learn_sigma=config.model.learn_sigma,
       dtype=jnp.dtype(config.model.dtype), attention_impl=config.model.attention_impl,
-      remat=remat, scan_layers=config.model.get("scan_layers", False), **overrides)
+      remat=remat, **variant, **overrides)
   try:
     model.validate()
   except ValueError as e:
     raise ValueError(f"config.model ({config.model.name}, overrides {overrides}) does not fit "
                      f"the {h}x{w}x{c} latents of {config.data.dir}: {e}") from None
   return model
-
-
-def model_kwargs(model: models.DiT) -> dict:
-  """The architecture and the parameter layout, recorded with every checkpoint."""
-  keys = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads",
-          "mlp_ratio", "class_dropout_prob", "num_classes", "learn_sigma", "scan_layers")
-  return {k: getattr(model, k) for k in keys}
 
 
 def create_optimizer(config: ml_collections.ConfigDict):
@@ -116,21 +112,45 @@ def init_state(key: jax.Array, model: models.DiT, tx: optax.GradientTransformati
                     first_bad_step=jnp.full((), -1, jnp.int32))
 
 
-def sample_latents(batch: dict, key: jax.Array, scale: float, random_flip: bool) -> jax.Array:
-  """The release's training input: random flip, fresh posterior sample, times the scale.
+# How the random flip reaches the latent moments: the stored pair of orientations.
+LATENT_FLIPS = {"mean": "pair", "std": "pair"}
 
-  batch mean/std [B, 2, h, w, c] (index 1 = flipped image) -> x0 [B, h, w, c] float32.
+
+def flip_inputs(batch: Mapping[str, jax.Array], flip: jax.Array | None,
+                flips: Mapping[str, str]) -> dict[str, jax.Array]:
+  """Every per-example input of `batch` in the orientation `flip` [B] bool chose (None: the
+  stored one), by its mode in `flips`: 'pair' ([B, 2, ...], index 1 the flipped image),
+  'width' ([B, H, W, ...], mirrored along W) or 'none' (absent inputs too: labels)."""
+  out = {}
+  for name, value in batch.items():
+    mode = flips.get(name, "none")
+    if mode == "pair":
+      out[name] = value[:, 0] if flip is None else jnp.where(
+          flip.reshape((-1,) + (1,) * (value.ndim - 2)), value[:, 1], value[:, 0])
+    elif mode == "width" and flip is not None:
+      out[name] = jnp.where(flip.reshape((-1,) + (1,) * (value.ndim - 1)),
+                            jnp.flip(value, axis=2), value)
+    else:
+      out[name] = value
+  return out
+
+
+def sample_latents(batch: Mapping[str, jax.Array], key: jax.Array, scale: float,
+                   random_flip: bool,
+                   flips: Mapping[str, str] = LATENT_FLIPS) -> tuple[jax.Array, dict]:
+  """The release's training input: random flip, fresh posterior sample, times the scale; and
+  every other per-example input of the batch, flipped with its latent.
+
+  batch mean/std [B, 2, h, w, c] (index 1 = flipped image) -> x0 [B, h, w, c] float32, and
+  {name: array} of the batch's other inputs (labels, extra arrays) as `flip_inputs` lays them.
   """
-  mean = batch["mean"].astype(jnp.float32)
-  std = batch["std"].astype(jnp.float32)
   k_flip, k_eps = jax.random.split(key)
-  if random_flip:
-    flip = jax.random.bernoulli(k_flip, 0.5, mean.shape[:1])[:, None, None, None]
-    mean = jnp.where(flip, mean[:, 1], mean[:, 0])
-    std = jnp.where(flip, std[:, 1], std[:, 0])
-  else:
-    mean, std = mean[:, 0], std[:, 0]
-  return (mean + std * jax.random.normal(k_eps, mean.shape, jnp.float32)) * scale
+  n = batch["mean"].shape[0]
+  flip = jax.random.bernoulli(k_flip, 0.5, (n,)) if random_flip else None
+  inputs = flip_inputs(batch, flip, {**flips, **LATENT_FLIPS})
+  mean = inputs.pop("mean").astype(jnp.float32)
+  std = inputs.pop("std").astype(jnp.float32)
+  return (mean + std * jax.random.normal(k_eps, mean.shape, jnp.float32)) * scale, inputs
 
 
 def gather_params(params: Any, dtypes: Any, shardings: Any) -> Any:
@@ -227,17 +247,21 @@ def train_step(state: TrainState, batch: dict, *, model: models.DiT,
                microbatches: int = 1,
                param_dtypes: Any = None, compute_sh: Any = None, grad_sh: Any = None,
                batch_axes: Any = None, explicit: bool = False,
-               stationary_adaln: bool = True) -> tuple[TrainState, dict]:
-  """One AdamW step on the objective's loss (objectives.ADM: the release's hybrid diffusion
-  loss; objectives.Flow: SiT's), then the EMA update. Metrics: loss, the objective's logged
-  scalars (ADM: mse, vb), grad_norm, learning_rate.
+               stationary_adaln: bool = True,
+               flips: Mapping[str, str] = LATENT_FLIPS) -> tuple[TrainState, dict]:
+  """One AdamW step on the objective's loss, then the EMA update. Metrics: loss, the
+  objective's logged scalars (ADM: mse, vb), grad_norm, learning_rate.
+
+  The objective sees every per-example input: the batch's (labels, extra arrays of the
+  records, each flipped with its latent by its mode in `flips`), its own draws (t, noise) and
+  x0; the step names none of them but the latent moments and the labels.
 
   The parameters are gathered once into the compute layout (`gather_params`); each device's
   share of the gradient is reduce-scattered into `grad_sh` (the stored parameters' layout) and
   cast to float32, so the update runs on each device's 1/N of the state. With `microbatches`
   > 1 the batch is processed in that many slices by a scan, gradients summed in float32: the
   same step as the whole batch at once, up to float rounding. All randomness (flip, posterior
-  sample, t, noise, label dropout) is drawn for the whole batch first.
+  sample, the objective's draws, label dropout) is drawn for the whole batch first.
 
   `explicit` (config.sharding.collectives='explicit'; data-parallel compute layouts only): the
   forward and backward run per device in a shard_map over grad_sh's mesh, with the all-gather
@@ -247,24 +271,24 @@ def train_step(state: TrainState, batch: dict, *, model: models.DiT,
   parameters are stored rather than gathered (`explicit_grads`).
   """
   key = jax.random.fold_in(state.rng, state.step)
-  k_x0, k_t, k_noise, k_drop = jax.random.split(key, 4)
-  x0 = sample_latents(batch, k_x0, scale, random_flip)
+  k_x0, k_draw, k_drop = jax.random.split(key, 3)
+  x0, extras = sample_latents(batch, k_x0, scale, random_flip, flips)
   n = x0.shape[0]
-  t = objective.sample_t(k_t, n)  # ADM: int32 timesteps; flow: float32 times in [0, 1]
-  noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
   # Label dropout to the null class (classifier-free guidance), as the model would draw it.
   drop = (jax.random.uniform(k_drop, (n,)) < model.class_dropout_prob).astype(jnp.int32)
-  inputs = {"x0": x0, "t": t, "noise": noise, "label": batch["label"], "drop": drop}
+  # Every per-example input (the batch's, and the objective's draws) is split by microbatches.
+  inputs = {**extras, **objective.draw(k_draw, x0), "x0": x0, "drop": drop}
   if param_dtypes is None:
     param_dtypes = models.compute_dtypes(model, state.params)
 
   def loss_fn(p, mb, adaln_matmul=None):
     m = model if adaln_matmul is None else model.clone(adaln_matmul=adaln_matmul)
 
-    def model_fn(x, tt):
+    def model_fn(x, tt, **kwargs):
       return m.apply({"params": p}, x, tt, mb["label"], train=True,
-                     force_drop_ids=mb["drop"] if model.class_dropout_prob > 0 else None)
-    loss, logged = objective.training_losses(model_fn, mb["x0"], t=mb["t"], noise=mb["noise"])
+                     force_drop_ids=mb["drop"] if model.class_dropout_prob > 0 else None,
+                     **kwargs)
+    loss, logged = objective.training_losses(model_fn, mb["x0"], mb)
     return loss.mean(), logged
 
   if explicit:
@@ -296,8 +320,9 @@ def train_step(state: TrainState, batch: dict, *, model: models.DiT,
 
 
 @dataclasses.dataclass
-class Built:
-  """Everything derived from (config, data) that training, benchmarks and tools share."""
+class TrainSetup:
+  """The model, objective, mesh, state shardings and ahead-of-time compiled train step built
+  from (config, data), with its figures: what training, benchmarks and tools share."""
   model: models.DiT
   objective: objectives.Objective  # what is trained, recorded in checkpoint meta
   mesh: jax.sharding.Mesh
@@ -333,14 +358,14 @@ def _microbatch_sizes(config: ml_collections.ConfigDict, per_device: int) -> lis
 
 
 def build(config: ml_collections.ConfigDict, info: DataInfo,
-          devices: Any = None) -> Built:
+          devices: Any = None) -> TrainSetup:
   """Model, objective, optimizer, mesh, shardings, and the train step compiled ahead of time.
 
   `devices` default to jax.devices(); AOT topology devices (jax.experimental.topologies)
   compile for hardware that is not attached. With config.mesh.fsdp = 0 (auto) the layout is
   data parallel if the compiled step fits a device's memory, else the smallest power-of-two
   FSDP within a slice that does. With config.model.remat = 'auto' each layout tries the
-  policies of REMAT_AUTO, lightest first; `Built.model.remat` is the one chosen. With
+  policies of REMAT_AUTO, lightest first; `TrainSetup.model.remat` is the one chosen. With
   config.optim.microbatches = 0 (auto), gradient accumulation is tried (2, 4, ... microbatches
   with the last layout and policy) only when nothing else fits.
   """
@@ -384,31 +409,31 @@ def build(config: ml_collections.ConfigDict, info: DataInfo,
       held = sharding.device_bytes(sharding.state_shardings(boxed, mesh, layout), abstract)
       if held > MEMORY_HEADROOM * limit:
         continue
-    b = _compile(config, info, model.clone(remat=remat), objective, tx, schedule, init_fn, boxed,
-                 mesh, layout, micro)
-    need = b.memory_gib * 2**30
+    setup = _compile(config, info, model.clone(remat=remat), objective, tx, schedule, init_fn,
+                     boxed, mesh, layout, micro)
+    need = setup.memory_gib * 2**30
     if not search or need <= MEMORY_HEADROOM * limit:
       if remat_auto or micro_auto:
         logging.info("fsdp=%d, remat %r, %d microbatch(es) fit (%.1f GiB per device)", fsdp,
-                     remat, micro, b.memory_gib)
+                     remat, micro, setup.memory_gib)
       break
     if last:
       logging.warning("The train step needs %.1f GiB per device even at fsdp=%d with remat %r "
                       "and %d microbatch(es), more than %.0f%% of the %.1f GiB a device has: "
-                      "use %sa smaller batch", b.memory_gib, fsdp, remat, micro,
+                      "use %sa smaller batch", setup.memory_gib, fsdp, remat, micro,
                       100 * MEMORY_HEADROOM, limit / 2**30,
                       "" if remat_auto else "model.remat='auto' (or 'full') or ")
     else:
       logging.info("fsdp=%d with remat %r and %d microbatch(es) needs %.1f GiB per device "
                    "(> %.0f%% of %.1f GiB): trying the next layout", fsdp, remat, micro,
-                   b.memory_gib, 100 * MEMORY_HEADROOM, limit / 2**30)
-  return b
+                   setup.memory_gib, 100 * MEMORY_HEADROOM, limit / 2**30)
+  return setup
 
 
 def _compile(config: ml_collections.ConfigDict, info: DataInfo,
              model: models.DiT, objective: objectives.Objective, tx: Any, schedule: Any,
              init_fn: Any, boxed: Any, mesh: jax.sharding.Mesh, layout: sharding.Layout,
-             microbatches: int) -> Built:
+             microbatches: int) -> TrainSetup:
   gbs = config.data.global_batch_size
   sharding.log_mesh(mesh)
   state_sh = sharding.state_shardings(boxed, mesh, layout)
@@ -440,14 +465,11 @@ def _compile(config: ml_collections.ConfigDict, info: DataInfo,
                         param_dtypes=models.compute_dtypes(model, abstract.params),
                         compute_sh=compute_sh, grad_sh=state_sh.params,
                         batch_axes=sharding.BATCH_AXES, explicit=explicit,
-                        stationary_adaln=layout.modulation == "stationary"),
+                        stationary_adaln=layout.modulation == "stationary",
+                        flips=records.flip_modes(info.manifest)),
       in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl), donate_argnums=0)
-  h, w, c = info.latent_shape
-  store = jnp.dtype(info.manifest["dtype"])
-  abstract_batch = {
-      "label": jax.ShapeDtypeStruct((gbs,), jnp.int32, sharding=batch_sh),
-      "mean": jax.ShapeDtypeStruct((gbs, 2, h, w, c), store, sharding=batch_sh),
-      "std": jax.ShapeDtypeStruct((gbs, 2, h, w, c), store, sharding=batch_sh)}
+  abstract_batch = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh)
+                    for name, (shape, dtype) in batch_spec(info, gbs).items()}
   options = sharding.compiler_options(mesh.devices.flat[0].platform,
                                       config.mesh.get("overlap_collectives", False))
   t0 = time.time()
@@ -470,11 +492,17 @@ def _compile(config: ml_collections.ConfigDict, info: DataInfo,
   logging.info("Compiled the train step in %.1fs: %.3g FLOPs/step/device, %.2f GiB/device",
                compile_s, flops, mem_gib)
   init = jax.jit(lambda k: nn.meta.unbox(init_fn(k)), out_shardings=state_sh)
-  return Built(model=model, objective=objective, mesh=mesh, layout=layout, state_sh=state_sh,
+  return TrainSetup(model=model, objective=objective, mesh=mesh, layout=layout, state_sh=state_sh,
                compute_sh=compute_sh, batch_sh=batch_sh, repl=repl, abstract=abstract,
                init=init, compiled=compiled, microbatches=microbatches, explicit=explicit,
                flops=flops,
                model_flops=model_flops, memory_gib=mem_gib, compile_seconds=compile_s)
+
+
+def batch_spec(info: DataInfo, batch_size: int) -> dict:
+  """records.batch_spec of the dataset, its latent shape as `info` gives it."""
+  return records.batch_spec({**info.manifest, "latent_shape": list(info.latent_shape)},
+                            batch_size)
 
 
 def forward_flops(model: models.DiT) -> float:

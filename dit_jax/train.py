@@ -30,7 +30,7 @@ from jax.experimental import multihost_utils
 from dit_jax import (checkpointing, config_checks, convert, demo_data, hardware, input_pipeline,
                      models, objectives, periodic, profiling, runtime, sampling, workdir_lock)
 from dit_jax.data_info import DataInfo
-from dit_jax.step import Built, TrainState, abstract_state, build, model_kwargs
+from dit_jax.step import TrainSetup, TrainState, abstract_state, build
 
 
 class _Preemption:
@@ -100,25 +100,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   local_bs = gbs // nproc
 
   # 2. Model, objective (ADM or flow), optimizer, mesh, shardings and the compiled step.
-  b = build(config, info, devices)
+  setup = build(config, info, devices)
 
   # 3. Restore or initialise; the state is created sharded (never whole on one device).
   mngr = checkpointing.create_manager(workdir, config.checkpoint.keep,
                                       config.checkpoint.async_save,
                                       config.checkpoint.get("keep_period"))
-  state = restore_or_init(config, info, b, mngr, local_bs)
+  state = restore_or_init(config, info, setup, mngr, local_bs)
   start_step = int(jax.device_get(state.step))
 
   # 4. Sample grids and evaluation, compiled now (dit_jax/periodic.py); they decode with the
   #    dataset's VAE (identity for pixel data).
   grid = evaluate = None
   if config.sample.num_images or config.eval.every_steps:
-    decoder = sampling.Decoder(vae_path(config, info), _scale(config, info), b.repl,
+    decoder = sampling.Decoder(vae_path(config, info), _scale(config, info), setup.repl,
                                matmul_precision=config.sample.matmul_precision)
     if config.sample.num_images:
-      grid = periodic.SampleGrid(config, b, decoder, writer, workdir)
+      grid = periodic.SampleGrid(config, setup, decoder, writer, workdir)
     if config.eval.every_steps:
-      evaluate = periodic.Evaluator(config, b, decoder, workdir)
+      evaluate = periodic.Evaluator(config, setup, decoder, workdir)
 
   # 5. The loop.
   ds = input_pipeline.create_dataset(
@@ -127,10 +127,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       cycle_length=config.data.cycle_length)
   if start_step == 0:
     writer.write_hparams({k: v for k, v in config.to_dict().items() if not isinstance(v, dict)})
-  metrics = MetricLogger(config, b, writer, mngr)
+  metrics = MetricLogger(config, setup, writer, mngr)
   batches = input_pipeline.iterate(ds, info.files)
   try:
-    state = train_loop(config, info, b, state, mngr, batches, metrics, grid, evaluate, local_bs,
+    state = train_loop(config, info, setup, state, mngr, batches, metrics, grid, evaluate, local_bs,
                        workdir)
   except BaseException:
     checkpointing.finish_quietly(mngr)  # complete a checkpoint that was being written
@@ -153,23 +153,23 @@ def _train_part(s: Any) -> dict:
   return {"step": s.step, "params": s.params, "opt_state": s.opt_state, "rng": s.rng}
 
 
-def restore_or_init(config: ml_collections.ConfigDict, info: DataInfo, b: Built,
+def restore_or_init(config: ml_collections.ConfigDict, info: DataInfo, setup: TrainSetup,
                     mngr: Any, local_bs: int) -> TrainState:
-  """The newest readable checkpoint's state on b's mesh, else a fresh one, created sharded."""
-  model, state_sh, abstract = b.model, b.state_sh, b.abstract
+  """The newest readable checkpoint's state on setup's mesh, else a fresh one, created sharded."""
+  model, state_sh, abstract = setup.model, setup.state_sh, setup.abstract
   # A checkpoint of the other block layout (model.scan_layers) is read in its own layout and
   # converted on device.
   saved_scan = bool(checkpointing.latest_model_kwargs(mngr).get("scan_layers", False))
   relayout = saved_scan != model.scan_layers
   r_abstract, r_sh = abstract, state_sh
   if relayout:
-    r_abstract, r_sh = abstract_state(config, info, model.clone(scan_layers=saved_scan), b.mesh)
+    r_abstract, r_sh = abstract_state(config, info, model.clone(scan_layers=saved_scan), setup.mesh)
   restored = checkpointing.restore_latest(
       mngr, _train_part(r_abstract), _train_part(r_sh), r_abstract.ema_params,
-      r_sh.ema_params, model_kwargs=model_kwargs(model), objective=b.objective.to_meta(),
+      r_sh.ema_params, model_kwargs=models.architecture(model), objective=setup.objective.to_meta(),
       attempts=config.checkpoint.restore_attempts, backoff_s=config.checkpoint.restore_backoff_s)
   if restored is None:
-    state = b.init(jax.random.PRNGKey(config.seed))
+    state = setup.init(jax.random.PRNGKey(config.seed))
     # Compile the checkpoint integrity check now (a restore compiles it while verifying):
     # a preemption save must not wait for a compilation.
     checkpointing.summarize(_train_part(state), state.ema_params)
@@ -217,7 +217,7 @@ def save(config: ml_collections.ConfigDict, info: DataInfo, model: models.DiT,
   defaults to config's."""
   check_finite(state, mngr, step)  # a checkpoint never holds a diverged state
   epoch, offset = input_pipeline.stream_position(step, local_bs, info.local_count)
-  meta = {"step": step, "model": config.model.name, "model_kwargs": model_kwargs(model),
+  meta = {"step": step, "model": config.model.name, "model_kwargs": models.architecture(model),
           "data": {"dir": config.data.dir, "epoch": epoch, "offset": offset,
                    "local_batch_size": local_bs, "process_count": jax.process_count()},
           "objective": (objective or objectives.from_config(config)).to_meta(),
@@ -233,14 +233,14 @@ class MetricLogger:
   """The scalars of the steps since the last write, averaged and written every log period:
   loss, mse, vb, grad norm, lr, steps/s, images/s per device, MFU (and HFU with remat)."""
 
-  def __init__(self, config: ml_collections.ConfigDict, b: Built, writer: Any, mngr: Any):
-    self.writer, self.mngr, self.b = writer, mngr, b
-    self.images_per_step = config.data.global_batch_size / b.mesh.size
-    self.peak = hardware.peak_flops(b.mesh.devices.flat[0])
+  def __init__(self, config: ml_collections.ConfigDict, setup: TrainSetup, writer: Any, mngr: Any):
+    self.writer, self.mngr, self.setup = writer, mngr, setup
+    self.images_per_step = config.data.global_batch_size / setup.mesh.size
+    self.peak = hardware.peak_flops(setup.mesh.devices.flat[0])
     # MFU counts the model's FLOPs (3 x forward). With remat the compiled step recomputes (part
     # of) the forward: XLA's count then also gives hardware FLOPs utilisation (HFU), where it
     # counts the matmuls at all (not on GPUs, whose matmuls are library calls).
-    self.log_hfu = models.remat_policy(b.model.remat) is not None and b.flops >= b.model_flops
+    self.log_hfu = models.remat_policy(setup.model.remat) is not None and setup.flops >= setup.model_flops
     self.history: dict[int, dict] = {}  # the logged scalars by step (returned; for tests, tools)
     self.pending: list[dict] = []
     self.t_last = time.time()
@@ -266,15 +266,15 @@ class MetricLogger:
     scalars = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
     scalars.update(steps_per_sec=sps, images_per_sec_per_device=sps * self.images_per_step)
     if self.peak:
-      scalars["mfu"] = self.b.model_flops * sps / self.peak
+      scalars["mfu"] = self.setup.model_flops * sps / self.peak
       if self.log_hfu:
-        scalars["hfu"] = self.b.flops * sps / self.peak
+        scalars["hfu"] = self.setup.flops * sps / self.peak
     self.record(step, scalars)
     self.pending, self.t_last = [], time.time()
     check_finite(state, self.mngr, step)
 
 
-def train_loop(config: ml_collections.ConfigDict, info: DataInfo, b: Built, state: TrainState,
+def train_loop(config: ml_collections.ConfigDict, info: DataInfo, setup: TrainSetup, state: TrainState,
                mngr: Any, batches: Any, metrics: MetricLogger, grid: Any, evaluate: Any,
                local_bs: int, workdir: str) -> TrainState:
   """Steps to config.total_steps (or a preemption); checkpoints are saved before grids and
@@ -289,9 +289,9 @@ def train_loop(config: ml_collections.ConfigDict, info: DataInfo, b: Built, stat
       profile(step, state)
       with jax.profiler.StepTraceAnnotation("train", step_num=step):
         local = next(batches)
-        batch = {k: jax.make_array_from_process_local_data(b.batch_sh, v)
+        batch = {k: jax.make_array_from_process_local_data(setup.batch_sh, v)
                  for k, v in local.items()}
-        state, step_metrics = b.compiled(state, batch)
+        state, step_metrics = setup.compiled(state, batch)
       step += 1
       metrics.add(step_metrics)
       checkpointing.check_saves(mngr)  # a failed background save stops the job here
@@ -301,7 +301,7 @@ def train_loop(config: ml_collections.ConfigDict, info: DataInfo, b: Built, stat
       preempted = preempt.check(mngr, step)
       # Save before sampling or evaluating, so that nothing there can lose training steps.
       if step % config.checkpoint.every_steps == 0 or step == config.total_steps or preempted:
-        save(config, info, b.model, state, mngr, step, local_bs, b.objective)
+        save(config, info, setup.model, state, mngr, step, local_bs, setup.objective)
       if preempted:
         logging.warning("Preempted: checkpoint of step %d written, exiting", step)
         break

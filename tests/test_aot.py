@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from dit_jax import aot
+from dit_jax import aot, planner_table
 from dit_jax import step as dit_step
 from test_train import digits_dir, tiny_config  # noqa: F401
 
@@ -119,7 +119,7 @@ def test_step_and_planner_import_without_tensorflow_clu_or_orbax():
   code = ("import sys\n"
           "for m in ('tensorflow', 'clu', 'orbax', 'orbax.checkpoint', 'tensorflow_datasets'):\n"
           "  sys.modules[m] = None  # any import of them now fails\n"
-          "import dit_jax.step, dit_jax.aot, dit_jax.model_table\n"
+          "import dit_jax.step, dit_jax.aot, dit_jax.planner_table, dit_jax.model_table\n"
           "print('ok')\n")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -129,7 +129,8 @@ def test_step_and_planner_import_without_tensorflow_clu_or_orbax():
 
 def test_table_row_in_a_subprocess_and_the_markdown_around_it(tmp_path):
   # One real row: DiT-S/8 (one block) compiled for v5p-8 by the CLI in a fresh process.
-  row = aot._run_row("s8", "v5p-8", ("model.overrides.depth=1",), sampling=False, timeout=600)
+  row = planner_table._run_row("s8", "v5p-8", ("model.overrides.depth=1",), sampling=False,
+                               timeout=600)
   assert "error" not in row, row
   assert row["chips"] == 4 and row["mesh"] == {"slice": 1, "data": 2, "data_minor": 2, "fsdp": 1}
   assert row["layout"] == {"params": "update", "opt_state": "update", "ema": "update"}
@@ -137,10 +138,11 @@ def test_table_row_in_a_subprocess_and_the_markdown_around_it(tmp_path):
   assert 0 < train["memory"]["total"] < row["hbm_gib"] == pytest.approx(95.0)
   assert 1.0 <= train["flops"] / train["analytic_flops"] < 2.0
   md = tmp_path / "performance.md"
-  md.write_text("# Performance\n\nHand-written intro.\n\n" + aot.BEGIN + "\nold\n" + aot.END +
-                "\n\n## GPU\nkept\n")
-  key = aot.row_key("s8", "v5p-8", ())
-  aot.write_table(str(md), {key: row, aot.row_key("s4", "v5p-8", ()): {"error": "too big"}})
+  md.write_text("# Performance\n\nHand-written intro.\n\n" + planner_table.BEGIN + "\nold\n" +
+                planner_table.END + "\n\n## GPU\nkept\n")
+  key = planner_table.row_key("s8", "v5p-8", ())
+  failed = planner_table.row_key("s4", "v5p-8", ())
+  planner_table.write_table(str(md), {key: row, failed: {"error": "too big"}})
   text = md.read_text()
   assert "Hand-written intro." in text and "## GPU\nkept" in text and "\nold\n" not in text
   assert "| DiT-S/8 256px | v5p-8 | update | 4x1 |" in text
@@ -149,18 +151,19 @@ def test_table_row_in_a_subprocess_and_the_markdown_around_it(tmp_path):
 
 
 def test_table_run_compiles_only_missing_and_failed_rows(tmp_path, monkeypatch):
-  rows = aot.table_rows()
-  good, failed = aot.row_key(*rows[0]), aot.row_key(*rows[1])
+  rows = planner_table.table_rows()
+  good, failed = planner_table.row_key(*rows[0]), planner_table.row_key(*rows[1])
   cache = tmp_path / "rows.json"
   cache.write_text(json.dumps({good: {"steps": {}}, failed: {"error": "timed out"}}))
   compiled = []
 
   def fake_row(config, topology, overrides, sampling, timeout):
-    compiled.append(aot.row_key(config, topology, overrides))
+    compiled.append(planner_table.row_key(config, topology, overrides))
     return {"error": "not compiled in this test"}
-  monkeypatch.setattr(aot, "_run_row", fake_row)
-  out = aot.run_table(str(cache), jobs=1, timeout=1, only="^(s8|s4) ")
-  want = [aot.row_key(*r) for r in rows if re.match("^(s8|s4) ", aot.row_key(*r))]
+  monkeypatch.setattr(planner_table, "_run_row", fake_row)
+  out = planner_table.run_table(str(cache), jobs=1, timeout=1, only="^(s8|s4) ")
+  keys = [planner_table.row_key(*r) for r in rows]
+  want = [k for k in keys if re.match("^(s8|s4) ", k)]
   assert sorted(compiled) == sorted(k for k in want if k != good)  # the failed row again
   assert failed in compiled and good not in compiled
   assert out[good] == {"steps": {}} and json.loads(cache.read_text()) == out

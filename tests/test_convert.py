@@ -8,7 +8,6 @@ and its timestep frequencies use exp(-ln(1e4) k / 128) as the release does (diff
 """
 
 import argparse
-import functools
 import json
 
 import jax
@@ -20,6 +19,7 @@ from diffusers import DiTTransformer2DModel
 from diffusers.models.embeddings import get_2d_sincos_pos_embed as diffusers_pos_embed
 
 from dit_jax import convert
+from dit_jax import guidance
 from dit_jax import models
 
 TINY = dict(depth=2, num_heads=2, head_dim=8, patch_size=2, input_size=8, num_classes=10)
@@ -98,6 +98,14 @@ def _apply(model, params, *args, method=None):
   return fn(params, *args)
 
 
+def _guided(model, params, x, t, labels, scale, channels=3):
+  """dit_jax.guidance's CFG on [x[:N]; x[:N]] with labels [labels; null], jitted."""
+  fn = lambda p, x, t, y: guidance.cfg_model_fn(
+      lambda xx, tt, yy: model.apply({'params': p}, xx, tt, yy), y, model.num_classes, scale,
+      channels)(x, t)
+  return jax.jit(fn)(params, x, jnp.asarray(t), jnp.asarray(labels))
+
+
 def _init(model):
   s = model.input_size
   zeros = jnp.zeros((1,), jnp.int32)
@@ -117,16 +125,18 @@ def test_forward_and_guided_match_reference(reference):
   x = rng.standard_normal((4, 4, s, s)).astype(np.float32)
   t = np.array([0, 3, 500, 999])
   y = np.array([1, model.num_classes - 1, 2, model.num_classes])  # last one is the null class
+  # The release samples with labels [y; null] (sample.py): the guided call's labels.
+  y_cfg = np.array([1, model.num_classes - 1, model.num_classes, model.num_classes])
   with torch.no_grad():
     want = ref(torch.from_numpy(x), timestep=torch.from_numpy(t),
                class_labels=torch.from_numpy(y)).sample.numpy()
     want_cfg = _torch_forward_with_cfg(ref, torch.from_numpy(x), torch.from_numpy(t),
-                                       torch.from_numpy(y), 4.0).numpy()
+                                       torch.from_numpy(y_cfg), 4.0).numpy()
   got = _apply(model, params, _nhwc(x), t, y)
   assert got.dtype == jnp.float32
   assert np.abs(want).max() > 0.1  # non-vacuous
   assert _rel_err(_nhwc(got.transpose(0, 3, 1, 2)), _nhwc(want)) < 1e-5
-  got_cfg = _apply(model, params, _nhwc(x), t, y, 4.0, method=models.DiT.forward_with_cfg)
+  got_cfg = _guided(model, params, _nhwc(x), t, y_cfg[:2], 4.0)
   assert _rel_err(np.asarray(got_cfg).transpose(0, 3, 1, 2), want_cfg) < 1e-5
   # The guided channels really differ from the unguided output; variance channels pass through.
   assert _rel_err(np.asarray(got_cfg)[..., :3], np.asarray(got)[..., :3]) > 1e-2
@@ -141,8 +151,8 @@ def test_guidance_on_all_channels():
     out = ref(torch.from_numpy(np.concatenate([x[:1], x[:1]])), timestep=torch.from_numpy(t),
               class_labels=torch.from_numpy(y)).sample.numpy()
   guided = out[1:, :4] + 2.5 * (out[:1, :4] - out[1:, :4])
-  cfg_all = functools.partial(models.DiT.forward_with_cfg, guide_all_channels=True)
-  got = np.asarray(_apply(model, params, _nhwc(x), t, y, 2.5, method=cfg_all)).transpose(0, 3, 1, 2)
+  got = np.asarray(_guided(model, params, _nhwc(x), t, y[:1], 2.5, channels=None))
+  got = got.transpose(0, 3, 1, 2)
   assert _rel_err(got[:, :4], np.concatenate([guided, guided])) < 1e-5
   assert _rel_err(got[:, 4:], out[:, 4:]) < 1e-5
 

@@ -204,8 +204,8 @@ def test_loss_variants_and_errors():
   np.testing.assert_allclose(kl["loss"], 1000 * full["vb"], rtol=1e-5)
   with pytest.raises(ValueError, match="model_fn output"):
     create_diffusion("").training_losses(lambda x, tt: out[..., :3], x0, t, noise=eps)
-  with pytest.raises(ValueError, match="key or noise"):
-    create_diffusion("").training_losses(lambda x, tt: out, x0, t)
+  with pytest.raises(ValueError, match="noise: shape"):
+    create_diffusion("").training_losses(lambda x, tt: out, x0, t, eps[:1])
 
 
 def test_rescaled_mse_scales_vb():

@@ -10,11 +10,11 @@ from jax.sharding import Mesh
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dit_jax.diffusion import apply_cfg
-from dit_jax.diffusion import cfg_model_fn
 from dit_jax.diffusion import create_diffusion
 from dit_jax.diffusion import sample_with_cfg
 from dit_jax.diffusion import space_timesteps
+from dit_jax.guidance import apply_cfg
+from dit_jax.guidance import cfg_model_fn
 
 T = 1000
 MU, S = 0.5, 0.5

@@ -6,17 +6,17 @@ import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler
 
+from dit_jax import guidance
 from dit_jax import models
-from dit_jax import sampling
+from dit_jax import objectives
 from dit_jax.diffusion import DEFAULT_STEPS
 from dit_jax.diffusion import SAMPLERS
-from dit_jax.diffusion import apply_cfg
-from dit_jax.diffusion import cfg_model_fn
-from dit_jax.diffusion import check_guidance_interval
 from dit_jax.diffusion import create_sampler
 from dit_jax.diffusion import guidance_active
-from dit_jax.diffusion import limit_guidance
 from dit_jax.diffusion import noise_levels
+from dit_jax.guidance import apply_cfg
+from dit_jax.guidance import cfg_model_fn
+from dit_jax.guidance import limit_guidance
 from dit_jax.diffusion import sample_with_cfg
 from dit_jax.diffusion import space_timesteps
 from test_diffusion_samplers import assert_batch_sharding_changes_nothing
@@ -186,14 +186,18 @@ def test_guidance_active_is_a_noise_level_interval():
   interval = (SIGMA[100], SIGMA[500])  # (lo, hi]: t = 101 .. 500
   t = jnp.array([0, 100, 101, 300, 500, 501, 999])
   assert np.asarray(guidance_active(t, interval)).tolist() == [0, 0, 1, 1, 1, 0, 0]
-  assert check_guidance_interval((0, float("inf"))) is None
-  assert check_guidance_interval(None) is None and check_guidance_interval(()) is None
-  assert check_guidance_interval([0.3, 5]) == (0.3, 5.0)
+  adm = objectives.ADM()
+  active = adm.guidance_predicate(interval)
+  assert [bool(active(jnp.int32(s))) for s in t] == [False, False, True, True, True, False, False]
+  assert adm.guidance_predicate((0, float("inf"))) is None
+  assert adm.guidance_predicate(None) is None and adm.guidance_predicate(()) is None
+  covers_all = lambda lo, hi: lo == 0 and hi == float("inf")
+  assert guidance.check_interval([0.3, 5], "sigma", covers_all) == (0.3, 5.0)
   for bad in ((5.0, 0.3), (1.0,), (-1.0, 2.0)):
     with pytest.raises(ValueError, match="guidance_interval"):
-      check_guidance_interval(bad)
+      adm.guidance_predicate(bad)
   fn = lambda x, t: x
-  assert limit_guidance(fn, fn, (0.0, float("inf"))) is fn
+  assert limit_guidance(fn, fn, None) is fn
 
 
 @pytest.mark.parametrize("name", SAMPLERS)
@@ -220,7 +224,8 @@ def test_guidance_interval_every_sampler(name):
 
   key = jax.random.PRNGKey(5)
   run = jax.jit(lambda fn, k: sample_with_cfg(sampler, fn, shape, k), static_argnums=0)
-  got = run(cfg_model_fn(counted, y, 10, scale, guidance_interval=interval), key)
+  active = lambda t: guidance_active(t, interval)
+  got = run(cfg_model_fn(counted, y, 10, scale, active=active), key)
   jax.effects_barrier()
   want = run(reference, key)
   always = run(cfg_model_fn(_labelled_model_fn, y, 10, scale), key)
@@ -250,7 +255,7 @@ def test_guided_solver_jits_once_over_scales():
     sample_with_cfg(sampler, lambda x, t: x, shape, key, sampler="ddim")
 
 
-# The sampler factory, sharding, progress, make_sample_fn.
+# The sampler factory, sharding, progress, guidance.make_sample_fn.
 
 def test_create_sampler_steps_and_spacings():
   assert create_sampler("ddpm").timesteps.tolist() == space_timesteps(T, "250")[::-1]
@@ -309,8 +314,8 @@ def test_make_sample_fn_samplers_and_interval(tiny_dit):
   model, params = tiny_dit
   labels = jnp.array([0, 1, 2, 1])
   key = jax.random.PRNGKey(1)
-  run = lambda scale, **kw: np.asarray(sampling.make_sample_fn(model, release_cfg=False, **kw)(
-      params, key, labels, jnp.float32(scale)))
+  run = lambda scale, **kw: np.asarray(guidance.make_sample_fn(
+      objectives.ADM(), model, release_cfg=False, **kw)(params, key, labels, jnp.float32(scale)))
   legacy = run(2.0, respacing="6")
   np.testing.assert_allclose(run(2.0, sampler="ddpm", steps=6), legacy, rtol=1e-6, atol=1e-6)
   for name in ("dpm++2m", "dpm++3m", "dpm++2m-sde"):

@@ -112,8 +112,9 @@ def test_corrupt_checkpoint_of_the_right_size_is_set_aside(digits_dir, tmp_path,
   assert "checkpoints/6 cannot be restored" in caplog.text
   if damage == "values":
     assert "differ from the digests recorded at save time" in caplog.text
-  else:
-    assert "Data corruption detected" in caplog.text
+  else:  # TensorStore's checksum, or the decompressor, finds the flipped bytes
+    assert ("Data corruption detected" in caplog.text
+            or "ZSTD_decompressStream() failed" in caplog.text), caplog.text
   assert "restore attempt" not in caplog.text  # damage is not retried (transient errors are)
   _, params, ema = final_params(wd)
   assert _all_finite(params) and _all_finite(ema)

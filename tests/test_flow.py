@@ -115,11 +115,11 @@ def test_loss_targets_closed_form(path, prediction, loss_weight):
     return {"velocity": da * x1 + ds * x0_from_xt, "noise": x0_from_xt,
             "score": -x0_from_xt / s}[prediction]
 
-  got = tr.training_losses(oracle, x1, t=t, noise=x0)["loss"]
+  got = tr.training_losses(oracle, x1, t, x0)["loss"]
   assert got.shape == (8,)
   np.testing.assert_allclose(got, 0.0, atol=1e-8)
   # A zero model: the mean squared target, weighted as SiT (D = a'/a s^2 - s s').
-  zero = tr.training_losses(lambda xt, tt: jnp.zeros_like(xt), x1, t=t, noise=x0)["loss"]
+  zero = tr.training_losses(lambda xt, tt: jnp.zeros_like(xt), x1, t, x0)["loss"]
   d = da / a * s ** 2 - s * ds
   weight = {None: 1.0, "velocity": (d / s) ** 2, "likelihood": d / s ** 2}[loss_weight]
   if prediction == "velocity":
@@ -129,16 +129,18 @@ def test_loss_targets_closed_form(path, prediction, loss_weight):
   np.testing.assert_allclose(zero, want, rtol=2e-5)
 
 
-def test_training_losses_draws_t_and_noise_from_the_key():
-  tr = flow.create_transport("Linear", "velocity")
+def test_the_objective_draws_t_and_noise_from_the_key():
+  from dit_jax import objectives  # pylint: disable=import-outside-toplevel
+  obj = objectives.Flow(flow.create_transport("Linear", "velocity"), learn_sigma=False)
   x1 = jnp.ones((16, 2, 2, 2))
-  a = tr.training_losses(exact_model("Linear", "velocity"), x1, key=jax.random.PRNGKey(3))
+  inputs = obj.draw(jax.random.PRNGKey(3), x1)
   k_t, k_noise = jax.random.split(jax.random.PRNGKey(3))
-  b = tr.training_losses(exact_model("Linear", "velocity"), x1, t=tr.sample_t(k_t, 16),
-                         noise=jax.random.normal(k_noise, x1.shape))
-  np.testing.assert_array_equal(a["loss"], b["loss"])
-  with pytest.raises(ValueError, match="pass key"):
-    tr.training_losses(exact_model("Linear", "velocity"), x1)
+  np.testing.assert_array_equal(inputs["t"], obj.transport.sample_t(k_t, 16))
+  np.testing.assert_array_equal(inputs["noise"], jax.random.normal(k_noise, x1.shape))
+  a, _ = obj.training_losses(exact_model("Linear", "velocity"), x1, inputs)
+  b = obj.transport.training_losses(exact_model("Linear", "velocity"), x1, inputs["t"],
+                                    inputs["noise"])
+  np.testing.assert_array_equal(a, b["loss"])
 
 
 def test_time_sampling_uniform_and_logit_normal():
@@ -311,10 +313,19 @@ def _toy_xty(x, t, y):
   return jnp.concatenate([base, -base], axis=-1)
 
 
+def _flow_cfg(y, null, scale, guided_channels=3, interval=None):
+  """The guided prediction [N, ..., C] the flow samplers see (dit_jax.guidance's CFG)."""
+  from dit_jax import guidance, objectives  # pylint: disable=import-outside-toplevel
+  active = objectives.Flow(flow.create_transport()).guidance_predicate(interval)
+  doubled = guidance.cfg_model_fn(_toy_xty, y, null, scale, guided_channels, active)
+  kept = guidance.kept_half(doubled)
+  return lambda x, t: kept(x, t)[..., :x.shape[-1]]
+
+
 def test_cfg_guides_first_three_channels_inside_the_interval():
   x = _noise(3)[:, :, :, :1].repeat(4, axis=-1)  # [3, 2, 2, 4]
   y, null, scale = jnp.array([1, 2, 3]), 9, 2.5
-  fn = flow.cfg_model_fn(_toy_xty, y, null, scale, guidance_interval=(0.3, 0.6))
+  fn = _flow_cfg(y, null, scale, interval=(0.3, 0.6))
   cond = _toy_xty(x, jnp.full((3,), 0.5), y)[..., :4]
   uncond = _toy_xty(x, jnp.full((3,), 0.5), jnp.full((3,), null))[..., :4]
   inside = fn(x, jnp.full((3,), 0.5))
@@ -324,15 +335,15 @@ def test_cfg_guides_first_three_channels_inside_the_interval():
   np.testing.assert_allclose(inside[..., 3], cond[..., 3], rtol=1e-6)  # the release's quirk
   outside = fn(x, jnp.full((3,), 0.8))
   np.testing.assert_allclose(outside, _toy_xty(x, jnp.full((3,), 0.8), y)[..., :4], rtol=1e-6)
-  every = flow.cfg_model_fn(_toy_xty, y, null, scale, guided_channels=None)
+  every = _flow_cfg(y, null, scale, guided_channels=None)
   guided_all = every(x, jnp.full((3,), 0.5))
   np.testing.assert_allclose(guided_all, uncond + scale * (cond - uncond), rtol=1e-6)
   with pytest.raises(ValueError, match="guidance_interval"):
-    flow.cfg_model_fn(_toy_xty, y, null, scale, guidance_interval=(0.6, 0.3))
+    _flow_cfg(y, null, scale, interval=(0.6, 0.3))
 
 
 def test_guided_dit_sampling_with_scale_one_equals_unguided():
-  from dit_jax import objectives  # pylint: disable=import-outside-toplevel
+  from dit_jax import guidance, objectives  # pylint: disable=import-outside-toplevel
   model = models.DiT(input_size=8, patch_size=4, in_channels=4, hidden_size=32, depth=1,
                      num_heads=2, num_classes=5)
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,)),
@@ -343,9 +354,9 @@ def test_guided_dit_sampling_with_scale_one_equals_unguided():
   obj = objectives.Flow(flow.create_transport("Linear", "velocity"))
   labels, key = jnp.array([0, 3]), jax.random.PRNGKey(5)
   for sampler, steps in (("heun2", 6),):
-    guided = obj.make_sample_fn(model, sampler=sampler, steps=steps,
-                                guidance_interval=(0.2, 0.7))
-    plain = obj.make_sample_fn(model, sampler=sampler, steps=steps, guided=False)
+    guided = guidance.make_sample_fn(obj, model, sampler=sampler, steps=steps,
+                                     guidance_interval=(0.2, 0.7))
+    plain = guidance.make_sample_fn(obj, model, sampler=sampler, steps=steps, guided=False)
     a, b = guided(params, key, labels, 1.0), plain(params, key, labels, 1.0)
     assert a.shape == (2, 8, 8, 4)
     np.testing.assert_allclose(a, b, atol=1e-5)

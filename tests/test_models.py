@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dit_jax import guidance
 from dit_jax import models
 
 TINY = dict(input_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=4, num_classes=10)
@@ -35,6 +36,13 @@ def _randomize(params, seed=0):
 
 def _apply(model, params, *args, **kwargs):
   return jax.jit(lambda p, *a: model.apply({'params': p}, *a, **kwargs))(params, *args)
+
+
+def _guided(model, params, x, t, labels, scale):
+  """dit_jax.guidance's CFG (the release's: 3 channels) on [x[:N]; x[:N]], labels [y; null]."""
+  fn = lambda p, x, t, y, s: guidance.cfg_model_fn(
+      lambda xx, tt, yy: model.apply({'params': p}, xx, tt, yy), y, model.num_classes, s)(x, t)
+  return jax.jit(fn)(params, x, t, labels, scale)
 
 
 @pytest.fixture(scope='module')
@@ -291,8 +299,7 @@ def test_scanned_blocks_match_unrolled():
   y = y.at[2:].set(model.num_classes)
   ref, got = _apply(model, p, x, t, y), _apply(scanned, ps, x, t, y)
   assert _rel_errors(got, ref)[0] < 1e-6
-  cfg = models.DiT.forward_with_cfg
-  ref, got = (_apply(m, q, x, t, y, 4.0, method=cfg) for m, q in ((model, p), (scanned, ps)))
+  ref, got = (_guided(m, q, x, t, y[:2], 4.0) for m, q in ((model, p), (scanned, ps)))
   assert _rel_errors(got, ref)[0] < 1e-6
   # Training: remat inside the scan, gradients back in the per-block layout.
   loss, grads = _loss_and_grads(model, p, x, t, y)
@@ -323,8 +330,9 @@ def test_cfg_scale_is_traced():
   p = _randomize(_init(model)['params'])
   x, t, y = _inputs(model, n=4)
   y = y.at[2:].set(model.num_classes)
-  fn = jax.jit(lambda p, s: model.apply({'params': p}, x, t, y, s,
-                                        method=models.DiT.forward_with_cfg))
+  fn = jax.jit(lambda p, s: guidance.cfg_model_fn(
+      lambda xx, tt, yy: model.apply({'params': p}, xx, tt, yy), y[:2], model.num_classes,
+      s)(x, t))
   a, b = fn(p, 1.0), fn(p, 4.0)
   assert fn._cache_size() == 1  # pylint: disable=protected-access
   base = _apply(model, p, jnp.concatenate([x[:2], x[:2]]), t, y)

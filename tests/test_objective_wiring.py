@@ -22,10 +22,6 @@ def _sample(*args, timeout=600):
                         capture_output=True, text=True, timeout=timeout)
 
 
-def test_base_config_has_the_objective_fields():
-  assert dict(base.get_config().objective) == dict(objectives.default_config())
-
-
 def test_flow_main_job_trains_checkpoints_resumes_and_samples(digits_dir, tmp_path):  # noqa: F811
   wd = str(tmp_path / "flow")
   # The in-job grid samples with the objective's default sampler (sampler '').

@@ -15,7 +15,8 @@ import pytest
 import tensorflow as tf
 
 from dit_jax import step as dit_step
-from dit_jax import hardware, image_io, input_pipeline, periodic, runtime, sampling, sharding, train
+from dit_jax import (guidance, hardware, image_io, input_pipeline, periodic, runtime, sharding,
+                     train)
 from dit_jax.evaluation import reference
 from test_main_cli import ROOT, _free_port, env, main_cmd, steps_saved
 from test_train import digits_dir, tiny_config  # noqa: F401
@@ -226,7 +227,7 @@ def test_sampler_errors_surface_before_training(digits_dir, tmp_path, monkeypatc
       raise MemoryError("RESOURCE_EXHAUSTED: compiling the sampler")
     return jax.jit(sample)
 
-  monkeypatch.setattr(sampling, "make_sample_fn", sampler_that_fails_to_compile)
+  monkeypatch.setattr(guidance, "make_sample_fn", sampler_that_fails_to_compile)
   c = tiny_config(digits_dir, total_steps=6, **{"sample.num_images": 4,
                                                 "sample.every_steps": 6})
   with pytest.raises(MemoryError, match="compiling the sampler"):

@@ -1,5 +1,5 @@
 """One job per workdir, prompt exits, failed saves, damaged checkpoints and bad flags, each
-ending in a short error (issue 20). Tiny model, few steps."""
+ending in a short error. Tiny model, few steps."""
 
 import errno
 import glob

@@ -20,7 +20,7 @@ XLA = {"sharding.collectives": "xla"}
 
 
 def _run_steps(config, info, n=3):
-  """n train steps of `config` on fixed random batches: (Built, final state, losses)."""
+  """n train steps of `config` on fixed random batches: (TrainSetup, final state, losses)."""
   b = step.build(config, info)
   state = b.init(jax.random.PRNGKey(0))
   rng = np.random.RandomState(0)

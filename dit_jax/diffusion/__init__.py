@@ -11,13 +11,7 @@ from dit_jax.diffusion.dpm_solver import noise_levels
 from dit_jax.diffusion.dpm_solver import spaced_steps
 from dit_jax.diffusion.gaussian_diffusion import GaussianDiffusion
 from dit_jax.diffusion.gaussian_diffusion import get_named_beta_schedule
-from dit_jax.diffusion.guidance import RELEASE_GUIDED_CHANNELS
-from dit_jax.diffusion.guidance import apply_cfg
-from dit_jax.diffusion.guidance import cfg_model_fn
-from dit_jax.diffusion.guidance import check_guidance_interval
 from dit_jax.diffusion.guidance import guidance_active
-from dit_jax.diffusion.guidance import kept_half_model_fn
-from dit_jax.diffusion.guidance import limit_guidance
 from dit_jax.diffusion.guidance import sample_with_cfg
 from dit_jax.diffusion.respace import create_diffusion
 from dit_jax.diffusion.respace import respaced_betas
@@ -28,9 +22,7 @@ from dit_jax.diffusion.samplers import Sampler
 from dit_jax.diffusion.samplers import create_sampler
 
 __all__ = [
-    "DEFAULT_STEPS", "DPMSolver", "GaussianDiffusion", "RELEASE_GUIDED_CHANNELS", "SAMPLERS",
-    "SPACINGS", "Sampler", "apply_cfg", "cfg_model_fn", "check_guidance_interval",
+    "DEFAULT_STEPS", "DPMSolver", "GaussianDiffusion", "SAMPLERS", "SPACINGS", "Sampler",
     "create_diffusion", "create_sampler", "get_named_beta_schedule", "guidance_active",
-    "kept_half_model_fn", "limit_guidance", "noise_levels", "respaced_betas", "sample_with_cfg",
-    "spaced_steps", "space_timesteps",
+    "noise_levels", "respaced_betas", "sample_with_cfg", "spaced_steps", "space_timesteps",
 ]

@@ -20,9 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dit_jax.diffusion import losses
+from dit_jax.guidance import ModelFn  # here: t int32 [N] original timesteps
 
-# model_fn(x_t [N, H, W, C], t int32 [N] original timesteps) -> [N, H, W, C or 2C].
-ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 Progress = Union[bool, Callable[[int, int], None]]
 
 MEAN_TYPES = ("epsilon", "start_x")
@@ -381,8 +380,7 @@ class GaussianDiffusion:
     return jnp.where(jnp.asarray(t) == 0, nll, kl)
 
   def training_losses(self, model_fn: ModelFn, x_start: jax.Array, t: jax.Array,
-                      key: Optional[jax.Array] = None,
-                      noise: Optional[jax.Array] = None) -> dict:
+                      noise: jax.Array) -> dict:
     """Per-example training losses of the release (hybrid loss by default).
 
     Args:
@@ -390,8 +388,7 @@ class GaussianDiffusion:
         [N, H, W, C]. Differentiate through it by closing over parameters.
       x_start: x_0, [N, H, W, C].
       t: int32 [N] indices into this process (uniform in [0, num_timesteps)).
-      key: PRNG key for the noise; required if noise is None.
-      noise: optional eps, [N, H, W, C].
+      noise: eps, [N, H, W, C].
 
     Returns:
       dict of float32 [N] arrays: "mse" (mean squared eps error), "vb" (the bound
@@ -400,11 +397,7 @@ class GaussianDiffusion:
       loss_type "kl"/"rescaled_kl", "loss" is the full bound (times T if rescaled).
     """
     x_start = jnp.asarray(x_start, jnp.float32)
-    if noise is None:
-      if key is None:
-        raise ValueError("training_losses: pass either key or noise.")
-      noise = jax.random.normal(key, x_start.shape, jnp.float32)
-    elif noise.shape != x_start.shape:
+    if noise.shape != x_start.shape:
       raise ValueError(f"noise: shape {noise.shape} does not match x_start {x_start.shape}.")
     x_t = self.q_sample(x_start, t, noise)
     model_output = self._call_model(model_fn, x_t, t)

@@ -2,17 +2,12 @@
 
   from dit_jax import flow
   transport = flow.create_transport("Linear", "velocity")   # SiT's arguments and defaults
-  loss = transport.training_losses(model_fn, x1, key=key)["loss"]            # [B]
+  loss = transport.training_losses(model_fn, x1, t, noise)["loss"]            # [B]
   x = transport.sample_ode(model_fn, noise, method="heun2", num_steps=50)
   x = transport.sample_sde(model_fn, noise, key, num_steps=250)
 
 Time runs from 0 (noise) to 1 (data); the model sees t in [0, 1]. See docs/flow.md.
 """
-from dit_jax.flow.guidance import cfg_model_fn
-from dit_jax.flow.guidance import check_guidance_interval
-from dit_jax.flow.guidance import first_channels
-from dit_jax.flow.guidance import guided_prediction
-from dit_jax.flow.guidance import limit_guidance
 from dit_jax.flow.paths import DIFFUSION_FORMS
 from dit_jax.flow.paths import PATHS
 from dit_jax.flow.paths import Path
@@ -28,7 +23,5 @@ from dit_jax.flow.transport import create_transport
 
 __all__ = [
     "DIFFUSION_FORMS", "LAST_STEPS", "LOSS_WEIGHTS", "ODE_METHODS", "PATHS", "PREDICTIONS",
-    "Path", "SDE_METHODS", "TIME_SAMPLINGS", "Transport", "cfg_model_fn",
-    "check_guidance_interval", "create_transport", "first_channels", "guided_prediction",
-    "limit_guidance", "time_grid",
+    "Path", "SDE_METHODS", "TIME_SAMPLINGS", "Transport", "create_transport", "time_grid",
 ]

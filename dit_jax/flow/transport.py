@@ -7,37 +7,31 @@ term. Every method is a pure function of arrays (jittable); images are NHWC.
 
   from dit_jax import flow
   transport = flow.create_transport("Linear", "velocity")
-  terms = transport.training_losses(model_fn, x1, key=key)            # terms["loss"]: [B]
+  terms = transport.training_losses(model_fn, x1, t, noise)           # terms["loss"]: [B]
   x = transport.sample_ode(model_fn, noise, method="dopri5")           # or "euler", "heun2"
   x = transport.sample_sde(model_fn, noise, key, num_steps=250)        # SiT's SDE sampler
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
+from dit_jax.diffusion.losses import mean_flat
 from dit_jax.flow import samplers
 from dit_jax.flow.paths import DIFFUSION_FORMS
 from dit_jax.flow.paths import Path
+from dit_jax.guidance import ModelFn  # here: t float32 [B] in [0, 1], a [B, H, W, C] prediction
 
 PREDICTIONS = ("velocity", "score", "noise")
 LOSS_WEIGHTS = (None, "velocity", "likelihood")
 TIME_SAMPLINGS = ("uniform", "logit_normal")
 LAST_STEPS = (None, "mean", "tweedie", "euler")
 
-# model_fn(x [B, H, W, C], t float32 [B] in [0, 1]) -> prediction [B, H, W, C].
-ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
-
-
 def _expand(t: jax.Array, x: jax.Array) -> jax.Array:
   return jnp.reshape(t, t.shape + (1,) * (x.ndim - t.ndim))
-
-
-def _mean_flat(x: jax.Array) -> jax.Array:
-  return jnp.mean(x, axis=tuple(range(1, x.ndim)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,26 +82,18 @@ class Transport:
     return u * (t1 - t0) + t0
 
   # --- training -----------------------------------------------------------------------------
-  def training_losses(self, model_fn: ModelFn, x1: jax.Array, t: Optional[jax.Array] = None,
-                      noise: Optional[jax.Array] = None,
-                      key: Optional[jax.Array] = None) -> dict[str, jax.Array]:
+  def training_losses(self, model_fn: ModelFn, x1: jax.Array, t: jax.Array,
+                      noise: jax.Array) -> dict[str, jax.Array]:
     """SiT's loss per example.
 
     Args:
       model_fn: f(x_t [B, H, W, C], t [B]) -> prediction [B, H, W, C].
       x1: data [B, H, W, C].
-      t: float [B] times; noise: x0 [B, H, W, C]. Drawn from `key` when not given
-        (k_t, k_noise = split(key)).
+      t: float [B] times (`sample_t`); noise: x0 [B, H, W, C].
 
     Returns:
       {"loss": [B], "pred": the model output, "t": [B]}.
     """
-    if t is None or noise is None:
-      if key is None:
-        raise ValueError("training_losses: pass key, or both t and noise.")
-      k_t, k_noise = jax.random.split(key)
-      t = self.sample_t(k_t, x1.shape[0]) if t is None else t
-      noise = jax.random.normal(k_noise, x1.shape, x1.dtype) if noise is None else noise
     tx = _expand(t, x1)
     xt, ut = self.path.interpolate(tx, noise, x1)
     out = model_fn(xt, t)
@@ -115,16 +101,16 @@ class Transport:
       raise ValueError(f"model_fn: output shape {out.shape} differs from x {x1.shape} (take "
                        "the first C channels of a learn_sigma model's output).")
     if self.prediction == "velocity":
-      loss = _mean_flat((out - ut) ** 2)
+      loss = mean_flat((out - ut) ** 2)
     else:
       _, drift_var = self.path.drift(xt, tx)
       sigma_t, _ = self.path.sigma(tx)
       weight = {None: 1.0, "velocity": (drift_var / sigma_t) ** 2,
                 "likelihood": drift_var / sigma_t ** 2}[self.loss_weight]
       if self.prediction == "noise":
-        loss = _mean_flat(weight * (out - noise) ** 2)
+        loss = mean_flat(weight * (out - noise) ** 2)
       else:
-        loss = _mean_flat(weight * (out * sigma_t + noise) ** 2)
+        loss = mean_flat(weight * (out * sigma_t + noise) ** 2)
     return {"loss": loss, "pred": out, "t": t}
 
   # --- the model as an ODE drift and a score -----------------------------------------------

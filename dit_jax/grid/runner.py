@@ -148,7 +148,7 @@ class ProxySampler:
     """
     # pylint: disable=import-outside-toplevel
     import jax
-    from dit_jax import checkpointing, sampling
+    from dit_jax import checkpointing, guidance, sampling
     from dit_jax.evaluation import proxy
     p = self.preset
     dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -157,9 +157,9 @@ class ProxySampler:
       sampling.check_batch(model, p.cfg_scale, p.sample_batch, 1,
                            (f"the {p.name} preset's cfg_scale", "sample_batch"))
       # The sampler of the objective the model was trained with (its checkpoint's meta).
-      self._fn = checkpointing.read_objective(meta).make_sample_fn(
-          model, **p.sampler_kwargs(), guided=p.cfg_scale != 1.0, release_cfg=False,
-          out_shardings=dev)
+      self._fn = guidance.make_sample_fn(
+          checkpointing.read_objective(meta), model, **p.sampler_kwargs(),
+          guided=p.cfg_scale != 1.0, release_cfg=False, out_shardings=dev)
     decoder = sampling.Decoder(meta.get("vae_path") or "identity", meta.get("scale_factor", 1.0))
     labels = np.arange(p.num_samples, dtype=np.int32) % model.num_classes
     images = np.concatenate([np.asarray(batch) for _, batch in sampling.sample_batches(
