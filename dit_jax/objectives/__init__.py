@@ -21,10 +21,12 @@ from dit_jax.objectives.base import sampler_kwargs
 from dit_jax.objectives.base import sampler_option_defaults
 # Each module registers its objective on import.
 from dit_jax.objectives import adm  # noqa: E402
+from dit_jax.objectives import edm  # noqa: E402
 from dit_jax.objectives import flow  # noqa: E402
 
 ADM = adm.ADM
+EDM = edm.EDM
 Flow = flow.Flow
 
-__all__ = ["ADM", "Flow", "Objective", "REGISTRY", "default_config", "from_config", "from_meta",
+__all__ = ["ADM", "EDM", "Flow", "Objective", "REGISTRY", "default_config", "from_config", "from_meta",
            "names", "parse_options", "register", "sampler_kwargs", "sampler_option_defaults"]
