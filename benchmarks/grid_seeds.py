@@ -29,9 +29,11 @@ flags.mark_flags_as_required(["root"])
 
 def main(_):
   grid, found = report.load(FLAGS.root)
-  settings = {k: v for k, v in grid["settings"].items() if k != "name"}
+  fields = {f.name for f in dataclasses.fields(presets.Preset)} - {"name"}
+  settings = {k: v for k, v in grid["settings"].items() if k in fields}
   settings["latent_shape"] = tuple(settings["latent_shape"])
   settings["models"] = tuple(settings["models"])
+  settings["sampler_options"] = presets.settings_options(grid["settings"])
   preset = dataclasses.replace(presets.get_preset(grid["preset"]), **settings)
   if preset.metric != "proxy":
     raise app.UsageError("only proxy-metric grids (the mini preset) are re-scored here")

@@ -49,7 +49,8 @@ def main(_):
   print(f"steps/s           {sps:.3f}")
   print(f"images/s          {sps * gbs:.1f} total, {sps * gbs / n:.1f} per device")
   if peak:
-    print(f"MFU               {setup.model_flops * sps / peak:.1%} of {peak / 1e12:.0f} TFLOP/s per "
+    mfu = setup.model_flops * sps / peak
+    print(f"MFU               {mfu:.1%} of {peak / 1e12:.0f} TFLOP/s per "
           "device")
   print(f"loss              {loss:.4f} (finite: {np.isfinite(loss)})")
 

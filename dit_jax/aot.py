@@ -182,7 +182,8 @@ def _report(name: str, compiled: Any, compile_s: float, analytic: float | None,
   spec = hardware.chip(device)
   roofline = None
   if spec:
-    roofline = hardware.roofline_seconds(spec, max(flops, analytic or 0.0), accessed, sum(coll.values()))
+    roofline = hardware.roofline_seconds(spec, max(flops, analytic or 0.0), accessed,
+                                         sum(coll.values()))
   xla = cost.get("optimal_seconds")
   xla = float(xla) if xla is not None and float(xla) > 0 else None  # negative = invalid
   return StepReport(name, memory, flops, analytic, accessed, coll, compile_s, roofline, xla)
@@ -195,18 +196,21 @@ def plan(config: ml_collections.ConfigDict, devices: list[Any], sampling_step: b
   setup = step.build(config, data_info.synthetic_info(config), devices=devices)
   chips = len(devices)
   fwd_macs = step.forward_flops(setup.model) / 2
-  reports = [_report("train step", setup.compiled, setup.compile_seconds, setup.model_flops, devices[0],
-                     flops=setup.flops)]
+  reports = [_report("train step", setup.compiled, setup.compile_seconds, setup.model_flops,
+                     devices[0], flops=setup.flops)]
   if sampling_step:
-    reports.append(_sampling_report(config, setup, fwd_macs, chips, devices[0]))
+    reports.append(_sampling_report(setup, config.eval.batch_size, config.sample, fwd_macs,
+                                    chips, devices[0]))
   if sampler_loop:
-    reports.append(_sampler_loop_report(config, setup, devices[0]))
+    reports.append(_sampler_loop_report(setup, config.eval, config.sample, devices[0]))
   return setup, reports
 
 
-def _sampling_report(config: ml_collections.ConfigDict, setup: step.TrainSetup, fwd_macs: float,
+def _sampling_report(setup: step.TrainSetup, batch_size: int, sample: Any, fwd_macs: float,
                      chips: int, device: Any) -> StepReport:
-  model, n = setup.model, 2 * config.eval.batch_size
+  """One guided model call on the doubled batch of `batch_size` images, with config.sample's
+  (`sample`) matmul precision and CFG channels."""
+  model, n = setup.model, 2 * batch_size
   if n % setup.mesh.size:
     n = setup.mesh.size * max(1, n // setup.mesh.size)
   repl = jax.tree.map(lambda _: setup.repl, setup.abstract.ema_params)
@@ -217,7 +221,7 @@ def _sampling_report(config: ml_collections.ConfigDict, setup: step.TrainSetup, 
   ints = jax.ShapeDtypeStruct((n,), jnp.int32, sharding=setup.batch_sh)
   t = jax.ShapeDtypeStruct((n,), setup.objective.time_dtype, sharding=setup.batch_sh)
   scale = jax.ShapeDtypeStruct((), jnp.float32, sharding=setup.repl)
-  channels = guidance.RELEASE_GUIDED_CHANNELS if config.sample.release_cfg else None
+  channels = guidance.RELEASE_GUIDED_CHANNELS if sample.release_cfg else None
 
   def guided(p, x, t, y, s):
     # y [n]: the first half holds the labels; the closure appends the null half itself.
@@ -226,27 +230,28 @@ def _sampling_report(config: ml_collections.ConfigDict, setup: step.TrainSetup, 
   step = jax.jit(guided, out_shardings=setup.batch_sh)
   t0 = time.time()
   # Under the mesh: splash attention shard_maps itself over it.
-  with jax.default_matmul_precision(config.sample.matmul_precision), jax.set_mesh(setup.mesh):
+  with jax.default_matmul_precision(sample.matmul_precision), jax.set_mesh(setup.mesh):
     compiled = step.lower(params, x, t, ints, scale).compile()
     compile_s = time.time() - t0
     flops = float(flops_lib.xla_cost(compiled).get("flops", 0.0))
     if model.scan_layers:  # XLA counts the scanned blocks' body once (see step._compile)
-      flops += 2 * flops_lib.uncounted_loop_macs(step, params, x, t, ints, scale) / setup.mesh.size
+      macs = flops_lib.uncounted_loop_macs(step, params, x, t, ints, scale)
+      flops += 2 * macs / setup.mesh.size
   return _report(f"guided sampling step (batch {n // 2} x 2)", compiled, compile_s,
                  2 * fwd_macs * n / chips, device, flops=flops)
 
 
-def _sampler_loop_report(config: ml_collections.ConfigDict, setup: step.TrainSetup,
+def _sampler_loop_report(setup: step.TrainSetup, e: Any, sample: Any,
                          device: Any) -> StepReport:
-  """The whole guided sampler of config.eval (e.g. DDPM, 250 steps) as dit_jax.sample runs it:
-  one program whose loop body is the guided model call (the objective's sampler). Reported
-  for its compile time and memory; its FLOPs are steps x the sampling step's."""
-  e = config.eval
+  """The whole guided sampler of config.eval (`e`; e.g. DDPM, 250 steps) as dit_jax.sample
+  runs it: one program whose loop body is the guided model call (the objective's sampler).
+  Reported for its compile time and memory; its FLOPs are steps x the sampling step's."""
   n = max(setup.mesh.size, e.batch_size // setup.mesh.size * setup.mesh.size)
   fn = guidance.make_sample_fn(
       setup.objective, setup.model, **objectives.sampler_kwargs(e),
-      release_cfg=config.sample.release_cfg,
-      in_shardings=(setup.repl, setup.repl, setup.batch_sh, setup.repl), out_shardings=setup.batch_sh)
+      release_cfg=sample.release_cfg,
+      in_shardings=(setup.repl, setup.repl, setup.batch_sh, setup.repl),
+      out_shardings=setup.batch_sh)
   params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=setup.repl),
                         setup.abstract.ema_params)
   key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=setup.repl)
@@ -254,7 +259,7 @@ def _sampler_loop_report(config: ml_collections.ConfigDict, setup: step.TrainSet
   scale = jax.ShapeDtypeStruct((), jnp.float32, sharding=setup.repl)
   t0 = time.time()
   with contextlib.ExitStack() as context:
-    context.enter_context(jax.default_matmul_precision(config.sample.matmul_precision))
+    context.enter_context(jax.default_matmul_precision(sample.matmul_precision))
     # The mesh only for splash attention (it shard_maps itself): diffrax (the flow samplers)
     # runs small eager ops while tracing, which fail under a mesh of unattached devices.
     if "splash" in str(setup.model.attention_impl):

@@ -344,9 +344,9 @@ class TrainSetup:
   compile_seconds: float
 
 
-def _microbatch_sizes(config: ml_collections.ConfigDict, per_device: int) -> list[int]:
+def _microbatch_sizes(microbatches: int, per_device: int) -> list[int]:
   """config.optim.microbatches: a count, or 0 = auto (1, then 2, 4, ... while none fits)."""
-  m = int(config.optim.get("microbatches", 1))
+  m = int(microbatches)
   if m < 0:
     raise ValueError(f"config.optim.microbatches={m}: use 1 (none), N >= 2 or 0 (auto)")
   if m and per_device % m:
@@ -381,7 +381,7 @@ def build(config: ml_collections.ConfigDict, info: DataInfo,
   if gbs % len(devices):
     raise ValueError(f"config.data.global_batch_size={gbs} must divide by the {len(devices)} "
                      "devices (one image per device at least: raise the batch on large pods)")
-  micros = _microbatch_sizes(config, gbs // len(devices))
+  micros = _microbatch_sizes(config.optim.get("microbatches", 1), gbs // len(devices))
   init_fn = functools.partial(init_state, model=model, tx=tx, local_shape=info.latent_shape)
   boxed = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
   auto = config.mesh.fsdp == 0

@@ -63,16 +63,17 @@ class _Preemption:
     return self.requested
 
 
-def vae_path(config: ml_collections.ConfigDict, info: DataInfo,
+def vae_path(configured: str, info: DataInfo, data_dir: str,
              required: bool = True) -> str | None:
-  """config.vae.path, else the VAE folder prepare_latents recorded, else identity (pixel data)."""
-  if config.vae.path:
-    return config.vae.path
+  """config.vae.path (`configured`), else the VAE folder prepare_latents recorded in
+  data_dir's manifest, else identity (pixel data)."""
+  if configured:
+    return configured
   if info.manifest.get("vae", "identity") == "identity":
     return "identity"
   path = info.manifest.get("vae_path")
   if required and not path:
-    raise ValueError(f"config.vae.path is unset and {config.data.dir}/manifest.json names no VAE "
+    raise ValueError(f"config.vae.path is unset and {data_dir}/manifest.json names no VAE "
                      "folder: pass --config.vae.path=SD_VAE_DIR to decode samples")
   return path
 
@@ -113,7 +114,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   #    dataset's VAE (identity for pixel data).
   grid = evaluate = None
   if config.sample.num_images or config.eval.every_steps:
-    decoder = sampling.Decoder(vae_path(config, info), _scale(config, info), setup.repl,
+    decoder = sampling.Decoder(vae_path(config.vae.path, info, config.data.dir),
+                               latent_scale(config.vae.scale_factor, info), setup.repl,
                                matmul_precision=config.sample.matmul_precision)
     if config.sample.num_images:
       grid = periodic.SampleGrid(config, setup, decoder, writer, workdir)
@@ -127,7 +129,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       cycle_length=config.data.cycle_length)
   if start_step == 0:
     writer.write_hparams({k: v for k, v in config.to_dict().items() if not isinstance(v, dict)})
-  metrics = MetricLogger(config, setup, writer, mngr)
+  metrics = MetricLogger(gbs, setup, writer, mngr)
   batches = input_pipeline.iterate(ds, info.files)
   try:
     state = train_loop(config, info, setup, state, mngr, batches, metrics, grid, evaluate, local_bs,
@@ -144,8 +146,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   return metrics.history
 
 
-def _scale(config: ml_collections.ConfigDict, info: DataInfo) -> float:
-  return float(config.vae.scale_factor or info.scale_factor)
+def latent_scale(configured: float | None, info: DataInfo) -> float:
+  """config.vae.scale_factor (`configured`), else the manifest's."""
+  return float(configured or info.scale_factor)
 
 
 def _train_part(s: Any) -> dict:
@@ -224,8 +227,8 @@ def save(config: ml_collections.ConfigDict, info: DataInfo, model: models.DiT,
           # For readers from before objectives (ADM's process; unused with flow).
           "diffusion": {"steps": config.diffusion.steps,
                         "noise_schedule": config.diffusion.noise_schedule},
-          "scale_factor": _scale(config, info),
-          "vae_path": vae_path(config, info, required=False)}
+          "scale_factor": latent_scale(config.vae.scale_factor, info),
+          "vae_path": vae_path(config.vae.path, info, config.data.dir, required=False)}
   checkpointing.save(mngr, step, _train_part(state), state.ema_params, meta)
 
 
@@ -233,14 +236,15 @@ class MetricLogger:
   """The scalars of the steps since the last write, averaged and written every log period:
   loss, mse, vb, grad norm, lr, steps/s, images/s per device, MFU (and HFU with remat)."""
 
-  def __init__(self, config: ml_collections.ConfigDict, setup: TrainSetup, writer: Any, mngr: Any):
+  def __init__(self, global_batch_size: int, setup: TrainSetup, writer: Any, mngr: Any):
     self.writer, self.mngr, self.setup = writer, mngr, setup
-    self.images_per_step = config.data.global_batch_size / setup.mesh.size
+    self.images_per_step = global_batch_size / setup.mesh.size
     self.peak = hardware.peak_flops(setup.mesh.devices.flat[0])
     # MFU counts the model's FLOPs (3 x forward). With remat the compiled step recomputes (part
     # of) the forward: XLA's count then also gives hardware FLOPs utilisation (HFU), where it
     # counts the matmuls at all (not on GPUs, whose matmuls are library calls).
-    self.log_hfu = models.remat_policy(setup.model.remat) is not None and setup.flops >= setup.model_flops
+    self.log_hfu = (models.remat_policy(setup.model.remat) is not None
+                    and setup.flops >= setup.model_flops)
     self.history: dict[int, dict] = {}  # the logged scalars by step (returned; for tests, tools)
     self.pending: list[dict] = []
     self.t_last = time.time()
@@ -274,9 +278,9 @@ class MetricLogger:
     check_finite(state, self.mngr, step)
 
 
-def train_loop(config: ml_collections.ConfigDict, info: DataInfo, setup: TrainSetup, state: TrainState,
-               mngr: Any, batches: Any, metrics: MetricLogger, grid: Any, evaluate: Any,
-               local_bs: int, workdir: str) -> TrainState:
+def train_loop(config: ml_collections.ConfigDict, info: DataInfo, setup: TrainSetup,
+               state: TrainState, mngr: Any, batches: Any, metrics: MetricLogger, grid: Any,
+               evaluate: Any, local_bs: int, workdir: str) -> TrainState:
   """Steps to config.total_steps (or a preemption); checkpoints are saved before grids and
   evaluation. Returns the last state."""
   # Progress and ETA in the log (MetricLogger's scalars carry the throughput).

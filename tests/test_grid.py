@@ -20,7 +20,8 @@ TINY = {"model.overrides.hidden_size": 16, "model.overrides.depth": 1,
 
 
 def tiny_preset():
-  return presets.get_preset("mini", total_steps=4, eval_every=2, num_samples=20, respacing="4",
+  return presets.get_preset("mini", total_steps=4, eval_every=2, num_samples=20,
+                            sampler_options={"respacing": "4"},
                             sample_batch=20)
 
 
@@ -226,7 +227,7 @@ def test_inception_evaluation_bookkeeping(tmp_path):
     calls.append(cmd)
     args = dict(a[2:].split("=", 1) for a in cmd if a.startswith("--") and "=" in a)
     if "dit_jax.sample" in cmd:
-      assert args["cfg_scale"] == "1" and args["respacing"] == "250"
+      assert args["cfg_scale"] == "1" and args["sampler_options"] == "respacing=250"
       os.makedirs(os.path.dirname(args["out"]), exist_ok=True)
       np.savez(args["out"], arr_0=np.full((6, 4, 4, 3), int(args["step"]), np.uint8),
                arr_1=np.arange(6))
@@ -256,11 +257,17 @@ def test_grid_evaluates_with_a_fast_sampler(tmp_path):
   runner.run(preset, root, ["s8"], extra=TINY, out=io.StringIO())
   metrics = runner.read_metrics(os.path.join(root, "s8"))
   assert np.isfinite(metrics[2]["proxy_fid"])
-  assert metrics[2]["sampler"] == "dpm++2m, 5 steps (time)"
+  assert metrics[2]["sampler"] == "dpm++2m, 5 steps"
   cmds = runner.inception_commands(presets.get_preset("paper", sampler="dpm++2m",
                                                       sampler_steps=20), "/w/xl2", 50_000,
                                    "s.npz", "m.json", {})
   assert "--sampler=dpm++2m" in cmds[0] and "--steps=20" in cmds[0]
-  assert not any(a.startswith("--respacing") for a in cmds[0])
-  assert "--respacing=250" in runner.inception_commands(presets.get_preset("paper"), "/w/xl2",
-                                                        50_000, "s.npz", "m.json", {})[0]
+  assert not any("respacing" in a for a in cmds[0])
+  assert "--sampler_options=respacing=250" in runner.inception_commands(
+      presets.get_preset("paper"), "/w/xl2", 50_000, "s.npz", "m.json", {})[0]
+  # grid.json settings recorded before sampler_options keep their meaning.
+  assert presets.settings_options({"respacing": "250", "sampler": "", "spacing": "time"}) == {
+      "respacing": "250"}
+  assert presets.sampler_name({"respacing": "50", "sampler": ""}) == "'50' steps"
+  assert presets.settings_options({"respacing": "250", "sampler": "ddim",
+                                   "spacing": "logsnr"}) == {"spacing": "logsnr"}

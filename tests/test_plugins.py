@@ -24,7 +24,8 @@ def _fixture_config(data_dir, **overrides):
                                   "checkpoint.async_save": False, **overrides})
 
 
-def test_a_checkpoint_from_before_the_plugin_points_resumes_and_samples(digits_dir, tmp_path):  # noqa: F811
+def test_a_checkpoint_from_before_the_plugin_points_resumes_and_samples(  # noqa: F811
+    digits_dir, tmp_path):  # noqa: F811
   wd = str(tmp_path / "old")
   shutil.copytree(os.path.join(FIXTURE, "checkpoints"), os.path.join(wd, "checkpoints"))
   meta = checkpointing.read_meta(wd)

@@ -19,7 +19,7 @@ import time
 
 from absl import app, flags, logging
 
-from dit_jax import runtime
+from dit_jax import objectives, runtime
 from dit_jax.grid import presets, report, runner
 
 FLAGS = flags.FLAGS
@@ -32,11 +32,16 @@ flags.DEFINE_string("data", None, "Latent records (prepare_latents --out); the m
 flags.DEFINE_integer("steps", None, "Training steps of every model (preset: paper 400K, mini 2K).")
 flags.DEFINE_integer("eval_every", None, "Evaluate at every multiple of this step.")
 flags.DEFINE_integer("num_samples", None, "Samples per evaluation (paper 50,000, mini 500).")
-flags.DEFINE_string("respacing", None, "Sampling steps of the evaluation (paper '250').")
-flags.DEFINE_string("sampler", None, "Sampler of the evaluation instead of --respacing: ddpm, ddim, "
-                    "dpm++2m, dpm++3m, dpm++2m-sde.")
+flags.DEFINE_string("sampler", None, "Sampler of the evaluation, one of the trained objective's "
+                    "(ADM: ddpm, ddim, dpm++2m, dpm++3m, dpm++2m-sde), instead of the preset's "
+                    "respacing string.")
 flags.DEFINE_integer("sampler_steps", None, "Steps of --sampler (default: the sampler's).")
-flags.DEFINE_string("spacing", None, "Step spacing of --sampler: time, logsnr or karras.")
+flags.DEFINE_list("sampler_options", None, "KEY=VALUE,...: the objective's own sampler options "
+                  "(replacing the preset's), e.g. respacing=250 or spacing=logsnr for ADM.")
+flags.DEFINE_string("respacing", None, "ADM: the release's respacing string of the evaluation "
+                    "(paper '250'); the same as --sampler_options=respacing=...")
+flags.DEFINE_string("spacing", None, "ADM: step spacing of --sampler (time, logsnr, karras); the "
+                    "same as --sampler_options=spacing=...")
 flags.DEFINE_integer("sample_batch", None, "Global batch of the evaluation's sampler.")
 flags.DEFINE_enum("mode", "inprocess", ["inprocess", "subprocess", "print"],
                   "Train in this process, as dit_jax.main subprocesses, or print the commands.")
@@ -53,8 +58,8 @@ flags.DEFINE_multi_string("set", [], "Config override for every model, key=value
 runtime.define_flags()
 
 _SETTINGS = {"steps": "total_steps", "eval_every": "eval_every", "num_samples": "num_samples",
-             "respacing": "respacing", "sample_batch": "sample_batch", "sampler": "sampler",
-             "sampler_steps": "sampler_steps", "spacing": "spacing"}
+             "sample_batch": "sample_batch", "sampler": "sampler",
+             "sampler_steps": "sampler_steps"}
 
 
 def _value(text: str):
@@ -70,11 +75,19 @@ def resolve(root: str) -> tuple[presets.Preset, str, dict]:
   name = FLAGS.preset or grid.get("preset") or "paper"
   preset = presets.get_preset(name)
   if grid.get("preset") == name:  # a rerun continues with the recorded settings
-    recorded = {k: v for k, v in grid.get("settings", {}).items() if k in _SETTINGS.values()}
-    preset = dataclasses.replace(preset, **recorded)
-  preset = dataclasses.replace(preset, **{
-      field: getattr(FLAGS, flag) for flag, field in _SETTINGS.items()
-      if getattr(FLAGS, flag) is not None})
+    settings = grid.get("settings", {})
+    recorded = {k: v for k, v in settings.items() if k in _SETTINGS.values()}
+    preset = dataclasses.replace(preset, **recorded,
+                                 sampler_options=presets.settings_options(settings))
+  changes = {field: getattr(FLAGS, flag) for flag, field in _SETTINGS.items()
+             if getattr(FLAGS, flag) is not None}
+  options = objectives.parse_options(FLAGS.sampler_options) if FLAGS.sampler_options else None
+  for flag in ("respacing", "spacing"):
+    if getattr(FLAGS, flag) is not None:
+      options = {**(options or {}), flag: getattr(FLAGS, flag)}
+  if options is not None or FLAGS.sampler:  # a new sampler replaces the preset's options
+    changes["sampler_options"] = options or {}
+  preset = dataclasses.replace(preset, **changes)
   extra = dict(grid.get("extra", {})) if grid.get("preset") == name else {}
   for item in FLAGS.set:
     key, sep, value = item.partition("=")

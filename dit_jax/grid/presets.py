@@ -30,28 +30,32 @@ class Preset:
   eval_every: int          # evaluate the EMA weights at every multiple of this (and at the end)
   metric: str              # 'proxy' (digits classifier, in-process) or 'inception' (ADM's)
   num_samples: int         # samples per evaluation
-  respacing: str           # sampling steps of the evaluation (the release's respacing string)
   cfg_scale: float = 1.0   # the paper's grid is evaluated without guidance
-  # A sampler of dit_jax.diffusion instead of `respacing` ('' = respacing): 'ddpm', 'ddim',
-  # 'dpm++2m', 'dpm++3m', 'dpm++2m-sde', with `sampler_steps` steps at `spacing`.
+  # The evaluation's sampler: one of the trained objective's ('' = its default, or what
+  # sampler_options choose), with sampler_steps steps (0 = the sampler's default).
   sampler: str = ""
   sampler_steps: int = 0
-  spacing: str = "time"
+  # The objective's own sampler options, passed through to it: the presets sample ADM with the
+  # release's respacing string ({"respacing": "250"}); e.g. {"spacing": "logsnr"} with a sampler.
+  sampler_options: dict = dataclasses.field(default_factory=dict)
   sample_batch: int = 256  # global batch of the evaluation's sampler
   latent_shape: tuple[int, int, int] = (32, 32, 4)  # for parameter and Gflops counts
   num_classes: int = 1000
   models: tuple[str, ...] = MODELS
 
   def sampler_kwargs(self) -> dict[str, Any]:
-    """make_sample_fn's sampler keywords for the evaluation."""
-    if not self.sampler:
-      return {"respacing": self.respacing}
-    return {"sampler": self.sampler, "steps": self.sampler_steps or None,
-            "spacing": self.spacing}
+    """guidance.make_sample_fn's sampler keywords for the evaluation."""
+    return {"sampler": self.sampler or None, "steps": self.sampler_steps or None,
+            **self.sampler_options}
 
   def sampler_flags(self) -> list[str]:
     """The same, as dit_jax.sample flags."""
-    return [f"--{k}={v}" for k, v in self.sampler_kwargs().items() if v is not None]
+    flags = [f"--sampler={self.sampler}"] if self.sampler else []
+    flags += [f"--steps={self.sampler_steps}"] if self.sampler_steps else []
+    if self.sampler_options:
+      flags.append("--sampler_options=" + ",".join(
+          f"{k}={v}" for k, v in sorted(self.sampler_options.items())))
+    return flags
 
   def sampler_name(self) -> str:
     return sampler_name(dataclasses.asdict(self))
@@ -67,26 +71,49 @@ class Preset:
 
 PRESETS = {
     "paper": Preset(name="paper", config_file="configs/{model}.py", total_steps=400_000,
-                    eval_every=50_000, metric="inception", num_samples=50_000, respacing="250",
-                    sample_batch=256),
+                    eval_every=50_000, metric="inception", num_samples=50_000,
+                    sampler_options={"respacing": "250"}, sample_batch=256),
     "mini": Preset(name="mini", config_file="configs/mini.py:{model}", total_steps=2_000,
-                   eval_every=500, metric="proxy", num_samples=500, respacing="50",
-                   sample_batch=500, latent_shape=(8, 8, 1), num_classes=10),
+                   eval_every=500, metric="proxy", num_samples=500,
+                   sampler_options={"respacing": "50"}, sample_batch=500,
+                   latent_shape=(8, 8, 1), num_classes=10),
 }
+
+
+# Fields of grid.json settings written before sampler_options: now its entries.
+_LEGACY_OPTIONS = ("respacing", "spacing")
+
+
+def settings_options(settings: dict[str, Any]) -> dict[str, Any]:
+  """The sampler options of recorded preset settings (ROOT/grid.json), old layouts too."""
+  if "sampler_options" in settings:
+    return dict(settings["sampler_options"])
+  legacy = {k: settings[k] for k in _LEGACY_OPTIONS if settings.get(k)}
+  if settings.get("sampler"):  # the sampler replaced the respacing string
+    legacy.pop("respacing", None)
+  return {k: v for k, v in legacy.items() if (k, v) != ("spacing", "time")}
 
 
 def sampler_name(settings: dict[str, Any]) -> str:
   """How a grid samples, from its preset's settings (as recorded in ROOT/grid.json)."""
-  if not settings.get("sampler"):
-    return f"'{settings.get('respacing')}' steps"
-  return (f"{settings['sampler']}, {settings.get('sampler_steps') or 'default'} steps "
-          f"({settings.get('spacing', 'time')})")
+  options = settings_options(settings)
+  if not settings.get("sampler") and list(options) == ["respacing"]:
+    return f"'{options['respacing']}' steps"
+  name = (f"{settings.get('sampler') or 'default sampler'}, "
+          f"{settings.get('sampler_steps') or 'default'} steps")
+  return name + (f" ({', '.join(f'{k}={v}' for k, v in sorted(options.items()))})"
+                 if options else "")
 
 
 def get_preset(name: str, **changes: Any) -> Preset:
+  """PRESETS[name] with `changes`; a sampler given without sampler_options replaces the
+  preset's own (its respacing string picks a sampler of its own)."""
   if name not in PRESETS:
     raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-  return dataclasses.replace(PRESETS[name], **{k: v for k, v in changes.items() if v is not None})
+  changes = {k: v for k, v in changes.items() if v is not None}
+  if changes.get("sampler") and "sampler_options" not in changes:
+    changes["sampler_options"] = {}
+  return dataclasses.replace(PRESETS[name], **changes)
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:

@@ -28,5 +28,6 @@ ADM = adm.ADM
 EDM = edm.EDM
 Flow = flow.Flow
 
-__all__ = ["ADM", "EDM", "Flow", "Objective", "REGISTRY", "default_config", "from_config", "from_meta",
-           "names", "parse_options", "register", "sampler_kwargs", "sampler_option_defaults"]
+__all__ = ["ADM", "EDM", "Flow", "Objective", "REGISTRY", "default_config", "from_config",
+           "from_meta", "names", "parse_options", "register", "sampler_kwargs",
+           "sampler_option_defaults"]

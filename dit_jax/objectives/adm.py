@@ -17,7 +17,7 @@ from dit_jax.objectives import base
 
 @base.register
 @dataclasses.dataclass(frozen=True)
-class ADM:
+class ADM(base.ObjectiveBase):
   """The training process of config.diffusion; samplers DDPM (the release), DDIM and
   DPM-Solver++ (dit_jax.diffusion.create_sampler)."""
   steps: int = 1000
@@ -80,12 +80,6 @@ class ADM:
         diffusion_steps=self.steps, learn_sigma=self.learn_sigma, eta=opts["eta"])
     return lambda model_fn, noise, key: process.sample(model_fn, noise.shape, key, noise=noise,
                                                        progress=opts["progress"])
-
-  def sample(self, model_fn: guidance.ModelFn, noise: jax.Array, key: jax.Array,
-             sampler: Optional[str] = None, steps: Optional[int] = None,
-             **options: Any) -> jax.Array:
-    """x_0 [B, H, W, C] from noise [B, H, W, C] (see `sampler`)."""
-    return self.sampler(sampler, steps, **options)(model_fn, noise, key)
 
   def guidance_predicate(self, interval: Optional[Sequence[float]]) -> Optional[
       guidance.Predicate]:

@@ -71,6 +71,29 @@ class Objective(Protocol):
     """A JSON record with 'name' from which `from_meta` rebuilds this objective."""
 
 
+class ObjectiveBase:
+  """What objectives share: `sample` through their bound sampler, and `from_config` /
+  `from_meta` from their own config.objective fields through `cls._build(fields,
+  learn_sigma, where)` (an objective whose settings live elsewhere overrides them)."""
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> Any:
+    fields = own_fields(cls, config.objective, "config.objective")
+    return cls._build(fields, config.model.learn_sigma, "config.objective")
+
+  @classmethod
+  def from_meta(cls, record: Mapping[str, Any], meta: Mapping[str, Any]) -> Any:
+    where = 'meta["objective"]'
+    fields = own_fields(cls, record, where, strict=True)
+    return cls._build(fields, meta.get("model_kwargs", {}).get("learn_sigma", True), where)
+
+  def sample(self, model_fn: ModelFn, noise: jax.Array, key: jax.Array,
+             sampler: Optional[str] = None, steps: Optional[int] = None,
+             **options: Any) -> jax.Array:
+    """Data [B, H, W, C] from noise [B, H, W, C] with `sampler(sampler, steps, **options)`."""
+    return self.sampler(sampler, steps, **options)(model_fn, noise, key)
+
+
 REGISTRY: dict[str, type] = {}
 
 
@@ -150,24 +173,31 @@ def sampler_option_defaults() -> dict[str, Any]:
   return out
 
 
-def parse_options(items: Sequence[str]) -> dict[str, Any]:
-  """['S_churn=40', 'spacing=karras'] -> {'S_churn': 40.0, 'spacing': 'karras'}: numbers
-  (inf too) as floats, true/false as bools, the rest as strings."""
+def parse_options(items: Sequence[str]) -> dict[str, str]:
+  """['S_churn=40', 'respacing=250'] -> {'S_churn': '40', 'respacing': '250'} (command-line
+  options; `own_options` gives each the type of the option's unset value)."""
   out = {}
   for item in items:
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
       raise ValueError(f"sampler option {item!r}: expected KEY=VALUE")
-    text = text.strip()
-    if text.lower() in ("true", "false"):
-      value: Any = text.lower() == "true"
-    else:
-      try:
-        value = float(text)
-      except ValueError:
-        value = text
-    out[key.strip()] = value
+    out[key.strip()] = text.strip()
   return out
+
+
+def _typed(key: str, value: Any, unset: Any) -> Any:
+  """A command-line string as the type of the option's unset value (bool, int, float)."""
+  if not isinstance(value, str) or isinstance(unset, str) or unset is None:
+    return value
+  try:
+    if isinstance(unset, bool):
+      if value.lower() not in ("true", "false"):
+        raise ValueError(value)
+      return value.lower() == "true"
+    return type(unset)(value)
+  except ValueError:
+    raise ValueError(f"sampler option {key}={value!r}: expected a {type(unset).__name__}") \
+        from None
 
 
 def sampler_kwargs(section: Any) -> dict[str, Any]:
@@ -189,12 +219,13 @@ def own_options(objective: Objective, options: Mapping[str, Any]) -> dict[str, A
   own = {}
   for key, value in options.items():
     if key in objective.sampler_options:
-      own[key] = value
+      own[key] = _typed(key, value, objective.sampler_options[key])
       continue
     owners = [cls for cls in REGISTRY.values() if key in cls.sampler_options]
     if not owners:
       raise ValueError(f"{key}={value!r} is no sampler option of any objective")
-    if value is None or all(value == cls.sampler_options[key] for cls in owners):
+    if value is None or all(_typed(key, value, cls.sampler_options[key]) ==
+                            cls.sampler_options[key] for cls in owners):
       continue
     raise ValueError(f"{key}={value!r} is a sampler option of the "
                      f"{'/'.join(cls.name for cls in owners)} objective; the {objective.name} "

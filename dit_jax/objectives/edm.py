@@ -199,7 +199,7 @@ def sample(raw_fn: Optional[RawFn], latents: jax.Array, num_steps: int = NUM_STE
 
 @base.register
 @dataclasses.dataclass(frozen=True)
-class EDM:
+class EDM(base.ObjectiveBase):
   """EDM's preconditioned denoiser trained on log-normal sigma, sampled with its Heun solver.
 
   The DiT is EDM's F: it sees x_in = c_in x and, as its time input, time_scale * c_noise with
@@ -242,17 +242,6 @@ class EDM:
         raise ValueError(f"{where}.{key}: expected > 0, got {fields[key]!r}")
     return cls(float(fields["sigma_data"]), float(fields["p_mean"]), float(fields["p_std"]),
                float(fields["time_scale"]), bool(learn_sigma))
-
-  @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict) -> "EDM":
-    fields = base.own_fields(cls, config.objective, "config.objective")
-    return cls._build(fields, config.model.learn_sigma, "config.objective")
-
-  @classmethod
-  def from_meta(cls, record: Mapping[str, Any], meta: Mapping[str, Any]) -> "EDM":
-    where = 'meta["objective"]'
-    fields = base.own_fields(cls, record, where, strict=True)
-    return cls._build(fields, meta.get("model_kwargs", {}).get("learn_sigma", False), where)
 
   def model_time(self, sigma: jax.Array) -> jax.Array:
     """The DiT's time input at noise level sigma: time_scale * c_noise."""
@@ -297,12 +286,6 @@ class EDM:
       return sample(self.raw_fn(model_fn), noise, steps, key=key, sigma_data=self.sigma_data,
                     **opts)
     return run
-
-  def sample(self, model_fn: guidance.ModelFn, noise: jax.Array, key: jax.Array,
-             sampler: Optional[str] = None, steps: Optional[int] = None,
-             **options: Any) -> jax.Array:
-    """Data [B, H, W, C] from unit noise [B, H, W, C] (see `sampler`)."""
-    return self.sampler(sampler, steps, **options)(model_fn, noise, key)
 
   def guidance_predicate(self, interval: Optional[Sequence[float]]) -> Optional[
       guidance.Predicate]:

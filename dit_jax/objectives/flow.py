@@ -24,7 +24,7 @@ _SDE_OPTIONS = {"diffusion_form": "sigma", "diffusion_norm": 1.0, "last_step": "
 
 @base.register
 @dataclasses.dataclass(frozen=True)
-class Flow:
+class Flow(base.ObjectiveBase):
   """SiT's flow matching: path, prediction, loss weight and training times of `transport`."""
   transport: flow.Transport
   learn_sigma: bool = True
@@ -69,17 +69,6 @@ class Flow:
       raise ValueError(f"{where}.{e}") from None
     return cls(transport, bool(learn_sigma))
 
-  @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict) -> "Flow":
-    fields = base.own_fields(cls, config.objective, "config.objective")
-    return cls._build(fields, config.model.learn_sigma, "config.objective")
-
-  @classmethod
-  def from_meta(cls, record: Mapping[str, Any], meta: Mapping[str, Any]) -> "Flow":
-    where = 'meta["objective"]'
-    fields = base.own_fields(cls, record, where, strict=True)
-    return cls._build(fields, meta.get("model_kwargs", {}).get("learn_sigma", True), where)
-
   def draw(self, key: jax.Array, x0: jax.Array) -> dict[str, jax.Array]:
     """t float32 [B] in the training interval (uniform or logit-normal); noise like x0."""
     k_t, k_noise = jax.random.split(key)
@@ -122,12 +111,6 @@ class Flow:
                                          **kwargs)
       return self.transport.sample_ode(fn, noise, method=sampler, num_steps=steps, **kwargs)
     return run
-
-  def sample(self, model_fn: guidance.ModelFn, noise: jax.Array, key: jax.Array,
-             sampler: Optional[str] = None, steps: Optional[int] = None,
-             **options: Any) -> jax.Array:
-    """Data [B, H, W, C] from noise [B, H, W, C] (see `sampler`)."""
-    return self.sampler(sampler, steps, **options)(model_fn, noise, key)
 
   def guidance_predicate(self, interval: Optional[Sequence[float]]) -> Optional[
       guidance.Predicate]:
