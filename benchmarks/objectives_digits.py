@@ -62,7 +62,7 @@ def train(config, objective, info, pixels, labels):
     def loss_fn(params):
       model_fn = lambda x, t: model.apply({"params": params}, x, t, y, train=True,
                                           rngs={"dropout": k_drop})
-      loss, logged = objective.training_losses(model_fn, x0, objective.draw(k_obj, x0))
+      loss, logged = objective.training_losses(model_fn, x0, objective.draw(*jax.random.split(k_obj), x0))
       return loss.mean(), logged
 
     (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

@@ -1,7 +1,7 @@
 r"""Guided DDPM sampling speed: one lax.scan loop vs a Python loop of jitted steps.
 
-Measures images/s of classifier-free-guided ancestral sampling (DiT
-forward_with_cfg on the doubled batch, as the release samples for FID), the
+Measures images/s of classifier-free-guided ancestral sampling (the release's
+CFG on the doubled batch, dit_jax.guidance, as the release samples for FID), the
 compile time of the whole scanned loop, and the same loop driven step by step
 from Python (one jitted step, a Python for loop). Weights are random (speed
 does not depend on them). Both loops use the same keys and must agree.

@@ -64,13 +64,16 @@ def get_config(model: str = "DiT-XL/2", image_size: int = 256) -> ml_collections
   # 'auto': the first of none, dots_with_no_batch_dims_saveable, full whose compiled step fits
   # 90% of a device's memory (step.build; needs a known device memory, else none).
   c.model.remat = "none"
-  # The block's parts (dit_jax.models.NORMS, MLPS, POS_EMBEDDINGS); these are the release's.
+  # The block's parts (dit_jax.models.NORMS, MLPS, POS_EMBEDDINGS, ATTENTIONS); the release's.
   # The norm of every block and of the final layer: 'layernorm' (no affine, eps 1e-6, float32).
   c.model.norm = "layernorm"
   # The block MLP: 'gelu' (Linear(D, mlp_ratio D), tanh GELU, Linear back).
   c.model.mlp = "gelu"
   # The fixed position table added to the patch tokens: 'sincos' (MAE's 2-D sin-cos).
   c.model.pos_embedding = "sincos"
+  # The block's attention: 'mha' (fused qkv, multi-head self-attention; its kernel is
+  # attention_impl below).
+  c.model.attention = "mha"
   # nn.scan over the blocks: one compiled block instead of depth copies (faster compiles);
   # parameters are stacked [depth, ...] under 'blocks' instead of blocks_0 ... blocks_{depth-1}.
   # Checkpoints of either layout resume in the other; the released-checkpoint converter
@@ -216,23 +219,17 @@ def get_config(model: str = "DiT-XL/2", image_size: int = 256) -> ml_collections
   c.sample.every_steps = 20_000
   # Images in the periodic grid (0 = no grids).
   c.sample.num_images = 16
-  # Sampler: '' (the objective's default: 'ddpm' for ADM, 'sde-euler' for flow). ADM: 'ddpm'
-  # (ancestral, the release), 'ddim', 'dpm++2m', 'dpm++3m', 'dpm++2m-sde'. Flow: 'euler',
-  # 'heun2', 'dopri5' (adaptive; steps is then SiT's grid size), 'sde-euler', 'sde-heun'.
+  # Sampler: one of the trained objective's (docs/objectives.md); '' is its default (ADM:
+  # 'ddpm', the release's; flow: 'sde-euler'; EDM: 'heun').
   c.sample.sampler = ""
-  # Model calls per image (x2 images each with guidance); the release: 250 DDPM steps.
-  # DPM-Solver++ needs about 20 (see docs/sampling.md and docs/sampler_quality.md).
-  c.sample.steps = 250
-  # Where the steps sit: 'time' (uniform in t; for DDPM the release's 250-step list),
-  # 'logsnr' (uniform in log SNR) or 'karras' (Karras et al. 2022, rho 7).
-  c.sample.spacing = "time"
-  # Guide only where the noise level sigma_t = sqrt((1 - abar_t) / abar_t) lies in (lo, hi]
-  # (Kynkaanniemi et al. 2024); scale 1 elsewhere, at half the cost. (0, inf): every step.
-  # Flow: flow times (t_lo, t_hi), t = 0 noise, 1 data.
+  # Steps of the sampler (ADM: model calls per image, x2 images each with guidance; flow: SiT's
+  # grid points; EDM: Heun steps, 2 steps - 1 calls); 0 is the sampler's default (ADM: the
+  # release's 250 DDPM steps, 20 DPM-Solver++; flow 250; EDM 18). docs/sampler_quality.md.
+  c.sample.steps = 0
+  # Guide only inside an interval of noise levels (Kynkaanniemi et al. 2024), in the objective's
+  # units: ADM and EDM sigma (lo, hi], ADM's sigma_t = sqrt((1 - abar_t) / abar_t); flow time
+  # (t_lo, t_hi), t = 0 noise. Scale 1 elsewhere, at half the cost. (0, inf): every step.
   c.sample.guidance_interval = (0.0, float("inf"))
-  # The release's respacing string ('250', 'ddim50'); when set it replaces sampler, steps and
-  # spacing (DDIM for 'ddimN', else DDPM). Kept for old command lines.
-  c.sample.respacing = ""
   # Guidance scale of the grid (1.5 reproduces the paper's FID; 4.0 looks best).
   c.sample.cfg_scale = 4.0
   # Guide only the first 3 latent channels as the release does (False: all channels).
@@ -241,10 +238,13 @@ def get_config(model: str = "DiT-XL/2", image_size: int = 256) -> ml_collections
   # float32 as the release does, also on TPUs (whose default is one bfloat16 pass).
   c.sample.matmul_precision = "highest"
 
-  # The other sampler options of each objective, at their unset values: each objective takes
-  # its own (ADM's eta for DDIM; the flow ODE's atol/rtol and SDE's diffusion_form,
-  # diffusion_norm, last_step, last_step_size; ...), documented where it declares them
-  # (`sampler_options` in dit_jax/objectives/<name>.py). config.eval holds the same.
+  # Every objective's own sampler options, at their unset values; each objective takes its own
+  # and refuses another's set (ADM: spacing 'time'/'logsnr'/'karras', the release's respacing
+  # string '250' or 'ddim50' that replaces sampler and steps, DDIM's eta; flow: the ODE's
+  # atol/rtol, the SDE's diffusion_form, diffusion_norm, last_step, last_step_size; EDM: the
+  # sigma grid and the churn S_churn, S_min, S_max, S_noise). Each is documented where its
+  # objective declares it (`sampler_options` in dit_jax/objectives/<name>.py).
+  # config.eval holds the same.
   _add_sampler_options(c.sample)
 
   c.eval = ml_collections.ConfigDict()
@@ -257,15 +257,11 @@ def get_config(model: str = "DiT-XL/2", image_size: int = 256) -> ml_collections
   c.eval.batch_size = 256
   # Guidance scale (1.5: the paper's headline; 1.0: the grid's unguided FIDs).
   c.eval.cfg_scale = 1.5
-  # Sampler, steps, spacing and guidance interval as in `sample` ('' = 'ddpm' for ADM, 250
-  # steps as the paper). Flow: spacing stays 'time'; the guidance interval is in flow time
-  # (t_lo, t_hi), t = 0 noise, 1 data.
+  # Sampler, steps, guidance interval and the objectives' sampler options as in `sample`
+  # ('' and 0: the objective's defaults, for ADM the paper's 250 DDPM steps).
   c.eval.sampler = ""
-  c.eval.steps = 250
-  c.eval.spacing = "time"
+  c.eval.steps = 0
   c.eval.guidance_interval = (0.0, float("inf"))
-  # The release's respacing string; when set it replaces sampler, steps and spacing.
-  c.eval.respacing = ""
   _add_sampler_options(c.eval)
   # FID Inception weights: pt_inception-2015-12-05-6726825d.pth or its converted .npz.
   c.eval.inception = ""

@@ -199,17 +199,18 @@ def plan(config: ml_collections.ConfigDict, devices: list[Any], sampling_step: b
   reports = [_report("train step", setup.compiled, setup.compile_seconds, setup.model_flops,
                      devices[0], flops=setup.flops)]
   if sampling_step:
-    reports.append(_sampling_report(setup, config.eval.batch_size, config.sample, fwd_macs,
-                                    chips, devices[0]))
+    reports.append(_sampling_report(setup, config.eval.batch_size, config.sample.release_cfg,
+                                    config.sample.matmul_precision, fwd_macs, chips, devices[0]))
   if sampler_loop:
-    reports.append(_sampler_loop_report(setup, config.eval, config.sample, devices[0]))
+    reports.append(_sampler_loop_report(setup, config.eval, config.sample.release_cfg,
+                                        config.sample.matmul_precision, devices[0]))
   return setup, reports
 
 
-def _sampling_report(setup: step.TrainSetup, batch_size: int, sample: Any, fwd_macs: float,
-                     chips: int, device: Any) -> StepReport:
-  """One guided model call on the doubled batch of `batch_size` images, with config.sample's
-  (`sample`) matmul precision and CFG channels."""
+def _sampling_report(setup: step.TrainSetup, batch_size: int, release_cfg: bool,
+                     precision: str, fwd_macs: float, chips: int, device: Any) -> StepReport:
+  """One guided model call on the doubled batch of `batch_size` images at matmul `precision`
+  (the release's 3 guided channels with release_cfg)."""
   model, n = setup.model, 2 * batch_size
   if n % setup.mesh.size:
     n = setup.mesh.size * max(1, n // setup.mesh.size)
@@ -221,7 +222,7 @@ def _sampling_report(setup: step.TrainSetup, batch_size: int, sample: Any, fwd_m
   ints = jax.ShapeDtypeStruct((n,), jnp.int32, sharding=setup.batch_sh)
   t = jax.ShapeDtypeStruct((n,), setup.objective.time_dtype, sharding=setup.batch_sh)
   scale = jax.ShapeDtypeStruct((), jnp.float32, sharding=setup.repl)
-  channels = guidance.RELEASE_GUIDED_CHANNELS if sample.release_cfg else None
+  channels = guidance.RELEASE_GUIDED_CHANNELS if release_cfg else None
 
   def guided(p, x, t, y, s):
     # y [n]: the first half holds the labels; the closure appends the null half itself.
@@ -230,7 +231,7 @@ def _sampling_report(setup: step.TrainSetup, batch_size: int, sample: Any, fwd_m
   step = jax.jit(guided, out_shardings=setup.batch_sh)
   t0 = time.time()
   # Under the mesh: splash attention shard_maps itself over it.
-  with jax.default_matmul_precision(sample.matmul_precision), jax.set_mesh(setup.mesh):
+  with jax.default_matmul_precision(precision), jax.set_mesh(setup.mesh):
     compiled = step.lower(params, x, t, ints, scale).compile()
     compile_s = time.time() - t0
     flops = float(flops_lib.xla_cost(compiled).get("flops", 0.0))
@@ -241,7 +242,7 @@ def _sampling_report(setup: step.TrainSetup, batch_size: int, sample: Any, fwd_m
                  2 * fwd_macs * n / chips, device, flops=flops)
 
 
-def _sampler_loop_report(setup: step.TrainSetup, e: Any, sample: Any,
+def _sampler_loop_report(setup: step.TrainSetup, e: Any, release_cfg: bool, precision: str,
                          device: Any) -> StepReport:
   """The whole guided sampler of config.eval (`e`; e.g. DDPM, 250 steps) as dit_jax.sample
   runs it: one program whose loop body is the guided model call (the objective's sampler).
@@ -249,7 +250,7 @@ def _sampler_loop_report(setup: step.TrainSetup, e: Any, sample: Any,
   n = max(setup.mesh.size, e.batch_size // setup.mesh.size * setup.mesh.size)
   fn = guidance.make_sample_fn(
       setup.objective, setup.model, **objectives.sampler_kwargs(e),
-      release_cfg=sample.release_cfg,
+      release_cfg=release_cfg,
       in_shardings=(setup.repl, setup.repl, setup.batch_sh, setup.repl),
       out_shardings=setup.batch_sh)
   params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=setup.repl),
@@ -259,14 +260,14 @@ def _sampler_loop_report(setup: step.TrainSetup, e: Any, sample: Any,
   scale = jax.ShapeDtypeStruct((), jnp.float32, sharding=setup.repl)
   t0 = time.time()
   with contextlib.ExitStack() as context:
-    context.enter_context(jax.default_matmul_precision(sample.matmul_precision))
+    context.enter_context(jax.default_matmul_precision(precision))
     # The mesh only for splash attention (it shard_maps itself): diffrax (the flow samplers)
     # runs small eager ops while tracing, which fail under a mesh of unattached devices.
     if "splash" in str(setup.model.attention_impl):
       context.enter_context(jax.set_mesh(setup.mesh))
     compiled = fn.lower(params, key, labels, scale).compile()
   sampler = e.sampler or setup.objective.default_sampler
-  steps = e.steps or setup.objective.default_steps.get(sampler, 250)
+  steps = e.steps or setup.objective.default_steps[sampler]
   return _report(f"whole sampler ({sampler}, {steps} steps, batch {n})", compiled,
                  time.time() - t0, None, device)
 

@@ -46,11 +46,11 @@ _RANGES = (
 )
 # Checked only where the feature is on: (switch field, fields).
 _WHEN_ON = (
-    ("sample.num_images", (("sample.steps", 1, None, "sampling steps"),
+    ("sample.num_images", (("sample.steps", 0, None, "sampling steps (0 = the sampler's default)"),
                            ("sample.cfg_scale", 0.0, None, "guidance scale"))),
     ("eval.every_steps", (("eval.num_samples", 1, None, "images per evaluation"),
                           ("eval.batch_size", 1, None, "images per sampling call"),
-                          ("eval.steps", 1, None, "sampling steps"),
+                          ("eval.steps", 0, None, "sampling steps (0 = the sampler's default)"),
                           ("eval.cfg_scale", 0.0, None, "guidance scale"),
                           ("eval.inception_batch_per_device", 1, None,
                            "images per device per Inception call"))),

@@ -23,12 +23,16 @@ class DataInfo:
   manifest: dict
 
 
-def synthetic_info(config: ml_collections.ConfigDict, num_classes: int = 1000) -> DataInfo:
+def synthetic_info(config: ml_collections.ConfigDict, num_classes: int = 1000,
+                   extras: dict | None = None) -> DataInfo:
   """The DataInfo of a config's data without reading it: SD-VAE latents (image_size / 8, four
-  channels, stored float16) or, for the built-in digits, the 1-channel float32 pixels."""
+  channels, stored float16) or, for the built-in digits, the 1-channel float32 pixels.
+  `extras`: the manifest's extra per-example arrays ({name: {"shape", "dtype", "flip"}},
+  dit_jax.records), for planning an objective that reads them."""
   s = int(config.data.image_size)
+  more = {"extras": dict(extras)} if extras else {}
   if config.data.get("builtin") == "digits":
     return DataInfo((s, s, 1), 10, 1.0, 0, 0, (), {"dtype": "float32",
-                                                  "latent_shape": [s, s, 1]})
+                                                  "latent_shape": [s, s, 1], **more})
   return DataInfo((s // 8, s // 8, 4), num_classes, 0.18215, 0, 0, (),
-                  {"dtype": "float16", "latent_shape": [s // 8, s // 8, 4]})
+                  {"dtype": "float16", "latent_shape": [s // 8, s // 8, 4], **more})

@@ -113,7 +113,7 @@ def _layer_norm(name: str) -> nn.LayerNorm:
                       name=name)
 
 
-# The block's parts by name (DiT.norm, DiT.mlp, DiT.pos_embed): a variant of the model is an
+# The block's parts by name (DiT.norm, mlp, pos_embedding, attention): a variant of the model is an
 # entry here and a field value, and every default is the released DiT's.
 #   norm: name -> a float32 norm module over the last axis.
 NORMS: dict[str, Callable[[str], nn.Module]] = {'layernorm': _layer_norm}
@@ -231,6 +231,9 @@ class Mlp(nn.Module):
 
 # mlp: name -> module(hidden_size, mlp_dim, dtype, name=...) mapping [N, T, D] -> [N, T, D].
 MLPS: dict[str, Callable[..., nn.Module]] = {'gelu': Mlp}
+# attention: name -> module(hidden_size, num_heads, dtype, attention_impl, name=...) mapping
+# [N, T, D] -> [N, T, D]; attention_impl picks its kernel (a runtime choice, not a variant).
+ATTENTIONS: dict[str, Callable[..., nn.Module]] = {'mha': Attention}
 
 
 class Modulation(nn.Module):
@@ -274,6 +277,7 @@ class DiTBlock(nn.Module):
   adaln_matmul: Callable | None = None  # see Modulation
   norm: str = 'layernorm'  # a NORMS name
   mlp: str = 'gelu'  # an MLPS name
+  attention: str = 'mha'  # an ATTENTIONS name
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, c: jnp.ndarray) -> jnp.ndarray:
@@ -282,7 +286,8 @@ class DiTBlock(nn.Module):
     mod = Modulation(6 * d, self.adaln_matmul, name='adaLN_modulation')(c)
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
     h = modulate(norm('norm1')(x), shift_msa, scale_msa)
-    h = Attention(d, self.num_heads, self.dtype, self.attention_impl, name='attn')(h)
+    h = ATTENTIONS[self.attention](d, self.num_heads, self.dtype, self.attention_impl,
+                                   name='attn')(h)
     # The residual stream stays float32: bf16 branch outputs promote on the gated add.
     x = x + gate_msa[:, None] * h
     h = modulate(norm('norm2')(x), shift_mlp, scale_mlp)
@@ -383,11 +388,13 @@ class DiT(nn.Module):
   # How the adaLN modulations are computed from their parameters (`Modulation`); None: as a
   # plain Linear. Set by the explicit data-parallel step only (dit_jax.step.explicit_grads).
   adaln_matmul: Callable | None = None
-  # The block's parts by name (NORMS, MLPS, POS_EMBEDDINGS); the defaults are the release's.
-  # A checkpoint whose meta predates a field reads it as its default (`from_kwargs`).
+  # The block's parts by name (NORMS, MLPS, POS_EMBEDDINGS, ATTENTIONS); the defaults are the
+  # release's. A checkpoint whose meta predates a field reads it as its default
+  # (`from_architecture`).
   norm: str = 'layernorm'
   mlp: str = 'gelu'
   pos_embedding: str = 'sincos'
+  attention: str = 'mha'
 
   @property
   def out_channels(self) -> int:
@@ -409,7 +416,8 @@ class DiT(nn.Module):
           f'hidden_size={self.hidden_size} must be divisible by 4 for the 2-D sin-cos position table')
     if self.num_classes < 1:
       raise ValueError(f'num_classes={self.num_classes} must be >= 1')
-    for field, table in (('norm', NORMS), ('mlp', MLPS), ('pos_embedding', POS_EMBEDDINGS)):
+    for field, table in (('norm', NORMS), ('mlp', MLPS), ('pos_embedding', POS_EMBEDDINGS),
+                         ('attention', ATTENTIONS)):
       if getattr(self, field) not in table:
         raise ValueError(f'{field}={getattr(self, field)!r} is not one of {sorted(table)}')
     remat_policy(self.remat)
@@ -462,7 +470,7 @@ class DiT(nn.Module):
 
   def _block_args(self) -> tuple:
     return (self.hidden_size, self.num_heads, self.mlp_ratio, self.dtype, self.attention_impl,
-            self.adaln_matmul, self.norm, self.mlp)
+            self.adaln_matmul, self.norm, self.mlp, self.attention)
 
   def _blocks(self, h: jnp.ndarray, c: jnp.ndarray,
               capture: int | None) -> tuple[jnp.ndarray, jnp.ndarray | None]:
@@ -480,13 +488,16 @@ class DiT(nn.Module):
         h = block_cls(*self._block_args(), name=f'blocks_{i}')(h, c)
         hidden = h if i == capture else hidden
       return h, hidden
-    if capture is not None and not self.is_initializing():
+    if capture is not None:
+      if self.is_initializing():
+        raise ValueError('capture: initialise the scanned blocks without it (init makes the '
+                         'stacked parameters that the split scan reads)')
       return self._split_scan(h, c, capture, policy)
     stack = nn.scan(_scan_body, variable_axes={'params': 0}, split_rngs={'params': True},
                     in_axes=nn.broadcast, length=self.depth,
                     metadata_params={nn.PARTITION_NAME: 'layers'})
     h, _ = stack(block_cls(*self._block_args(), name='blocks'), h, c)
-    return h, (None if capture is None else h)
+    return h, None
 
   def _split_scan(self, h: jnp.ndarray, c: jnp.ndarray, capture: int,
                   policy: Callable | None) -> tuple[jnp.ndarray, jnp.ndarray]:

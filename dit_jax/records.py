@@ -47,7 +47,8 @@ MANIFEST = "manifest.json"
 SUPPORTED_DTYPES = ("float16", "float32")
 EXTRA_DTYPES = ("uint8", "int32", "float16", "float32")
 FLIPS = ("width", "none")
-RESERVED_NAMES = ("label", "mean", "std")
+# The batch's own arrays, and the train step's names for the latent and the label dropout.
+RESERVED_NAMES = ("label", "mean", "std", "x0", "drop")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -48,16 +48,18 @@ flags.DEFINE_string("sampler", None, "A sampler of the checkpoint's objective (d
                         f"{cls.name}: {cls.default_sampler}, " + ", ".join(
                             s for s in cls.samplers if s != cls.default_sampler)
                         for cls in objectives.REGISTRY.values()) + ".")
-flags.DEFINE_integer("steps", None, "Model calls per image (x2 with guidance); default 250 for "
-                     "ddpm, 50 for ddim, 20 for dpm++*; flow: SiT's grid points (250, dopri5 "
-                     "50).", lower_bound=1)
+flags.DEFINE_integer("steps", None, "Steps of the sampler (default: the sampler's). ADM: model "
+                     "calls per image, x2 with guidance (250 ddpm, 50 ddim, 20 dpm++*); flow: "
+                     "SiT's grid points (250, dopri5 50); EDM: Heun steps, 2 steps - 1 calls "
+                     "(18).", lower_bound=1)
 flags.DEFINE_string("spacing", "time", "Step spacing (ADM): uniform in 'time', in 'logsnr', or "
                     "'karras' (rho 7). The other objectives take only 'time'.")
-flags.DEFINE_list("guidance_interval", None, "SIGMA_LO,SIGMA_HI: guide only where sigma_t = "
-                  "sqrt((1-abar_t)/abar_t) is in (lo, hi]; flow: T_LO,T_HI in flow time "
-                  "(0 noise, 1 data); default: every step.")
-flags.DEFINE_string("respacing", "", "The release's respacing instead of --sampler/--steps: "
-                    "'250' (DDPM) or 'ddimN' (DDIM).")
+flags.DEFINE_list("guidance_interval", None, "LO,HI in the objective's units: ADM and EDM "
+                  "guide where the noise level sigma (ADM's sqrt((1-abar_t)/abar_t)) is in "
+                  "(lo, hi]; flow where flow time (0 noise, 1 data) is in [lo, hi]; default: "
+                  "every step.")
+flags.DEFINE_string("respacing", "", "ADM: the release's respacing instead of --sampler/--steps: "
+                    "'250' (DDPM) or 'ddimN' (DDIM); the same as --sampler_options=respacing=.")
 flags.DEFINE_list("sampler_options", [], "KEY=VALUE,...: the checkpoint's objective's own "
                   "sampler options (see `sampler_options` in dit_jax/objectives/<name>.py).")
 flags.DEFINE_bool("release_cfg", True, "Guide only the first 3 channels as the release does.")
@@ -126,7 +128,12 @@ def main(argv):
     sampling.check_batch(model, FLAGS.cfg_scale, bs, mesh.size, ("--cfg_scale", "--batch_size"))
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  if FLAGS.respacing and (FLAGS.steps is not None or FLAGS["sampler"].present):
+  try:
+    extra = objectives.parse_options(FLAGS.sampler_options)
+  except ValueError as e:
+    raise app.UsageError(f"--sampler_options: {e}") from None
+  if ((FLAGS.respacing or extra.get("respacing"))
+      and (FLAGS.steps is not None or FLAGS["sampler"].present)):
     raise app.UsageError("--respacing replaces --sampler/--steps: pass one or the other")
   objective = objectives.from_meta(meta)
   if FLAGS.sampler and FLAGS.sampler not in objective.samplers:
@@ -134,10 +141,11 @@ def main(argv):
                          f"{objective.name} objective, whose samplers are "
                          f"{', '.join(objective.samplers)}")
   try:
-    options = objectives.sampler_kwargs({
+    # --sampler_options go through unfiltered: the objective refuses a key it lacks by name.
+    options = {**objectives.sampler_kwargs({
         "sampler": FLAGS.sampler, "steps": FLAGS.steps, "spacing": FLAGS.spacing,
         "guidance_interval": [float(v) for v in FLAGS.guidance_interval or []],
-        "respacing": FLAGS.respacing, **objectives.parse_options(FLAGS.sampler_options)})
+        "respacing": FLAGS.respacing}), **extra}
     sample_fn = guidance.make_sample_fn(
         objective, model, **options, guided=FLAGS.cfg_scale != 1.0,
         release_cfg=FLAGS.release_cfg, in_shardings=(repl, repl, batch_sh, repl),

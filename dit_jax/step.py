@@ -271,13 +271,18 @@ def train_step(state: TrainState, batch: dict, *, model: models.DiT,
   parameters are stored rather than gathered (`explicit_grads`).
   """
   key = jax.random.fold_in(state.rng, state.step)
-  k_x0, k_draw, k_drop = jax.random.split(key, 3)
+  k_x0, k_t, k_noise, k_drop = jax.random.split(key, 4)
   x0, extras = sample_latents(batch, k_x0, scale, random_flip, flips)
   n = x0.shape[0]
   # Label dropout to the null class (classifier-free guidance), as the model would draw it.
   drop = (jax.random.uniform(k_drop, (n,)) < model.class_dropout_prob).astype(jnp.int32)
   # Every per-example input (the batch's, and the objective's draws) is split by microbatches.
-  inputs = {**extras, **objective.draw(k_draw, x0), "x0": x0, "drop": drop}
+  drawn = {**objective.draw(k_t, k_noise, x0), "x0": x0, "drop": drop}
+  clash = sorted(set(drawn) & set(extras))
+  if clash:
+    raise ValueError(f"the batch's per-example arrays {clash} have the names of the "
+                     f"{objective.name} objective's training inputs: rename them in the records")
+  inputs = {**extras, **drawn}
   if param_dtypes is None:
     param_dtypes = models.compute_dtypes(model, state.params)
 

@@ -100,7 +100,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     raise ValueError(f"config.data.global_batch_size={gbs} must divide by {nproc} processes")
   local_bs = gbs // nproc
 
-  # 2. Model, objective (ADM or flow), optimizer, mesh, shardings and the compiled step.
+  # 2. Model, objective (config.objective.name), optimizer, mesh, shardings, compiled step.
   setup = build(config, info, devices)
 
   # 3. Restore or initialise; the state is created sharded (never whole on one device).

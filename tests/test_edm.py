@@ -347,8 +347,8 @@ def test_edm_is_registered_with_its_fields_and_round_trips_through_meta():
 def test_edm_draw_and_loss_are_the_numerics_on_the_dit_time_input():
   obj = edm.EDM(learn_sigma=True)
   x0 = jax.random.normal(jax.random.PRNGKey(0), (64, 4, 4, 2)) * 0.5
-  inputs = obj.draw(jax.random.PRNGKey(1), x0)
-  k_sigma, _ = jax.random.split(jax.random.PRNGKey(1))
+  k_sigma, k_noise = jax.random.split(jax.random.PRNGKey(1))
+  inputs = obj.draw(k_sigma, k_noise, x0)
   np.testing.assert_allclose(inputs["sigma"], edm.sample_sigma(k_sigma, 64))
   np.testing.assert_allclose(inputs["t"], 250.0 * np.log(np.asarray(inputs["sigma"])) / 4,
                              rtol=1e-5, atol=1e-5)

@@ -133,8 +133,8 @@ def test_the_objective_draws_t_and_noise_from_the_key():
   from dit_jax import objectives  # pylint: disable=import-outside-toplevel
   obj = objectives.Flow(flow.create_transport("Linear", "velocity"), learn_sigma=False)
   x1 = jnp.ones((16, 2, 2, 2))
-  inputs = obj.draw(jax.random.PRNGKey(3), x1)
   k_t, k_noise = jax.random.split(jax.random.PRNGKey(3))
+  inputs = obj.draw(k_t, k_noise, x1)
   np.testing.assert_array_equal(inputs["t"], obj.transport.sample_t(k_t, 16))
   np.testing.assert_array_equal(inputs["noise"], jax.random.normal(k_noise, x1.shape))
   a, _ = obj.training_losses(exact_model("Linear", "velocity"), x1, inputs)

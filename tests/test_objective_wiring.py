@@ -74,7 +74,7 @@ def test_converted_sit_checkpoint_samples_with_flow(tmp_path):
   assert convert.official_objective(str(tmp_path / "DiT-XL-2-256x256.pt")) is None
   assert convert.official_objective(pt, "adm") is None
   with pytest.raises(ValueError, match="--objective"):
-    convert.official_objective(pt, "edm")
+    convert.official_objective(pt, "nope")
   out_dir = str(tmp_path / "sit")
   convert.convert_official(pt, out_dir, "DiT-S/2", record,
                            **{k: v for k, v in kwargs.items() if k != "patch_size"})

@@ -43,13 +43,13 @@ def test_adm_objective_gives_the_train_steps_loss_for_the_same_keys():
   @jax.jit
   def via_objective(state, batch):
     key = jax.random.fold_in(state.rng, state.step)
-    k_x0, k_draw, k_drop = jax.random.split(key, 3)
+    k_x0, k_t, k_noise, k_drop = jax.random.split(key, 4)
     x0, _ = step.sample_latents(batch, k_x0, 0.5, True)
     # The step draws the label dropout for the whole batch from k_drop.
     drop = (jax.random.uniform(k_drop, (8,)) < model.class_dropout_prob).astype(jnp.int32)
     model_fn = lambda x, t: model.apply({"params": state.params}, x, t, batch["label"],
                                         train=True, force_drop_ids=drop)
-    loss, logged = obj.training_losses(model_fn, x0, obj.draw(k_draw, x0))
+    loss, logged = obj.training_losses(model_fn, x0, obj.draw(k_t, k_noise, x0))
     return loss.mean(), logged
 
   loss, logged = via_objective(state, batch)
@@ -71,7 +71,7 @@ def test_flow_objective_trains_a_dit():
 
   def loss_fn(params, key):
     model_fn = lambda x, t: model.apply({"params": params}, x, t, batch["label"])
-    loss, logged = obj.training_losses(model_fn, x0, obj.draw(key, x0))
+    loss, logged = obj.training_losses(model_fn, x0, obj.draw(*jax.random.split(key), x0))
     return loss.mean(), (loss, logged)
 
   (loss, (per_example, logged)), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
@@ -85,7 +85,7 @@ def test_flow_objective_trains_a_dit():
   # t in [0, 1] reaches the model as floats.
   seen = []
   obj.training_losses(lambda x, t: seen.append(t) or jnp.concatenate([x, x], axis=-1), x0,
-                      obj.draw(jax.random.PRNGKey(2), x0))
+                      obj.draw(*jax.random.split(jax.random.PRNGKey(2)), x0))
   assert seen[0].dtype == jnp.float32 and 0 <= float(seen[0].min()) <= float(seen[0].max()) <= 1
 
 

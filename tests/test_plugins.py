@@ -21,7 +21,8 @@ FIXTURE = os.path.join(os.path.dirname(__file__), "data", "checkpoint_b0d07be")
 def _fixture_config(data_dir, **overrides):
   """The config the fixture checkpoint was written with (its README), on `data_dir`."""
   return tiny_config(data_dir, **{"data.global_batch_size": 8, "checkpoint.every_steps": 2,
-                                  "checkpoint.async_save": False, **overrides})
+                                  "checkpoint.async_save": False, "optim.warmup_steps": 100,
+                                  "data.shuffle_buffer": 2_000, **overrides})
 
 
 def test_a_checkpoint_from_before_the_plugin_points_resumes_and_samples(  # noqa: F811
@@ -45,6 +46,16 @@ def test_a_checkpoint_from_before_the_plugin_points_resumes_and_samples(  # noqa
   assert x.shape == (4, 8, 8, 1) and np.isfinite(np.asarray(x)).all()
 
 
+def test_adm_training_repeats_the_losses_logged_before_the_plugin_points(  # noqa: F811
+    digits_dir, tmp_path):  # noqa: F811
+  """The fixture's README records the losses b0d07be logged on one device: the same keys draw
+  the same t, noise, flips and label dropout today."""
+  hist = train.train_and_evaluate(_fixture_config(digits_dir, total_steps=2),
+                                  str(tmp_path / "fresh"), devices=jax.devices()[:1])
+  np.testing.assert_allclose([hist[1]["loss"], hist[2]["loss"]], [1.08478, 1.03201],
+                             rtol=2e-5)
+
+
 def _edit_meta(wd, edit):
   path = os.path.join(wd, "checkpoints", "2", "meta", "metadata")
   with open(path) as f:
@@ -59,8 +70,9 @@ def test_a_new_variant_field_does_not_refuse_old_checkpoints(digits_dir, tmp_pat
   shutil.copytree(os.path.join(FIXTURE, "checkpoints"), os.path.join(base, "checkpoints"))
   # Every variant field is absent from the fixture's meta: each reads as its default.
   fields = models.architecture_fields()
-  assert {"norm", "mlp", "pos_embedding"} <= set(fields)
-  assert not {"norm", "mlp", "pos_embedding"} & set(checkpointing.read_meta(base)["model_kwargs"])
+  variants = {"norm", "mlp", "pos_embedding", "attention"}
+  assert variants <= set(fields)
+  assert not variants & set(checkpointing.read_meta(base)["model_kwargs"])
   # A field recorded at another value than this run's is refused, naming it.
   other = str(tmp_path / "other")
   shutil.copytree(base, other)
@@ -112,6 +124,8 @@ def test_hidden_states_equal_with_scanned_and_unrolled_blocks(remat):
       "kernel"], g["blocks_1"]["mlp"]["fc1"]["kernel"], rtol=1e-4, atol=1e-6)
   with pytest.raises(ValueError, match="capture=4"):
     model.apply({"params": params}, x, t, y, capture=4)
+  with pytest.raises(ValueError, match="initialise the scanned blocks without it"):
+    scanned.init(jax.random.PRNGKey(0), x, t, y, capture=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,3 +195,14 @@ def test_an_extra_array_reaches_the_objective_flipped_with_its_latent(tmp_path, 
       info, local_batch_size=16, seed=0, shuffle_buffer=32), info.files)
   unflipped = [float(next(again)["image"][:, :, 0].sum()) for _ in range(3)]
   assert any(abs(8 * a - b) > 1e-3 for a, b in zip(sums, unflipped)), (sums, unflipped)
+
+
+def test_the_planner_compiles_a_step_that_reads_an_extra_array(probe_objective):
+  from dit_jax import data_info  # pylint: disable=import-outside-toplevel
+  c = tiny_config("unused", **{"objective.name": "probe_extras", "data.builtin": "digits",
+                               "data.image_size": 8})
+  extras = {"image": {"shape": [8, 8, 1], "dtype": "float32", "flip": "width"}}
+  setup = step.build(c, data_info.synthetic_info(c, extras=extras))
+  assert setup.compiled is not None
+  with pytest.raises(KeyError, match="image"):  # without the extra the objective cannot trace
+    step.build(c, data_info.synthetic_info(c))

@@ -43,18 +43,25 @@ class Preset:
   num_classes: int = 1000
   models: tuple[str, ...] = MODELS
 
-  def sampler_kwargs(self) -> dict[str, Any]:
-    """guidance.make_sample_fn's sampler keywords for the evaluation."""
-    return {"sampler": self.sampler or None, "steps": self.sampler_steps or None,
-            **self.sampler_options}
+  def sampler_kwargs(self, objective: Any = None) -> dict[str, Any]:
+    """guidance.make_sample_fn's sampler keywords for the evaluation; with the trained
+    `objective`, the options another objective owns are left out (the presets' respacing
+    strings are ADM's)."""
+    options = dict(self.sampler_options)
+    if objective is not None:
+      from dit_jax import objectives  # pylint: disable=import-outside-toplevel
+      options = objectives.base.options_for(objective, options)
+    return {"sampler": self.sampler or None, "steps": self.sampler_steps or None, **options}
 
-  def sampler_flags(self) -> list[str]:
+  def sampler_flags(self, objective: Any = None) -> list[str]:
     """The same, as dit_jax.sample flags."""
+    kwargs = self.sampler_kwargs(objective)
     flags = [f"--sampler={self.sampler}"] if self.sampler else []
     flags += [f"--steps={self.sampler_steps}"] if self.sampler_steps else []
-    if self.sampler_options:
+    options = {k: v for k, v in kwargs.items() if k not in ("sampler", "steps")}
+    if options:
       flags.append("--sampler_options=" + ",".join(
-          f"{k}={v}" for k, v in sorted(self.sampler_options.items())))
+          f"{k}={v}" for k, v in sorted(options.items())))
     return flags
 
   def sampler_name(self) -> str:

@@ -108,10 +108,12 @@ def train_command(preset: presets.Preset, model: str, workdir: str, overrides: d
 
 def inception_commands(preset: presets.Preset, workdir: str, step: int, out_npz: str,
                        out_json: str, eval_files: dict) -> list[list[str]]:
-  """`dit_jax.sample` then `dit_jax.evaluate` of one checkpoint (the paper's FID-50K)."""
+  """`dit_jax.sample` then `dit_jax.evaluate` of one checkpoint (the paper's FID-50K), with
+  the sampler options of the objective its meta records (all of the preset's without one)."""
   sample = [sys.executable, "-m", "dit_jax.sample", f"--workdir={workdir}", f"--step={step}",
             f"--num_samples={preset.num_samples}", f"--cfg_scale={preset.cfg_scale:g}",
-            *preset.sampler_flags(), f"--batch_size={preset.sample_batch}",
+            *preset.sampler_flags(_trained_objective(workdir, step)),
+            f"--batch_size={preset.sample_batch}",
             f"--out={out_npz}"]
   if eval_files.get("vae"):
     sample.append(f"--vae={eval_files['vae']}")
@@ -122,6 +124,15 @@ def inception_commands(preset: presets.Preset, workdir: str, step: int, out_npz:
               # One cache of the reference's Inception features for the whole grid.
               f"--reference_cache={os.path.join(os.path.dirname(workdir), 'reference_stats.npz')}"]
   return [sample, evaluate]
+
+
+def _trained_objective(workdir: str, step: int) -> Any:
+  """The objective of workdir's checkpoint `step`, None where there is none to read."""
+  from dit_jax import checkpointing  # pylint: disable=import-outside-toplevel
+  try:
+    return checkpointing.read_objective(checkpointing.read_meta(workdir, step))
+  except (FileNotFoundError, ValueError, OSError):
+    return None
 
 
 def show(cmd: list[str]) -> str:
@@ -157,8 +168,9 @@ class ProxySampler:
       sampling.check_batch(model, p.cfg_scale, p.sample_batch, 1,
                            (f"the {p.name} preset's cfg_scale", "sample_batch"))
       # The sampler of the objective the model was trained with (its checkpoint's meta).
+      objective = checkpointing.read_objective(meta)
       self._fn = guidance.make_sample_fn(
-          checkpointing.read_objective(meta), model, **p.sampler_kwargs(),
+          objective, model, **p.sampler_kwargs(objective),
           guided=p.cfg_scale != 1.0, release_cfg=False, out_shardings=dev)
     decoder = sampling.Decoder(meta.get("vae_path") or "identity", meta.get("scale_factor", 1.0))
     labels = np.arange(p.num_samples, dtype=np.int32) % model.num_classes

@@ -1,7 +1,7 @@
 """Training objectives, one file each, chosen by config.objective.name from a registry.
 
   objective = objectives.from_config(config)        # or from_meta(checkpoint meta)
-  inputs = objective.draw(key, x0)                  # t, noise (and whatever it needs)
+  inputs = objective.draw(k_t, k_noise, x0)         # t, noise (and whatever it needs)
   loss, logged = objective.training_losses(model_fn, x0, inputs)   # loss [B]; logged scalars
   x = objective.sample(model_fn, noise, key, sampler="dopri5", steps=50)
 

@@ -28,9 +28,13 @@ class ADM(base.ObjectiveBase):
   samplers = diffusion.SAMPLERS
   default_sampler = "ddpm"
   default_steps = diffusion.DEFAULT_STEPS
-  # spacing: 'time', 'logsnr' or 'karras'; respacing: the release's string ('250', 'ddim50'),
-  # which replaces sampler, steps and spacing; eta: DDIM's; progress: print from the device.
-  sampler_options = {"spacing": "time", "respacing": "", "eta": 0.0, "progress": False}
+  # spacing: where the steps sit, 'time' (uniform in t; for DDPM the release's 250-step list),
+  # 'logsnr' (uniform in log SNR) or 'karras' (Karras et al. 2022, rho 7). respacing: the
+  # release's string ('250', 'ddim50'), which replaces sampler, steps and spacing (DDIM for
+  # 'ddimN', else DDPM). eta: DDIM's. lower_order_final: DPM-Solver++'s last steps at lower
+  # order. progress: print sampling progress from the device.
+  sampler_options = {"spacing": "time", "respacing": "", "eta": 0.0, "lower_order_final": True,
+                     "progress": False}
   time_dtype = jnp.int32
 
   @classmethod
@@ -55,9 +59,8 @@ class ADM(base.ObjectiveBase):
     return diffusion.create_diffusion("", noise_schedule=self.noise_schedule,
                                       learn_sigma=self.learn_sigma, diffusion_steps=self.steps)
 
-  def draw(self, key: jax.Array, x0: jax.Array) -> dict[str, jax.Array]:
+  def draw(self, k_t: jax.Array, k_noise: jax.Array, x0: jax.Array) -> dict[str, jax.Array]:
     """t int32 [B] uniform in [0, steps); noise like x0."""
-    k_t, k_noise = jax.random.split(key)
     return {"t": jax.random.randint(k_t, (x0.shape[0],), 0, self.steps),
             "noise": base.draw_noise(k_noise, x0)}
 
@@ -75,9 +78,10 @@ class ADM(base.ObjectiveBase):
     if opts["respacing"]:
       sampler, steps = ("ddim" if opts["respacing"].startswith("ddim") else "ddpm"), None
     process = diffusion.create_sampler(
-        base.check_sampler(self, sampler), steps, opts["spacing"],
+        base.check_sampler(self, sampler), steps or None, opts["spacing"],
         respacing=opts["respacing"] or None, noise_schedule=self.noise_schedule,
-        diffusion_steps=self.steps, learn_sigma=self.learn_sigma, eta=opts["eta"])
+        diffusion_steps=self.steps, learn_sigma=self.learn_sigma, eta=opts["eta"],
+        lower_order_final=opts["lower_order_final"])
     return lambda model_fn, noise, key: process.sample(model_fn, noise.shape, key, noise=noise,
                                                        progress=opts["progress"])
 

@@ -49,10 +49,10 @@ class Objective(Protocol):
   def from_meta(cls, record: Mapping[str, Any], meta: Mapping[str, Any]) -> "Objective":
     """The objective of a checkpoint: `record` is meta["objective"] (`to_meta`'s output)."""
 
-  def draw(self, key: jax.Array, x0: jax.Array) -> dict[str, jax.Array]:
-    """The training inputs beside the data x0 [B, ...]: at least 't' [B] (the model's time
-    input, `time_dtype`); per-example arrays with a leading [B] axis, so microbatches split
-    them."""
+  def draw(self, k_t: jax.Array, k_noise: jax.Array, x0: jax.Array) -> dict[str, jax.Array]:
+    """The training inputs beside the data x0 [B, ...], from a key for its times (k_t; split
+    it for several) and one for its noise: at least 't' [B] (the model's time input,
+    `time_dtype`); per-example arrays with a leading [B] axis, so microbatches split them."""
 
   def training_losses(self, model_fn: ModelFn, x0: jax.Array,
                       inputs: Mapping[str, jax.Array]) -> tuple[jax.Array, dict]:
@@ -66,6 +66,11 @@ class Objective(Protocol):
   def guidance_predicate(self, interval: Optional[Sequence[float]]) -> Optional[Predicate]:
     """Whether to guide at a model time t, from an interval in this objective's units; None:
     guide everywhere. ValueError for a malformed interval."""
+
+  def sample(self, model_fn: ModelFn, noise: jax.Array, key: jax.Array,
+             sampler: Optional[str] = None, steps: Optional[int] = None,
+             **options: Any) -> jax.Array:
+    """Samples [B, H, W, C] from noise [B, H, W, C]: `sampler(...)` run once."""
 
   def to_meta(self) -> dict:
     """A JSON record with 'name' from which `from_meta` rebuilds this objective."""
@@ -235,6 +240,14 @@ def own_options(objective: Objective, options: Mapping[str, Any]) -> dict[str, A
   return own
 
 
+def options_for(objective: Objective, options: Mapping[str, Any]) -> dict[str, Any]:
+  """`options` without those another registered objective owns and `objective` lacks (a
+  grid preset's ADM respacing string, say, when the model was trained as a flow)."""
+  return {k: v for k, v in options.items()
+          if k in SAMPLER_KEYS or k in objective.sampler_options
+          or not any(k in cls.sampler_options for cls in REGISTRY.values())}
+
+
 def check_sampler(objective: Objective, sampler: Optional[str]) -> str:
   """The sampler name (None or '': the default), or ValueError naming the choices."""
   sampler = sampler or objective.default_sampler
@@ -242,6 +255,15 @@ def check_sampler(objective: Objective, sampler: Optional[str]) -> str:
     raise ValueError(f"sampler: got {sampler!r}, the {objective.name} objective offers "
                      f"{list(objective.samplers)}.")
   return sampler
+
+
+def binned_means(values: jax.Array, bins: jax.Array, n: int, prefix: str) -> dict:
+  """{prefix0: mean of values [B] where bins [B] == 0, ...}: 0 for an empty bin."""
+  out = {}
+  for i in range(n):
+    mask = (bins == i).astype(values.dtype)
+    out[f"{prefix}{i}"] = (mask * values).sum() / jax.numpy.maximum(mask.sum(), 1)
+  return out
 
 
 def draw_noise(key: jax.Array, x0: jax.Array) -> jax.Array:

@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 
 from dit_jax import guidance
+from dit_jax.diffusion.losses import mean_flat
 from dit_jax.objectives import base
 
 RawFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -107,7 +108,7 @@ def loss(raw_fn: RawFn, x0: jax.Array, sigma: jax.Array, noise: jax.Array,
   # which simplifies to c_in (sigma / sd x0 - sd n). Forming D - x0 instead would cancel two O(1)
   # terms to O(sigma) and then multiply the rounding error by lambda ~ 1 / sigma^2.
   target = c_in_b * (s / sigma_data * x0 - sigma_data * noise)
-  return jnp.mean(jnp.square(f - target).reshape(x0.shape[0], -1), axis=1)
+  return mean_flat(jnp.square(f - target))
 
 
 def sample_sigma(key: jax.Array, batch: int, p_mean: float = P_MEAN, p_std: float = P_STD
@@ -251,10 +252,9 @@ class EDM(base.ObjectiveBase):
     """EDM's F(x_in, c_noise) from the DiT at its time input (the first C channels)."""
     return lambda x_in, c_noise: model_fn(x_in, self.time_scale * c_noise)[..., :x_in.shape[-1]]
 
-  def draw(self, key: jax.Array, x0: jax.Array) -> dict[str, jax.Array]:
+  def draw(self, k_t: jax.Array, k_noise: jax.Array, x0: jax.Array) -> dict[str, jax.Array]:
     """sigma [B] log-normal, t [B] its model time; noise like x0."""
-    k_sigma, k_noise = jax.random.split(key)
-    sigma = sample_sigma(k_sigma, x0.shape[0], self.p_mean, self.p_std)
+    sigma = sample_sigma(k_t, x0.shape[0], self.p_mean, self.p_std)
     return {"t": self.model_time(sigma), "sigma": sigma, "noise": base.draw_noise(k_noise, x0)}
 
   def training_losses(self, model_fn: guidance.ModelFn, x0: jax.Array,
@@ -266,11 +266,7 @@ class EDM(base.ObjectiveBase):
     per_example = loss(self.raw_fn(model_fn), x0, sigma, inputs["noise"], self.sigma_data)
     z = (jnp.log(sigma) - self.p_mean) / self.p_std
     quarter = jnp.searchsorted(jnp.asarray([-0.6745, 0.0, 0.6745]), z)  # normal quartiles
-    logged = {}
-    for q in range(4):
-      mask = (quarter == q).astype(per_example.dtype)
-      logged[f"loss_q{q}"] = (mask * per_example).sum() / jnp.maximum(mask.sum(), 1)
-    return per_example, logged
+    return per_example, base.binned_means(per_example, quarter, 4, "loss_q")
 
   def sampler(self, sampler: Optional[str] = None, steps: Optional[int] = None,
               **options: Any) -> base.Sampler:
@@ -294,8 +290,11 @@ class EDM(base.ObjectiveBase):
                                        lambda lo, hi: lo == 0 and hi == float("inf"))
     if interval is None:
       return None
-    lo, hi = (np.log(v) if v > 0 else -np.inf for v in interval)
-    return lambda t: (4 * t / self.time_scale > lo) & (4 * t / self.time_scale <= hi)
+    # The bounds in model time, rounded as the samplers' float32 t is: rounding cannot move
+    # a step across a boundary that the same sigma would not cross.
+    lo, hi = (np.float32(self.time_scale * np.log(v) / 4) if 0 < v < np.inf else
+              np.float32(-np.inf if v == 0 else np.inf) for v in interval)
+    return lambda t: (t > lo) & (t <= hi)
 
   def to_meta(self) -> dict:
     return {"name": "edm", "sigma_data": self.sigma_data, "p_mean": self.p_mean,

@@ -69,9 +69,8 @@ class Flow(base.ObjectiveBase):
       raise ValueError(f"{where}.{e}") from None
     return cls(transport, bool(learn_sigma))
 
-  def draw(self, key: jax.Array, x0: jax.Array) -> dict[str, jax.Array]:
+  def draw(self, k_t: jax.Array, k_noise: jax.Array, x0: jax.Array) -> dict[str, jax.Array]:
     """t float32 [B] in the training interval (uniform or logit-normal); noise like x0."""
-    k_t, k_noise = jax.random.split(key)
     return {"t": self.transport.sample_t(k_t, x0.shape[0]),
             "noise": base.draw_noise(k_noise, x0)}
 
@@ -83,11 +82,7 @@ class Flow(base.ObjectiveBase):
     loss = self.transport.training_losses(base.first_channels(model_fn), x0, t,
                                           inputs["noise"])["loss"]
     quarter = jnp.clip((t * 4).astype(jnp.int32), 0, 3)
-    logged = {}
-    for q in range(4):
-      mask = (quarter == q).astype(loss.dtype)
-      logged[f"loss_t{q}"] = (mask * loss).sum() / jnp.maximum(mask.sum(), 1)
-    return loss, logged
+    return loss, base.binned_means(loss, quarter, 4, "loss_t")
 
   def sampler(self, sampler: Optional[str] = None, steps: Optional[int] = None,
               **options: Any) -> base.Sampler:
