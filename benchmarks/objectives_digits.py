@@ -34,7 +34,8 @@ flags.DEFINE_integer("steps", 1500, "Training steps per objective.")
 flags.DEFINE_integer("per_class", 50, "Samples per digit for the metrics.")
 flags.DEFINE_integer("seed", 0, "Initialisation, data order and sampling seed.")
 flags.DEFINE_list("cfg_scales", ["1", "3"], "Guidance scales.")
-flags.DEFINE_list("objectives", ["adm", "flow", "edm"], "Registered objectives to train.")
+flags.DEFINE_list("objectives", ["adm", "flow", "edm"], "Registered objectives to train "
+                  "(meanflow too: its guidance is trained in, sampled at scale 1 only).")
 
 # (NFE, objective, sampler, steps): rows of about equal model calls per sample. EDM's Heun
 # makes 2 steps - 1 calls; flow's heun2 2 (points - 1).
@@ -44,11 +45,14 @@ SAMPLERS = [
     (35, "adm", "dpm++2m", 35), (34, "flow", "heun2", 18), (35, "edm", "heun", 18),
     (20, "adm", "dpm++2m", 20), (20, "flow", "heun2", 11), (20, "flow", "euler", 21),
     (19, "edm", "heun", 10),
+    (50, "flow", "euler", 51), (10, "flow", "euler", 11), (2, "flow", "euler", 3),
+    (1, "flow", "euler", 2), (2, "meanflow", "meanflow", 2), (1, "meanflow", "meanflow", 1),
 ]
 
 
 def train(config, objective, info, pixels, labels):
-  model = step.create_model(config, info)
+  model = step.objective_model(step.create_model(config, info), objective,
+                               config.model.attention_impl)
   tx, schedule = step.create_optimizer(config)
   state = nn.meta.unbox(step.init_state(jax.random.PRNGKey(FLAGS.seed), model, tx,
                                         info.latent_shape))
@@ -59,10 +63,19 @@ def train(config, objective, info, pixels, labels):
     key = jax.random.fold_in(state.rng, state.step)
     k_obj, k_drop = jax.random.split(key)
 
+    # The step's label dropout as a mask, for objectives that read it (MeanFlow); the model's
+    # own dropout (from k_drop) otherwise.
+    drop = jax.random.uniform(jax.random.fold_in(k_drop, 1), y.shape) < model.class_dropout_prob
+
     def loss_fn(params):
-      model_fn = lambda x, t: model.apply({"params": params}, x, t, y, train=True,
-                                          rngs={"dropout": k_drop})
-      loss, logged = objective.training_losses(model_fn, x0, objective.draw(*jax.random.split(k_obj), x0))
+      def model_fn(x, t, yy=None, **kw):
+        if yy is None and "force_drop_ids" not in kw:
+          return model.apply({"params": params}, x, t, y, train=True,
+                             rngs={"dropout": k_drop}, **kw)
+        return model.apply({"params": params}, x, t, y if yy is None else yy, train=True, **kw)
+      inputs = {**objective.draw(*jax.random.split(k_obj), x0), "label": y, "drop": drop}
+      loss, logged = objective.training_losses(
+          lambda x, t, y=None, **kw: model_fn(x, t, y, **kw), x0, inputs)
       return loss.mean(), logged
 
     (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -112,6 +125,9 @@ def main(_):
     model, params = trained[name]
     cells = []
     for scale in map(float, FLAGS.cfg_scales):
+      if scale != 1.0 and getattr(objs[name], "trained_guidance", False):
+        cells.append("(trained in)")
+        continue
       fn = guidance.make_sample_fn(objs[name], model, sampler=sampler, steps=steps,
                                    guided=scale != 1.0, release_cfg=False)
       lat = fn(params, jax.random.PRNGKey(FLAGS.seed + 1), want, jnp.float32(scale))

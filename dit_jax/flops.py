@@ -17,19 +17,31 @@ from dit_jax import models
 
 
 def _abstract_inputs(model: models.DiT, batch: int = 1) -> tuple:
+  """x, t, y and (a DiT with h_embedder) h, as `_forward` takes them."""
   s = model.input_size
-  return (jax.ShapeDtypeStruct((batch, s, s, model.in_channels), jnp.float32),
-          jax.ShapeDtypeStruct((batch,), jnp.int32), jax.ShapeDtypeStruct((batch,), jnp.int32))
+  inputs = (jax.ShapeDtypeStruct((batch, s, s, model.in_channels), jnp.float32),
+            jax.ShapeDtypeStruct((batch,), jnp.int32), jax.ShapeDtypeStruct((batch,), jnp.int32))
+  if model.h_embedder:
+    inputs += (jax.ShapeDtypeStruct((batch,), jnp.float32),)
+  return inputs
+
+
+def _forward(model: models.DiT, method: Any = None) -> Any:
+  """(variables, x, t, y[, h]) -> model.apply or model.init's call of them."""
+  call = model.init if method == 'init' else model.apply
+
+  def fn(first, x, t, y, *h):
+    return call(first, x, t, y, **({'h': h[0]} if h else {}))
+  return fn
 
 
 def abstract_params(model: models.DiT) -> Any:
   """Boxed ShapeDtypeStruct variables of `model` (no allocation, no FLOPs)."""
-  x, t, y = _abstract_inputs(model)
-  return jax.eval_shape(model.init, jax.random.key(0), x, t, y)
+  return jax.eval_shape(_forward(model, 'init'), jax.random.key(0), *_abstract_inputs(model))
 
 
 def _lowered(model: models.DiT, batch: int = 1):
-  return jax.jit(model.apply).lower(abstract_params(model), *_abstract_inputs(model, batch))
+  return jax.jit(_forward(model)).lower(abstract_params(model), *_abstract_inputs(model, batch))
 
 
 def xla_cost(compiled: Any) -> dict:
@@ -91,5 +103,6 @@ def _subjaxprs(eqn):
 
 def matmul_gmacs(model: models.DiT, batch: int = 1) -> float:
   """GMACs of the dot_general / convolution contractions only (the paper's count)."""
-  closed = jax.make_jaxpr(model.apply)(abstract_params(model), *_abstract_inputs(model, batch))
+  closed = jax.make_jaxpr(_forward(model))(abstract_params(model),
+                                          *_abstract_inputs(model, batch))
   return jaxpr_macs(closed.jaxpr) / 1e9

@@ -128,6 +128,9 @@ def make_sample_fn(objective: Any, model: Any, *, sampler: Optional[str] = None,
   objective's units (`objective.guidance_predicate`). ValueError for options the objective
   does not take.
   """
+  if guided and getattr(objective, "trained_guidance", False):
+    raise ValueError(f"the {objective.name} objective trains its guidance in: sample with "
+                     "cfg_scale 1 (no guidance pass)")
   run = objective.sampler(sampler, steps, **options)
   active = objective.guidance_predicate(guidance_interval)
   h = w = model.input_size
@@ -137,8 +140,9 @@ def make_sample_fn(objective: Any, model: Any, *, sampler: Optional[str] = None,
     k_noise, k_loop = jax.random.split(key)
     z = jax.random.normal(k_noise, (labels.shape[0], h, w, model.in_channels), jnp.float32)
     variables = {"params": params}
-    apply = lambda x, t, y: model.apply(variables, x, t, y)
-    fn = lambda x, t: apply(x, t, labels)
+    apply = lambda x, t, y, **kw: model.apply(variables, x, t, y, **kw)
+    # Unguided, the model takes the objective's further inputs (MeanFlow's h).
+    fn = lambda x, t, **kw: apply(x, t, labels, **kw)
     if guided:
       fn = kept_half(cfg_model_fn(apply, labels, model.num_classes, cfg_scale, channels, active))
     return run(fn, z, k_loop)

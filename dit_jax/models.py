@@ -395,6 +395,9 @@ class DiT(nn.Module):
   mlp: str = 'gelu'
   pos_embedding: str = 'sincos'
   attention: str = 'mha'
+  # A second time input h (MeanFlow's interval length t - r): its own TimestepEmbedder
+  # 'h_embedder', summed into the conditioning (c = t_emb + h_emb + y_emb).
+  h_embedder: bool = False
 
   @property
   def out_channels(self) -> int:
@@ -436,13 +439,14 @@ class DiT(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, t: jnp.ndarray, y: jnp.ndarray, train: bool = False,
-               force_drop_ids: jnp.ndarray | None = None,
-               capture: int | None = None) -> jnp.ndarray | tuple[jnp.ndarray, jnp.ndarray]:
+               force_drop_ids: jnp.ndarray | None = None, capture: int | None = None,
+               h: jnp.ndarray | None = None) -> jnp.ndarray | tuple[jnp.ndarray, jnp.ndarray]:
     """x [N, H, W, C] float, t [N] int/float timesteps, y [N] int labels -> [N, H, W, out] float32.
 
     With train=True and class_dropout_prob > 0, labels are dropped to the null class using the
     'dropout' rng; force_drop_ids [N] (1 = drop) overrides that, as in the release. capture=i
-    also returns the hidden states [N, T, D] float32 after blocks_i: (output, hidden).
+    also returns the hidden states [N, T, D] float32 after blocks_i: (output, hidden). h [N]:
+    the second time input of a DiT with h_embedder (required there, refused elsewhere).
     """
     self.validate()
     expected = (self.input_size, self.input_size, self.in_channels)
@@ -453,13 +457,22 @@ class DiT(nn.Module):
     if tuple(jnp.shape(t)) != (n,) or tuple(jnp.shape(y)) != (n,):
       raise ValueError(f'DiT expects t and y of shape [{n}], got t {tuple(jnp.shape(t))}, '
                        f'y {tuple(jnp.shape(y))}')
+    if self.h_embedder != (h is not None):
+      raise ValueError('h: this DiT has a second time input (h_embedder): pass h [N]'
+                       if self.h_embedder else
+                       'h: this DiT has no second time input (h_embedder=False)')
+    if h is not None and tuple(jnp.shape(h)) != (n,):
+      raise ValueError(f'DiT expects h of shape [{n}], got {tuple(jnp.shape(h))}')
     if capture is not None and not 0 <= capture < self.depth:
       raise ValueError(f'capture={capture}: the blocks are 0 .. {self.depth - 1}')
+    second_time, h = h, None  # h names the tokens below
 
     h = PatchEmbed(self.patch_size, self.hidden_size, self.dtype, name='x_embedder')(x)
     h = h.astype(jnp.float32) + jnp.asarray(self.pos_embed())[None]
     # The conditioning is [N, D]-sized: float32 whatever the matmul dtype.
     c = TimestepEmbedder(self.hidden_size, name='t_embedder')(t)
+    if self.h_embedder:
+      c = c + TimestepEmbedder(self.hidden_size, name='h_embedder')(second_time)
     c = c + LabelEmbedder(self.num_classes, self.hidden_size, self.class_dropout_prob,
                           name='y_embedder')(y, train, force_drop_ids)
     h, hidden = self._blocks(h, c, capture)
@@ -589,10 +602,15 @@ def compute_dtypes(model: DiT, params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(one, params)
 
 
+def init_kwargs(model: DiT) -> dict:
+  """The extra inputs `model.init` needs: h for a DiT with h_embedder."""
+  return {'h': jnp.zeros((1,), jnp.float32)} if model.h_embedder else {}
+
+
 def param_shapes(model: DiT) -> dict:
   """Abstract, unboxed 'params' tree (ShapeDtypeStructs) of `model`; allocates and computes nothing."""
   model.validate()
   x = jnp.zeros((1, model.input_size, model.input_size, model.in_channels), jnp.float32)
   t = jnp.zeros((1,), jnp.int32)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, t, t))
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x, t, t, **init_kwargs(model)))
   return nn.meta.unbox(shapes)['params']

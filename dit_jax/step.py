@@ -92,6 +92,25 @@ def create_model(config: ml_collections.ConfigDict, info: DataInfo) -> models.Di
   return model
 
 
+def objective_model(model: models.DiT, objective: objectives.Objective,
+                    configured_attention: str | None) -> models.DiT:
+  """The model as the objective trains it: its model fields (MeanFlow's second time input),
+  and an attention path with a JVP for an objective that differentiates the forward."""
+  model = model.clone(**getattr(objective, "model_fields", {}))
+  if getattr(objective, "class_dropout_prob", 0) > 0 and not models.has_null_class(model):
+    raise ValueError(f"config.model.class_dropout_prob={model.class_dropout_prob}: the "
+                     f"{objective.name} objective drops labels to the null class, which a "
+                     "model without class dropout (or with one class) lacks")
+  if getattr(objective, "needs_jvp", False):
+    if configured_attention in ("cudnn", "splash", "splash_interpret"):
+      raise ValueError(f"config.model.attention_impl={configured_attention!r}: the "
+                       f"{objective.name} objective differentiates the network forward "
+                       "(jax.jvp), which that kernel does not support: use 'xla' or 'auto'")
+    if configured_attention in (None, "auto"):  # 'auto' may have chosen cuDNN or splash
+      model = model.clone(attention_impl="xla")
+  return model
+
+
 def create_optimizer(config: ml_collections.ConfigDict):
   o = config.optim
   schedule = learning_rate_schedule(config)
@@ -106,7 +125,8 @@ def init_state(key: jax.Array, model: models.DiT, tx: optax.GradientTransformati
   """Fresh state with BOXED params (LogicallyPartitioned); unbox after taking shardings."""
   k_init, k_train = jax.random.split(key)
   x = jnp.zeros((1, *local_shape), jnp.float32)
-  params = model.init(k_init, x, jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32))["params"]
+  params = model.init(k_init, x, jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32),
+                      **models.init_kwargs(model))["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
                     opt_state=tx.init(params), rng=k_train,
                     first_bad_step=jnp.full((), -1, jnp.int32))
@@ -289,9 +309,11 @@ def train_step(state: TrainState, batch: dict, *, model: models.DiT,
   def loss_fn(p, mb, adaln_matmul=None):
     m = model if adaln_matmul is None else model.clone(adaln_matmul=adaln_matmul)
 
-    def model_fn(x, tt, **kwargs):
-      return m.apply({"params": p}, x, tt, mb["label"], train=True,
-                     force_drop_ids=mb["drop"] if model.class_dropout_prob > 0 else None,
+    def model_fn(x, tt, y=None, **kwargs):
+      # The batch's labels with the step's dropout; labels given (y) are used as they are.
+      if model.class_dropout_prob > 0:
+        kwargs.setdefault("force_drop_ids", mb["drop"] if y is None else jnp.zeros_like(tt))
+      return m.apply({"params": p}, x, tt, mb["label"] if y is None else y, train=True,
                      **kwargs)
     loss, logged = objective.training_losses(model_fn, mb["x0"], mb)
     return loss.mean(), logged
@@ -382,6 +404,7 @@ def build(config: ml_collections.ConfigDict, info: DataInfo,
   model = model.clone(attention_impl=attention.resolve_for(model.attention_impl, model.dtype,
                                                            devices[0].platform, tokens))
   objective = objectives.from_config(config)
+  model = objective_model(model, objective, config.model.attention_impl)
   tx, schedule = create_optimizer(config)
   if gbs % len(devices):
     raise ValueError(f"config.data.global_batch_size={gbs} must divide by the {len(devices)} "

@@ -23,11 +23,13 @@ from dit_jax.objectives.base import sampler_option_defaults
 from dit_jax.objectives import adm  # noqa: E402
 from dit_jax.objectives import edm  # noqa: E402
 from dit_jax.objectives import flow  # noqa: E402
+from dit_jax.objectives import meanflow  # noqa: E402
 
 ADM = adm.ADM
 EDM = edm.EDM
 Flow = flow.Flow
+MeanFlow = meanflow.MeanFlow
 
-__all__ = ["ADM", "EDM", "Flow", "Objective", "REGISTRY", "default_config", "from_config",
+__all__ = ["ADM", "EDM", "Flow", "MeanFlow", "Objective", "REGISTRY", "default_config", "from_config",
            "from_meta", "names", "parse_options", "register", "sampler_kwargs",
            "sampler_option_defaults"]
