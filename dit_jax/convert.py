@@ -250,7 +250,12 @@ def save_converted(out_dir: str, params: Mapping, model_name: str, objective: di
   params = nn.meta.unbox(params)
   if set(params) == {'params'}:
     params = params['params']
-  to_official(params, model)  # validates names and shapes before anything is written
+  if model.h_embedder:  # no released DiT layout to check against: the module's own shapes
+    if jax.tree.map(lambda a: a.shape, params) != jax.tree.map(lambda s: s.shape,
+                                                              models.param_shapes(model)):
+      raise ValueError(f'the parameters do not fit {model_name} {model_kwargs}')
+  else:
+    to_official(params, model)  # validates names and shapes before anything is written
   os.makedirs(out_dir, exist_ok=True)
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(os.path.join(out_dir, 'params'), {'params': params}, force=True)
@@ -337,8 +342,17 @@ def main(argv: list[str]) -> None:
     torch.save(sd, flags.out)
     print(f'wrote {len(sd)} tensors to {flags.out}')
     return
+  if flags.meanflow:
+    if not flags.out:
+      raise app.UsageError('--meanflow needs --out DIR')
+    model, params = convert_meanflow(flags.meanflow, flags.out, flags.image_size // 8,
+                                     flags.num_classes)
+    print(f'converted {flags.meanflow} -> {flags.out} (MeanFlow, width {model.hidden_size}, '
+          f'depth {model.depth}, patch {model.patch_size}; sample with dit-sample '
+          f'--checkpoint={flags.out} --sampler=meanflow --steps=1 --cfg_scale=1)')
+    return
   if not flags.official or not flags.out:
-    raise app.UsageError('needs --official PATH.pt and --out DIR')
+    raise app.UsageError('needs --official PATH.pt (or --meanflow CKPT) and --out DIR')
   if flags.image_size % 8:
     raise app.UsageError(f'--image_size={flags.image_size} must be a multiple of 8 (VAE factor)')
   try:
@@ -364,6 +378,35 @@ def convert_official(path: str, out_dir: str, model_name: str, objective: dict |
   return model, params
 
 
+# (hidden_size, depth) -> the DiT size name of MeanFlow's DiT_{S,B,L,XL} (its M: L at depth 16).
+_SIZES = {(384, 12): 'S', (768, 12): 'B', (1024, 24): 'L', (1152, 28): 'XL', (1024, 16): 'L'}
+
+
+def convert_meanflow(path: str, out_dir: str, input_size: int,
+                     num_classes: int) -> tuple[models.DiT, dict]:
+  """An official MeanFlow checkpoint (flax.training.checkpoints; its EMA parameters if it has
+  them) -> a directory for load_converted, recorded as the meanflow objective."""
+  from flax.training import checkpoints  # pylint: disable=g-import-not-at-top
+  from dit_jax.objectives import meanflow  # pylint: disable=g-import-not-at-top
+  raw = checkpoints.restore_checkpoint(os.path.abspath(path), target=None)
+  if not isinstance(raw, Mapping):
+    raise ValueError(f'{path}: no flax checkpoint found')
+  tree = next((raw[k] for k in ('ema_params', 'params') if k in raw), raw)
+  tree = tree.get('params', tree)
+  model, params = meanflow.from_release(tree, input_size, num_classes)
+  size = _SIZES.get((model.hidden_size, model.depth))
+  if size is None:
+    raise ValueError(f'{path}: width {model.hidden_size} and depth {model.depth} are none of '
+                     'MeanFlow\'s DiT sizes')
+  kwargs = dict(input_size=input_size, in_channels=model.in_channels, num_classes=num_classes,
+                learn_sigma=model.learn_sigma, h_embedder=True, depth=model.depth,
+                num_heads=model.num_heads)
+  objective = meanflow.MeanFlow(learn_sigma=model.learn_sigma).to_meta()
+  save_converted(out_dir, params, f'DiT-{size}/{model.patch_size}', objective=objective,
+                 **kwargs)
+  return model, params
+
+
 def run() -> None:
   """Console script `dit-convert` (the same as python -m dit_jax.convert): its flags, then main."""
   global _FLAGS  # pylint: disable=global-statement  (main reads it)
@@ -375,6 +418,8 @@ def run() -> None:
   absl_flags.DEFINE_string('out', None, 'Output directory (or .pt file with --to_official).')
   absl_flags.DEFINE_bool('to_official', False, 'Convert a dit_jax checkpoint back to a .pt file.')
   absl_flags.DEFINE_string('converted', None, 'dit_jax checkpoint directory for --to_official.')
+  absl_flags.DEFINE_string('meanflow', None, 'An official MeanFlow checkpoint (Gsunshine/meanflow, '
+                           'flax) to convert, with --image_size, --num_classes and --out.')
   absl_flags.DEFINE_string('objective', '', "What the .pt was trained with, recorded for "
                            "dit_jax.sample: 'adm' (DiT), 'flow' (SiT: Linear path, velocity "
                            "prediction) or '' (flow if the file name contains 'SiT').")

@@ -223,3 +223,24 @@ def test_official_tree_conversion_round_trips_and_infers_the_sizes():
     meanflow.from_release(tree, input_size=8, num_classes=5)
   with pytest.raises(ValueError, match="do not fit"):
     meanflow.from_release(tree, input_size=8, num_classes=7, num_heads=2)
+
+
+def test_dit_convert_reads_an_official_meanflow_checkpoint(tmp_path):
+  from flax.training import checkpoints  # pylint: disable=import-outside-toplevel
+  from dit_jax import convert  # pylint: disable=import-outside-toplevel
+  model = models.DiT(input_size=8, patch_size=4, in_channels=2, hidden_size=384, depth=12,
+                     num_heads=6, num_classes=5, learn_sigma=False, h_embedder=True)
+  params = jax.tree.map(lambda s: 0.01 * jnp.cos(jnp.arange(np.prod(s.shape))).reshape(s.shape),
+                        models.param_shapes(model))
+  ckpt = str(tmp_path / "official")
+  checkpoints.save_checkpoint(ckpt, {"ema_params": {"params": meanflow.to_release(model, params)},
+                                     "step": 7}, step=7)
+  out = str(tmp_path / "converted")
+  r = subprocess.run([sys.executable, "-m", "dit_jax.convert", f"--meanflow={ckpt}",
+                      "--image_size=64", "--num_classes=5", f"--out={out}"], cwd=ROOT, env=env(),
+                     capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-2000:]
+  loaded, got = convert.load_converted(out)
+  assert models.architecture(loaded) == models.architecture(model)
+  jax.tree.map(np.testing.assert_allclose, got, params)
+  assert objectives.from_meta({"objective": convert.converted_objective(out)}).name == "meanflow"
