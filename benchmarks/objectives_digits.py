@@ -11,6 +11,7 @@ with samplers of equal model calls (NFE) and prints the proxy FID and the class 
 (dit_jax.evaluation.proxy) at guidance scales 1 and 3 (all channels guided, as the demo).
 """
 
+import ast
 import os
 import sys
 import time
@@ -28,12 +29,15 @@ from sklearn.datasets import load_digits  # noqa: E402
 from configs import demo  # noqa: E402
 from dit_jax import data_info, guidance, objectives, sampling, step  # noqa: E402
 from dit_jax.evaluation import proxy  # noqa: E402
+from dit_jax.grid import presets  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("steps", 1500, "Training steps per objective.")
 flags.DEFINE_integer("per_class", 50, "Samples per digit for the metrics.")
 flags.DEFINE_integer("seed", 0, "Initialisation, data order and sampling seed.")
 flags.DEFINE_list("cfg_scales", ["1", "3"], "Guidance scales.")
+flags.DEFINE_multi_string("set", [], "A config override for every objective's run, key=value "
+                          "(e.g. objective.mf_kappa=0.0), repeatable.")
 flags.DEFINE_list("objectives", ["adm", "flow", "edm"], "Registered objectives to train "
                   "(meanflow too: its guidance is trained in, sampled at scale 1 only).")
 
@@ -110,6 +114,8 @@ def main(_):
   for name in FLAGS.objectives:
     c = demo.get_config()
     c.objective.name = name
+    presets.apply_overrides(c, {k: ast.literal_eval(v) for k, v in
+                                (item.split("=", 1) for item in FLAGS.set)})
     objs[name] = objectives.from_config(c)
   trained = {name: train(config, obj, info, pixels, labels) for name, obj in objs.items()}
 
