@@ -131,7 +131,7 @@ def main(_):
     model, params = trained[name]
     cells = []
     for scale in map(float, FLAGS.cfg_scales):
-      if scale != 1.0 and getattr(objs[name], "trained_guidance", False):
+      if scale != 1.0 and objs[name].trained_guidance:
         cells.append("(trained in)")
         continue
       fn = guidance.make_sample_fn(objs[name], model, sampler=sampler, steps=steps,

@@ -225,7 +225,7 @@ def _sampling_report(setup: step.TrainSetup, batch_size: int, release_cfg: bool,
   channels = guidance.RELEASE_GUIDED_CHANNELS if release_cfg else None
 
   def guided(p, x, t, y, s):
-    if getattr(setup.objective, "trained_guidance", False):  # no CFG pass: n images, h = t
+    if setup.objective.trained_guidance:  # no CFG pass: n images, h = t
       return model.apply({"params": p}, x, t, y, h=t)
     # y [n]: the first half holds the labels; the closure appends the null half itself.
     apply = lambda x, t, y: model.apply({"params": p}, x, t, y)

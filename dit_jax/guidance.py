@@ -128,7 +128,7 @@ def make_sample_fn(objective: Any, model: Any, *, sampler: Optional[str] = None,
   objective's units (`objective.guidance_predicate`). ValueError for options the objective
   does not take.
   """
-  if guided and getattr(objective, "trained_guidance", False):
+  if guided and objective.trained_guidance:
     raise ValueError(f"the {objective.name} objective trains its guidance in: sample with "
                      "cfg_scale 1 (no guidance pass)")
   run = objective.sampler(sampler, steps, **options)

@@ -61,8 +61,7 @@ class SampleGrid:
     repl_tree = jax.tree.map(lambda _: repl, setup.abstract.ema_params)
     self.replicate = jax.jit(lambda p: p, out_shardings=repl_tree).lower(
         _abstract(setup.abstract.ema_params, setup.state_sh.ema_params)).compile()
-    guided = models.has_null_class(model) and not getattr(setup.objective, "trained_guidance",
-                                                          False)
+    guided = models.has_null_class(model) and not setup.objective.trained_guidance
     fn = _sample_fn(setup, config.sample, "config.sample", guided,
                     config.sample.release_cfg, (repl, repl, repl, repl), repl)
     self.sample = _compile(fn, config.sample.matmul_precision, setup.mesh,

@@ -96,12 +96,12 @@ def objective_model(model: models.DiT, objective: objectives.Objective,
                     configured_attention: str | None) -> models.DiT:
   """The model as the objective trains it: its model fields (MeanFlow's second time input),
   and an attention path with a JVP for an objective that differentiates the forward."""
-  model = model.clone(**getattr(objective, "model_fields", {}))
-  if getattr(objective, "class_dropout_prob", 0) > 0 and not models.has_null_class(model):
+  model = model.clone(**objective.model_fields)
+  if objective.drops_labels and not models.has_null_class(model):
     raise ValueError(f"config.model.class_dropout_prob={model.class_dropout_prob}: the "
                      f"{objective.name} objective drops labels to the null class, which a "
                      "model without class dropout (or with one class) lacks")
-  if getattr(objective, "needs_jvp", False):
+  if objective.needs_jvp:
     if configured_attention in ("cudnn", "splash", "splash_interpret"):
       raise ValueError(f"config.model.attention_impl={configured_attention!r}: the "
                        f"{objective.name} objective differentiates the network forward "

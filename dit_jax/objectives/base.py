@@ -36,6 +36,14 @@ class Objective(Protocol):
   time_dtype: ClassVar[Any]
   # Whether the model predicts a learned variance beside its prediction (2C channels).
   learn_sigma: bool
+  # Guidance trained in: sampling runs the conditional model alone (no CFG pass).
+  trained_guidance: ClassVar[bool]
+  # The loss differentiates the network forward (jax.jvp): attention needs a JVP rule.
+  needs_jvp: ClassVar[bool]
+  # DiT fields the objective's model needs (MeanFlow: h_embedder=True).
+  model_fields: ClassVar[Mapping[str, Any]]
+  # The loss drops labels to the model's null class itself.
+  drops_labels: ClassVar[bool]
 
   @classmethod
   def config_fields(cls) -> ml_collections.ConfigDict:
@@ -79,7 +87,12 @@ class Objective(Protocol):
 class ObjectiveBase:
   """What objectives share: `sample` through their bound sampler, and `from_config` /
   `from_meta` from their own config.objective fields through `cls._build(fields,
-  learn_sigma, where)` (an objective whose settings live elsewhere overrides them)."""
+  learn_sigma, where)` (an objective whose settings live elsewhere overrides them); the
+  defaults of the model-facing flags."""
+  trained_guidance = False
+  needs_jvp = False
+  model_fields: Mapping[str, Any] = {}
+  drops_labels = False
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> Any:
@@ -264,6 +277,11 @@ def binned_means(values: jax.Array, bins: jax.Array, n: int, prefix: str) -> dic
     mask = (bins == i).astype(values.dtype)
     out[f"{prefix}{i}"] = (mask * values).sum() / jax.numpy.maximum(mask.sum(), 1)
   return out
+
+
+def per_example(c: jax.Array, x: jax.Array) -> jax.Array:
+  """[B] -> [B, 1, ..., 1], broadcastable against x [B, ...]."""
+  return c.reshape(c.shape + (1,) * (x.ndim - 1))
 
 
 def draw_noise(key: jax.Array, x0: jax.Array) -> jax.Array:

@@ -36,11 +36,6 @@ RHO = 7.0
 NUM_STEPS = 18
 
 
-def _per_example(c: jax.Array, x: jax.Array) -> jax.Array:
-  """[B] -> [B, 1, ..., 1], broadcastable against x [B, ...]."""
-  return c.reshape(c.shape + (1,) * (x.ndim - 1))
-
-
 def _batch_sigma(sigma, batch: int) -> jax.Array:
   """sigma as float32 [batch]; a scalar is broadcast."""
   sigma = jnp.asarray(sigma, jnp.float32)
@@ -75,11 +70,11 @@ def denoiser(raw_fn: RawFn, sigma_data: float = SIGMA_DATA) -> DenoiseFn:
     x = jnp.asarray(x, jnp.float32)
     sigma = _batch_sigma(sigma, x.shape[0])
     c_skip, c_out, c_in, c_noise = precondition(sigma, sigma_data)
-    f = raw_fn(_per_example(c_in, x) * x, c_noise)
+    f = raw_fn(base.per_example(c_in, x) * x, c_noise)
     if f.shape != x.shape:
       # A learn_sigma DiT returns 2C channels: the caller must pick the first C.
       raise ValueError(f"raw_fn returned shape {f.shape}, expected x's shape {x.shape}")
-    return _per_example(c_skip, x) * x + _per_example(c_out, x) * f.astype(jnp.float32)
+    return base.per_example(c_skip, x) * x + base.per_example(c_out, x) * f.astype(jnp.float32)
 
   return denoise
 
@@ -100,8 +95,8 @@ def loss(raw_fn: RawFn, x0: jax.Array, sigma: jax.Array, noise: jax.Array,
   noise = jnp.asarray(noise, jnp.float32)
   sigma = _batch_sigma(sigma, x0.shape[0])
   _, _, c_in, c_noise = precondition(sigma, sigma_data)
-  s = _per_example(sigma, x0)
-  c_in_b = _per_example(c_in, x0)
+  s = base.per_example(sigma, x0)
+  c_in_b = base.per_example(c_in, x0)
   y = x0 + s * noise
   f = raw_fn(c_in_b * y, c_noise).astype(jnp.float32)
   # lambda * c_out^2 == 1, so the loss is (F - target)^2 with target = (x0 - c_skip y) / c_out,

@@ -34,10 +34,6 @@ OMEGA, KAPPA = 1.0, 0.5
 NORM_P, NORM_EPS = 1.0, 0.01
 
 
-def _per_example(c: jax.Array, x: jax.Array) -> jax.Array:
-  return c.reshape(c.shape + (1,) * (x.ndim - 1))
-
-
 def sample_tr(key: jax.Array, batch: int, p_mean: float = P_MEAN, p_std: float = P_STD,
               data_proportion: float = DATA_PROPORTION) -> tuple[jax.Array, jax.Array]:
   """(t, r) float32 [batch]: both logit-normal, ordered t >= r; the first
@@ -57,8 +53,8 @@ def guided_velocity(u_fn: UFn, z: jax.Array, t: jax.Array, v: jax.Array, labels:
   gradient."""
   h0 = jnp.zeros_like(t)
   inside = (t >= t_start) & (t <= t_end)
-  w = _per_example(jnp.where(inside, omega, 1.0), z)
-  k = _per_example(jnp.where(inside, kappa, 0.0), z)
+  w = base.per_example(jnp.where(inside, omega, 1.0), z)
+  k = base.per_example(jnp.where(inside, kappa, 0.0), z)
   v_uncond = jax.lax.stop_gradient(u_fn(z, t, h0, jnp.full_like(labels, null_label)))
   if kappa:
     v_cond = jax.lax.stop_gradient(u_fn(z, t, h0, labels))
@@ -74,7 +70,7 @@ def mean_velocity_target(u_fn: Callable[[jax.Array, jax.Array, jax.Array], jax.A
   (z, t, r). For the true average velocity and v the marginal velocity field the target is u."""
   u, du_dt = jax.jvp(lambda z_, t_, r_: u_fn(z_, t_, t_ - r_), (z, t, r),
                      (v, jnp.ones_like(t), jnp.zeros_like(r)))
-  gap = jnp.clip(_per_example(t - r, z), 0.0, 1.0)
+  gap = jnp.clip(base.per_example(t - r, z), 0.0, 1.0)
   return u, jax.lax.stop_gradient(v - gap * du_dt)
 
 
@@ -93,13 +89,13 @@ def loss(u_fn: UFn, x: jax.Array, t: jax.Array, r: jax.Array, noise: jax.Array,
   against v, summed likewise) is for monitoring.
   """
   x = jnp.asarray(x, jnp.float32)
-  te = _per_example(t, x)
+  te = base.per_example(t, x)
   z = (1 - te) * x + te * noise
   v = noise - x
   guided = omega != 1.0 or kappa != 0.0
   v_g = guided_velocity(u_fn, z, t, v, labels, null_label, omega, kappa, t_start,
                         t_end) if guided else v
-  keep = _per_example(drop, x)
+  keep = base.per_example(drop, x)
   v_g = jnp.where(keep, v, v_g)
   y = jnp.where(drop, jnp.asarray(null_label, labels.dtype), labels)
   u, target = mean_velocity_target(lambda z_, t_, h_: u_fn(z_, t_, h_, y), z, t, r, v_g)
@@ -161,6 +157,8 @@ class MeanFlow(base.ObjectiveBase):
   needs_jvp = True
   # The model needs its second time input.
   model_fields = {"h_embedder": True}
+  # Its loss drops labels to the model's null class (mf_class_dropout_prob).
+  drops_labels = True
 
   @classmethod
   def config_fields(cls) -> ml_collections.ConfigDict:
