@@ -81,7 +81,7 @@ def main(argv: list[str]) -> None:
 def run() -> None:
   """Console script `dit-evaluate` (the same as python -m dit_jax.evaluate)."""
   flags.mark_flags_as_required(["samples", "reference", "inception"])
-  app.run(main)
+  runtime.run(main)  # errors as a few lines naming the file (--traceback for the rest)
 
 
 if __name__ == "__main__":

@@ -161,9 +161,10 @@ def npz_array_info(path: str, key: str = "arr_0") -> tuple[tuple[int, ...], np.d
 
 
 def check_images(path: str, key: str = "arr_0") -> int:
-  """Validates that `key` in an .npz is uint8 images [N, H, W, 3 (or 1)]; returns N."""
+  """Validates that `key` in an .npz is an ADM sample batch, uint8 images [N, H, W, 3] (RGB;
+  a grayscale [N, H, W, 1] batch is refused: the Inception network takes 3 channels); returns N."""
   shape, dtype = npz_array_info(path, key)
-  if len(shape) != 4 or shape[-1] not in (1, 3) or dtype != np.uint8 or not shape[0]:
-    raise ValueError(f"{path}: {key} must be uint8 images [N, H, W, 3] (ADM layout), "
-                     f"got {dtype} {shape}")
+  if len(shape) != 4 or shape[-1] != 3 or dtype != np.uint8 or not shape[0]:
+    raise ValueError(f"{path}: {key} must be uint8 RGB images [N, H, W, 3] with N > 0 (ADM's "
+                     f"sample batch layout), got {dtype} {list(shape)}")
   return shape[0]

@@ -383,7 +383,7 @@ def main(argv: Sequence[str]) -> None:
 def run() -> None:
   """Console script `dit-prepare-latents` (the same as python -m dit_jax.prepare_latents)."""
   flags.mark_flags_as_required(["source", "vae", "out"])
-  app.run(main)
+  runtime.run(main)  # errors as a few lines naming the file (--traceback for the rest)
 
 
 if __name__ == "__main__":

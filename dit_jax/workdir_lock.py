@@ -88,25 +88,45 @@ class Lock:
     self._thread: threading.Thread | None = None
 
   def _read(self) -> dict | None:
+    """The lock's content; None if there is none; {"damaged": why} if it cannot be a lock
+    (a torn write, a disk error, an edit): no live job can hold such a file."""
     try:
-      with tf.io.gfile.GFile(self.path) as f:
-        info = json.loads(f.read())
-      return info if isinstance(info, dict) else {}
+      with tf.io.gfile.GFile(self.path, "rb") as f:
+        raw = f.read()
     except tf.errors.NotFoundError:
       return None
-    except (ValueError, tf.errors.OpError):
-      return {}  # unreadable (a torn write): stale
+    except tf.errors.OpError as e:
+      return {"damaged": f"unreadable: {e.message.splitlines()[0] if e.message else e}"}
+    try:
+      info = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+      return {"damaged": f"{len(raw)} bytes that are not JSON ({type(e).__name__})"}
+    if not isinstance(info, dict) or not {"host", "pid", "heartbeat"} <= info.keys():
+      return {"damaged": "JSON without the host, pid and heartbeat of a holder"}
+    return info
 
   def _write(self, exclusive: bool) -> bool:
     data = json.dumps(dict(self.info, heartbeat=time.time()))
     if self.local:
       if exclusive:
+        # Written whole, then linked into place: link() fails if the lock exists, and no
+        # reader ever sees a half-written lock (which would look damaged).
+        tmp = f"{self.path}.{os.getpid()}.new"
+        with open(tmp, "w") as f:
+          f.write(data)
         try:
-          fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+          os.link(tmp, self.path)
         except FileExistsError:
           return False
-        with os.fdopen(fd, "w") as f:
-          f.write(data)
+        except OSError:  # a filesystem without hard links: create it exclusively
+          try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+          except FileExistsError:
+            return False
+          with os.fdopen(fd, "w") as f:
+            f.write(data)
+        finally:
+          os.remove(tmp)
         return True
       tmp = f"{self.path}.{os.getpid()}.tmp"
       with open(tmp, "w") as f:
@@ -125,7 +145,10 @@ class Lock:
     tf.io.gfile.makedirs(os.path.dirname(self.path) or ".")
     for _ in range(3):
       info = self._read()
-      if info is not None:
+      if info is not None and "damaged" in info:
+        logging.warning("%s is damaged (%s), so no job can be holding it: taking the lock over",
+                        self.path, info["damaged"])
+      elif info is not None:
         state = holder_state(info)
         if state == "alive":
           raise WorkdirLocked(
@@ -133,13 +156,13 @@ class Lock:
               "wait for it to end, or use another --workdir")
         logging.warning("%s: taking over the lock of a job that did not release it (%s; %s)",
                         self.path, _describe(info), state)
-        if self.local:
-          # Remove only the stale file we read: if another job replaced it meanwhile, its
-          # exclusive create below wins and we read its lock on the next round.
-          try:
-            os.remove(self.path)
-          except FileNotFoundError:
-            pass
+      if info is not None and self.local:
+        # Remove only the stale file we read: if another job replaced it meanwhile, its
+        # exclusive create below wins and we read its lock on the next round.
+        try:
+          os.remove(self.path)
+        except FileNotFoundError:
+          pass
       if not self._write(exclusive=True):
         continue
       if not self.local:

@@ -185,11 +185,40 @@ def test_only_checkpoint_unreadable_gives_one_short_error(digits_dir, tmp_path):
   assert steps_saved(wd) == [] and os.listdir(os.path.join(wd, "checkpoints_unreadable"))
 
 
-def test_evaluate_names_a_file_that_is_not_npz(tmp_path):
+def _not_log_lines(stderr):
+  """stderr less absl's I/W log lines (and TensorFlow's start-up notices)."""
+  return [l for l in stderr.splitlines() if l.strip() and not (
+      l[:1] in "IW" and l[1:5].isdigit()) and "absl::InitializeLog" not in l]
+
+
+@pytest.mark.parametrize("case", ["missing", "not_npz", "grayscale"])
+def test_evaluate_errors_name_the_file_in_two_lines(tmp_path, case):
   bad = tmp_path / "samples.npz"
-  bad.write_text("not a zip archive")
+  if case == "not_npz":
+    bad.write_text("not a zip archive")
+  elif case == "grayscale":  # [N, H, W, 1] uint8 is not an ADM sample batch
+    np.savez(bad, arr_0=np.zeros((4, 32, 32, 1), np.uint8))
   r = subprocess.run([sys.executable, "-m", "dit_jax.evaluate", f"--samples={bad}",
                       f"--reference={tmp_path / 'ref.npz'}", f"--inception={tmp_path / 'i.npz'}"],
                      cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
-  assert r.returncode != 0
-  assert f"ValueError: {bad}: not an .npz file" in r.stderr
+  assert r.returncode == 1, r.stderr[-3000:]
+  lines = _not_log_lines(r.stderr)
+  assert len(lines) == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+  want = {"missing": f"FileNotFoundError: {bad}: no such file",
+          "not_npz": f"ValueError: {bad}: not an .npz file",
+          "grayscale": f"ValueError: {bad}: arr_0 must be uint8 RGB images [N, H, W, 3]"}[case]
+  assert lines[0].startswith(want), lines
+  if case == "grayscale":
+    assert lines[0].endswith("got uint8 [4, 32, 32, 1]"), lines
+  assert "--traceback" in lines[1]
+
+
+def test_prepare_latents_errors_name_the_input(tmp_path):
+  r = subprocess.run([sys.executable, "-m", "dit_jax.prepare_latents",
+                      f"--source={tmp_path / 'nowhere'}", "--vae=identity",
+                      f"--out={tmp_path / 'out'}"],
+                     cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+  assert r.returncode == 1
+  lines = _not_log_lines(r.stderr)
+  assert len(lines) == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+  assert lines[0].startswith("FileNotFoundError: --source=") and "nowhere" in lines[0], lines

@@ -106,11 +106,18 @@ def test_stale_locks_are_taken_over_live_ones_refused(tmp_path, caplog):
     assert not os.path.exists(path)
   assert caplog.text.count("taking over the lock of a job that did not release it") == 3
   assert "its process is gone" in caplog.text and "no heartbeat for" in caplog.text
-  with open(path, "w") as f:
-    f.write('{"host": "x", "pi')  # a torn write
-  lock = workdir_lock.Lock(wd)
-  lock.acquire()
-  lock.release()
+  # Damaged locks (a torn write, bytes that are not UTF-8, JSON that is not a lock) are
+  # reported as damaged and taken over.
+  for damaged in (b'{"host": "x", "pi', b"\xff\xfe\x00lock", b"[1, 2]"):
+    caplog.clear()
+    with open(path, "wb") as f:
+      f.write(damaged)
+    lock = workdir_lock.Lock(wd)
+    lock.acquire()
+    assert json.load(open(path))["pid"] == os.getpid()
+    lock.release()
+    assert f"{path} is damaged (" in caplog.text and "taking the lock over" in caplog.text
+    assert "did not release it" not in caplog.text
   sleeper = subprocess.Popen(["sleep", "60"])
   try:
     live = [dict(host=host, pid=sleeper.pid, pid_start=workdir_lock._process_start(sleeper.pid),
