@@ -12,9 +12,10 @@ so a checkpoint can be restored onto a different mesh or number of devices.
 Integrity (dit_jax/integrity.py): `save` refuses a state holding NaN/inf and records a
 layout-independent digest of every array in `meta`; `restore_latest` recomputes the digests
 and the finiteness of what it read. A checkpoint that cannot be read for a reason that may
-pass (an unavailable or slow store) is retried; one that is damaged (data loss, a missing or
-truncated file, digests or meta that do not match) is moved to `checkpoints_unreadable/` at
-once, and the previous one is used. A save that fails (a full disk) stops the job at the
+pass (an unavailable or slow store, a reset connection, a 5xx) is retried; any other (data loss,
+a missing item, file or permission, a truncated file, meta that is not UTF-8 or not ours,
+digests that do not match) is moved to `checkpoints_unreadable/` at once (`is_transient`), and
+the previous one is used. A save that fails (a full disk) stops the job at the
 next step with one error naming the path and the disk; the checkpoints before it stay, and
 Orbax removes the unfinished `<step>.orbax-checkpoint-tmp*` directory on the next start.
 """
@@ -22,8 +23,10 @@ Orbax removes the unfinished `<step>.orbax-checkpoint-tmp*` directory on the nex
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
+import re
 import shutil
 import time
 import weakref
@@ -301,23 +304,52 @@ def _restore_step(mngr: ocp.CheckpointManager, step: int, train: Any, ema: Any, 
   return None, reason
 
 
-# TensorStore/absl status codes of errors that reading again cannot fix.
+# Status codes (TensorStore, absl, gRPC) of errors that reading again cannot fix, and of
+# those that can pass.
 _PERMANENT_CODES = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND", "INVALID_ARGUMENT",
-                    "FAILED_PRECONDITION", "ALREADY_EXISTS", "UNIMPLEMENTED")
+                    "FAILED_PRECONDITION", "ALREADY_EXISTS", "UNIMPLEMENTED", "PERMISSION_DENIED",
+                    "UNAUTHENTICATED")
+_TRANSIENT_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED", "RESOURCE_EXHAUSTED")
+# OS errors of a store or network file system that may pass (EIO: NFS, gcsfuse).
+_TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET,
+                     errno.ECONNREFUSED, errno.ECONNABORTED, errno.ENETDOWN, errno.ENETUNREACH,
+                     errno.EHOSTUNREACH, errno.ESTALE, errno.EBUSY, errno.EINTR}
+# A store's HTTP answer that may pass: 5xx, 408 (timeout) and 429 (rate limit).
+_TRANSIENT_HTTP = re.compile(r"(HTTP|response|status)[^0-9]{0,20}(5\d\d|408|429)\b", re.I)
+_TRANSIENT_TEXT = ("connection reset", "connection refused", "timed out", "temporarily unavailable")
+
+
+def _kind(e: BaseException) -> bool | None:
+  """True: may pass; False: permanent; None: this error alone does not tell."""
+  text = str(e)
+  if isinstance(e, (CheckpointIntegrityError, CheckpointMetaError, FileNotFoundError,
+                    IsADirectoryError, NotADirectoryError, PermissionError, KeyError,
+                    UnicodeError, json.JSONDecodeError)):
+    return False
+  if any(f"{code}:" in text for code in _PERMANENT_CODES):
+    return False
+  if isinstance(e, (TimeoutError, ConnectionError, tf.errors.UnavailableError,
+                    tf.errors.DeadlineExceededError, tf.errors.AbortedError)):
+    return True
+  if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
+    return True
+  if (any(f"{code}:" in text for code in _TRANSIENT_CODES) or _TRANSIENT_HTTP.search(text)
+      or any(t in text.lower() for t in _TRANSIENT_TEXT)):
+    return True
+  return None
 
 
 def is_transient(err: BaseException) -> bool:
-  """Whether reading a checkpoint again may succeed: not for damaged or missing files, a
-  digest mismatch or a meta that is not ours; yes for other errors (an unavailable store,
-  a timeout, a permission that may be restored)."""
-  for e in _chain(err):
-    if isinstance(e, (CheckpointIntegrityError, CheckpointMetaError, FileNotFoundError,
-                      IsADirectoryError, NotADirectoryError)):
-      return False
-    text = str(e)
-    if any(f"{code}:" in text for code in _PERMANENT_CODES):
-      return False
-  return True
+  """Whether reading a checkpoint again may succeed: only for I/O errors that can pass (a
+  timeout, a reset or refused connection, a store's 5xx/408/429, an UNAVAILABLE or
+  DEADLINE_EXCEEDED status). Everything else is permanent and set aside at once: a missing
+  item (a half-written step) or file, undecodable or non-UTF-8 meta, meta that is not ours,
+  a digest mismatch, truncation, a denied permission, and any error not recognised."""
+  for e in _chain(err):  # the outermost error that tells decides
+    verdict = _kind(e)
+    if verdict is not None:
+      return verdict
+  return False
 
 
 def check_meta(meta: Any, step: int) -> None:

@@ -6,6 +6,7 @@ import glob
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,6 +14,7 @@ import sys
 import time
 
 import pytest
+import tensorflow as tf
 
 from dit_jax import checkpointing, config_checks, train, workdir_lock
 from test_main_cli import ROOT, env, main_cmd, steps_saved
@@ -227,6 +229,24 @@ def test_damaged_checkpoint_is_set_aside_at_once(digits_dir, tmp_path, caplog,  
     assert "not a dit_jax checkpoint's" in caplog.text
 
 
+def test_half_written_step_and_undecodable_meta_are_set_aside_at_once(  # noqa: F811
+    digits_dir, tmp_path, caplog):
+  wd = str(tmp_path)
+  train.train_and_evaluate(tiny_config(digits_dir), wd)  # checkpoints 3 and 6
+  shutil.rmtree(os.path.join(wd, "checkpoints", "6", "ema"))  # a half-written step
+  meta = glob.glob(os.path.join(wd, "checkpoints", "3", "meta", "*"))[0]
+  with open(meta, "wb") as f:
+    f.write(b"\xff\xfe\x00\x81 not UTF-8")
+  t0 = time.time()
+  with pytest.raises(RuntimeError, match="No checkpoint in .* could be restored") as e:
+    train.train_and_evaluate(tiny_config(digits_dir, total_steps=7), wd)  # backoff 2 s
+  assert "restore attempt" not in caplog.text and time.time() - t0 < 60  # neither retried
+  assert 'step 6: KeyError: \'Item "ema" was not found' in str(e.value), e.value
+  assert "step 3: UnicodeDecodeError" in str(e.value), e.value
+  assert sorted(d.split("-")[0] for d in
+                os.listdir(os.path.join(wd, "checkpoints_unreadable"))) == ["3", "6"]
+
+
 def test_transient_read_error_is_retried(digits_dir, tmp_path, caplog, monkeypatch):  # noqa: F811
   wd = str(tmp_path)
   train.train_and_evaluate(tiny_config(digits_dir), wd)
@@ -248,11 +268,60 @@ def test_transient_read_error_is_retried(digits_dir, tmp_path, caplog, monkeypat
   assert not os.path.exists(os.path.join(wd, "checkpoints_unreadable"))
 
 
-def test_error_kinds():
-  assert not checkpointing.is_transient(ValueError("DATA_LOSS: Error reading local file"))
-  assert not checkpointing.is_transient(FileNotFoundError(2, "gone"))
-  assert checkpointing.is_transient(ValueError("DEADLINE_EXCEEDED: read took too long"))
-  assert checkpointing.is_transient(OSError(errno.EIO, "Input/output error"))
+def _wrapped(outer, inner):
+  """`outer` raised from `inner`, as Orbax wraps TensorStore's errors."""
+  try:
+    try:
+      raise inner
+    except BaseException as e:
+      raise outer from e
+  except BaseException as e:  # pylint: disable=broad-except
+    return e
+
+
+# Every kind of restore error seen (Orbax, TensorStore, the OS, TensorFlow's gfile, our own
+# checks), and whether reading again may help.
+ERRORS = [
+    # Permanent: set aside at once.
+    (KeyError('Item "ema" was not found in the checkpoint. Available items: [\'train\', '
+              '\'meta\']'), False),  # a half-written step
+    (UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"), False),  # meta bytes
+    (json.JSONDecodeError("Expecting value", "{x", 1), False),
+    (checkpointing.CheckpointMetaError("its meta is not a dit_jax checkpoint's"), False),
+    (checkpointing.CheckpointIntegrityError("2 array(s) of train differ"), False),
+    (FileNotFoundError(errno.ENOENT, "No such file or directory"), False),
+    (PermissionError(errno.EACCES, "Permission denied"), False),
+    (ValueError("DATA_LOSS: Error reading local file \"/w/checkpoints/6/train/d/ab\""), False),
+    (ValueError("OUT_OF_RANGE: Error reading \"d/ab\": unexpected end of file"), False),
+    (ValueError("NOT_FOUND: Error opening \"zarr3\" driver: no metadata"), False),
+    (ValueError("PERMISSION_DENIED: HTTP response code: 403"), False),
+    (ValueError("FAILED_PRECONDITION: Error reading: checksum mismatch"), False),
+    (RuntimeError("something nobody has seen before"), False),  # unknown: not retried
+    (_wrapped(ValueError("Orbax: restore failed"), KeyError("Item \"ema\"")), False),
+    # May pass: retried with back-off.
+    (ValueError("UNAVAILABLE: Error reading gs://b/r/checkpoints/6: connection reset"), True),
+    (ValueError("DEADLINE_EXCEEDED: read took too long"), True),
+    (ValueError("RESOURCE_EXHAUSTED: rate limited"), True),
+    (RuntimeError("GCS read failed, HTTP response code: 503 with body: backend error"), True),
+    (RuntimeError("request failed with status 429"), True),
+    (TimeoutError("The read operation timed out"), True),
+    (ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"), True),
+    (OSError(errno.EIO, "Input/output error"), True),
+    (OSError(errno.ESTALE, "Stale file handle"), True),
+    (tf.errors.UnavailableError(None, None, "GCS unavailable"), True),
+    (tf.errors.DeadlineExceededError(None, None, "deadline"), True),
+    (_wrapped(ValueError("Orbax: restore failed"),
+              ValueError("UNAVAILABLE: connection reset")), True),
+]
+
+
+@pytest.mark.parametrize("err,transient", ERRORS, ids=[f"{type(e).__name__}-{i}"
+                                                       for i, (e, _) in enumerate(ERRORS)])
+def test_restore_errors_are_classified(err, transient):
+  assert checkpointing.is_transient(err) is transient
+
+
+def test_checkpoint_meta_must_be_ours():
   for meta, step in (({"garbage": [1, 2, 3]}, 6), ([1, 2], 6),
                      ({"step": 5, "model_kwargs": {}}, 6)):
     with pytest.raises(checkpointing.CheckpointMetaError):
