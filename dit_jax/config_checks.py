@@ -16,6 +16,7 @@ import ml_collections
 _RANGES = (
     ("total_steps", 1, None, "optimizer steps to train"),
     ("log_every_steps", 1, None, "steps between logged scalars"),
+    ("steps_in_flight", 0, None, "steps dispatched ahead of the device (0 = unbounded)"),
     ("data.global_batch_size", 1, None, "images per step"),
     ("data.shuffle_buffer", 1, None, "records in the shuffle buffer"),
     ("data.cycle_length", 1, None, "shards read in parallel"),

@@ -10,7 +10,7 @@ traceback); the process exits as soon as the last checkpoint is committed (runti
 from absl import app, flags
 from ml_collections import config_flags
 
-from dit_jax import config_checks, runtime
+from dit_jax import config_checks, runtime, stopping
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard and samples.")
@@ -22,7 +22,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  # SIGTERM/SIGINT from here on: a clean exit at any moment, a checkpoint once training.
+  stopping.install(FLAGS.workdir)
   config_checks.check(FLAGS.config)  # before any start-up work
+  stopping.starting("starting JAX")
   runtime.setup()
   from dit_jax import train  # pylint: disable=import-outside-toplevel
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dit_jax import guidance, image_io, models, objectives, sampling
+from dit_jax import guidance, image_io, models, objectives, sampling, stopping
 
 
 def _abstract(tree: Any, shardings: Any) -> Any:
@@ -137,6 +137,9 @@ class Evaluator:
         batch_size=e.batch_size, key=jax.random.fold_in(jax.random.PRNGKey(self.config.seed + 2),
                                                         step),
         cfg_scale=e.cfg_scale, batch_sharding=self.batch_sh, replicated=self.repl)
-    outputs = [self.extract(self.inception, images) for _, images in batches]
+    outputs = []
+    for _, images in batches:
+      stopping.check()  # SIGTERM/SIGINT: cut the evaluation short (the loop saves and exits)
+      outputs.append(self.extract(self.inception, images))
     feats = self.features.gather_features(outputs, e.num_samples)
     return self.metrics(feats, self.reference, fid_method="eigh")

@@ -14,6 +14,7 @@ Stages of `train_and_evaluate` (read top to bottom):
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import signal
@@ -28,31 +29,32 @@ from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
 
 from dit_jax import (checkpointing, config_checks, convert, demo_data, hardware, input_pipeline,
-                     models, objectives, periodic, profiling, runtime, sampling, workdir_lock)
+                     models, objectives, periodic, profiling, runtime, sampling, stopping,
+                     workdir_lock)
 from dit_jax.data_info import DataInfo
 from dit_jax.step import TrainSetup, TrainState, abstract_state, build
 
 
 class _Preemption:
-  """SIGTERM (preemption notice) -> save and exit at the next step boundary."""
+  """The stop requests of the training loop: SIGTERM or SIGINT (dit_jax/stopping.py), saved
+  and exited at the next step boundary; on several hosts JAX's preemption sync, which gives
+  every host the same step. Called from Python rather than dit_jax.main (stopping not
+  installed), only SIGTERM is taken, for the loop alone."""
 
   def __init__(self):
-    self.requested = False
     self._old = None
 
   def __enter__(self):
-    if jax.process_count() == 1:
+    stopping.phase(stopping.LOOP)
+    if jax.process_count() == 1 and not stopping.installed():
       try:
-        self._old = signal.signal(signal.SIGTERM, self._handle)
+        self._old = signal.signal(signal.SIGTERM, stopping.record)
       except ValueError:  # not the main thread (e.g. called from a test runner thread)
         self._old = None
     return self
 
-  def _handle(self, signum, frame):  # pylint: disable=unused-argument
-    logging.warning("SIGTERM received: saving a checkpoint and exiting at the next step")
-    self.requested = True
-
   def __exit__(self, *exc):
+    stopping.phase(stopping.FINISHING)
     if self._old is not None:
       signal.signal(signal.SIGTERM, self._old)
 
@@ -60,7 +62,27 @@ class _Preemption:
     if jax.process_count() > 1:
       # Every host must agree; JAX's preemption sync service (TPU VMs) gives one answer.
       return bool(mngr.reached_preemption(step))
-    return self.requested
+    return stopping.requested()
+
+
+class InFlight:
+  """Bounds how far the host dispatches ahead of the device: after dispatching a step, waits
+  until at most `depth` steps are unfinished (depth 2: the device always has the next step
+  queued while the host prepares the one after). 0: unbounded (JAX's default, where the host
+  ran 25-34 steps ahead on the CPU demo). Tells dit_jax.stopping which step is done."""
+
+  def __init__(self, depth: int):
+    self.depth = depth
+    self.queue: collections.deque = collections.deque()
+
+  def add(self, step: int, output: Any) -> None:
+    if not self.depth:
+      return
+    self.queue.append((step, output))
+    while len(self.queue) >= self.depth:
+      done, out = self.queue.popleft()
+      jax.block_until_ready(out)
+      stopping.step_done(done)
 
 
 def vae_path(configured: str, info: DataInfo, data_dir: str,
@@ -86,6 +108,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   `devices` restricts the mesh to a subset of jax.devices() (default: all).
   """
   config_checks.check(config)
+  stopping.reset(workdir)
   pid, nproc = jax.process_index(), jax.process_count()
   runtime.enable_compilation_cache(
       config.compilation_cache_dir or os.path.join(workdir, "compilation_cache"),
@@ -93,6 +116,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   writer = metric_writers.create_default_writer(workdir, just_logging=pid > 0)
 
   # 1. Data.
+  stopping.starting("reading the data")
   config.data.dir = config.data.dir or demo_data.ensure(config.data.get("builtin", ""), workdir)
   info = input_pipeline.get_info(config.data.dir, pid, nproc, config.data.verify_checksums)
   gbs = config.data.global_batch_size
@@ -101,9 +125,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   local_bs = gbs // nproc
 
   # 2. Model, objective (config.objective.name), optimizer, mesh, shardings, compiled step.
+  stopping.starting("compiling the train step")
   setup = build(config, info, devices)
 
   # 3. Restore or initialise; the state is created sharded (never whole on one device).
+  stopping.starting("restoring the newest checkpoint")
   mngr = checkpointing.create_manager(workdir, config.checkpoint.keep,
                                       config.checkpoint.async_save,
                                       config.checkpoint.get("keep_period"))
@@ -113,6 +139,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # 4. Sample grids and evaluation, compiled now (dit_jax/periodic.py); they decode with the
   #    dataset's VAE (identity for pixel data).
   grid = evaluate = None
+  stopping.starting("compiling the sample grids and evaluation")
   if config.sample.num_images or config.eval.every_steps:
     decoder = sampling.Decoder(vae_path(config.vae.path, info, config.data.dir),
                                latent_scale(config.vae.scale_factor, info), setup.repl,
@@ -123,6 +150,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       evaluate = periodic.Evaluator(config, setup, decoder, workdir)
 
   # 5. The loop.
+  stopping.starting("starting the input pipeline")
   ds = input_pipeline.create_dataset(
       info, local_batch_size=local_bs, seed=config.seed, process_index=pid,
       start_step=start_step, shuffle_buffer=config.data.shuffle_buffer,
@@ -266,6 +294,7 @@ class MetricLogger:
     if not self.pending:
       return
     fetched = jax.device_get(self.pending)  # waits for the steps: time them after
+    stopping.step_done(step)
     sps = len(self.pending) / max(time.time() - self.t_last, 1e-9)
     scalars = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
     scalars.update(steps_per_sec=sps, images_per_sec_per_device=sps * self.images_per_step)
@@ -288,6 +317,9 @@ def train_loop(config: ml_collections.ConfigDict, info: DataInfo, setup: TrainSe
                                            every_steps=config.log_every_steps)
   profile = profiling.Profiler(config.get("profile"), workdir)
   step = int(jax.device_get(state.step))
+  inflight = InFlight(config.get("steps_in_flight", 2))
+  stopping.step_done(step)
+  saved = -1
   with _Preemption() as preempt:
     while step < config.total_steps:
       profile(step, state)
@@ -298,6 +330,7 @@ def train_loop(config: ml_collections.ConfigDict, info: DataInfo, setup: TrainSe
         state, step_metrics = setup.compiled(state, batch)
       step += 1
       metrics.add(step_metrics)
+      inflight.add(step, step_metrics["loss"])  # the host stays at most 2 steps ahead
       checkpointing.check_saves(mngr)  # a failed background save stops the job here
       report(step)
       if step % config.log_every_steps == 0 or step == config.total_steps:
@@ -306,16 +339,29 @@ def train_loop(config: ml_collections.ConfigDict, info: DataInfo, setup: TrainSe
       # Save before sampling or evaluating, so that nothing there can lose training steps.
       if step % config.checkpoint.every_steps == 0 or step == config.total_steps or preempted:
         save(config, info, setup.model, state, mngr, step, local_bs, setup.objective)
+        saved = step
+      try:
+        if not preempted and grid and (step % (config.sample.every_steps or -1) == 0
+                                       or step == config.total_steps):
+          grid(state.ema_params, step)
+        if not preempted and evaluate and (step % config.eval.every_steps == 0
+                                           or step == config.total_steps):
+          t_eval = time.time()
+          results = {f"eval/{k}": float(v) for k, v in evaluate(state.ema_params, step).items()}
+          metrics.record(step, results)
+          logging.info("Evaluation at step %d took %.0fs: %s", step, time.time() - t_eval,
+                       results)
+          metrics.pause(time.time() - t_eval)
+      except stopping.Interrupted:  # a signal during the grid or the evaluation: cut short
+        preempted = True
+        if saved != step:
+          save(config, info, setup.model, state, mngr, step, local_bs, setup.objective)
       if preempted:
-        logging.warning("Preempted: checkpoint of step %d written, exiting", step)
+        checkpointing.finish(mngr)
+        came = stopping.finished_step()
+        logging.warning("%s: checkpoint of step %d written%s; exiting. Run the same command to "
+                        "resume.", stopping.signal_name() or "Preempted", step,
+                        "" if came is None else f" (it came after step {came})")
         break
-      if grid and (step % (config.sample.every_steps or -1) == 0 or step == config.total_steps):
-        grid(state.ema_params, step)
-      if evaluate and (step % config.eval.every_steps == 0 or step == config.total_steps):
-        t_eval = time.time()
-        results = {f"eval/{k}": float(v) for k, v in evaluate(state.ema_params, step).items()}
-        metrics.record(step, results)
-        logging.info("Evaluation at step %d took %.0fs: %s", step, time.time() - t_eval, results)
-        metrics.pause(time.time() - t_eval)
   profile.close(state)
   return state

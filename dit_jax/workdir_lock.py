@@ -35,6 +35,16 @@ HEARTBEAT_S = 30.0
 STALE_S = 300.0
 
 
+# The locks this process holds (released by release_all on an exit without unwinding).
+_HELD: "set[Lock]" = set()
+
+
+def release_all() -> None:
+  """Releases every lock this process holds (dit_jax/stopping.py, before os._exit)."""
+  for lock in list(_HELD):
+    lock.release()
+
+
 class WorkdirLocked(RuntimeError):
   """Another live job holds the workdir."""
 
@@ -172,6 +182,7 @@ class Lock:
       self._thread = threading.Thread(target=self._beat, name="workdir-lock-heartbeat",
                                       daemon=True)
       self._thread.start()
+      _HELD.add(self)
       return
     raise WorkdirLocked(f"{self.path}: another job is taking the lock at the same time")
 
@@ -187,6 +198,7 @@ class Lock:
         logging.warning("%s: heartbeat failed (%s)", self.path, e)
 
   def release(self) -> None:
+    _HELD.discard(self)
     self._stop.set()
     if self._thread is not None:
       self._thread.join(timeout=5)

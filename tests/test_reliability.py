@@ -377,3 +377,26 @@ def test_bad_flags_give_short_errors(tmp_path):
     errors = error_lines(stderr)
     assert p.returncode == 1 and len(errors) <= 3 and want in errors[0], (cmd, errors)
   assert not os.path.exists(wd)  # refused before anything was written
+
+
+def test_signal_during_a_sample_grid_saves_that_step_and_exits(digits_dir, tmp_path,  # noqa: F811
+                                                               monkeypatch):
+  from dit_jax import periodic, stopping  # pylint: disable=import-outside-toplevel
+  real = periodic.SampleGrid.__call__
+  calls = []
+
+  def grid_then_signal(self, ema_params, step):
+    calls.append(step)
+    real(self, ema_params, step)
+    os.kill(os.getpid(), signal.SIGTERM)  # arrives while the grid is being made
+    time.sleep(0.2)
+    stopping.check()  # what the evaluation does between its batches
+
+  monkeypatch.setattr(periodic.SampleGrid, "__call__", grid_then_signal)
+  wd = str(tmp_path)
+  hist = train.train_and_evaluate(
+      tiny_config(digits_dir, total_steps=50, **{"sample.every_steps": 2, "sample.num_images": 2,
+                                                 "checkpoint.every_steps": 1000}), wd)
+  assert calls == [2] and max(hist) == 2  # cut short at the grid, not after the next step
+  assert sorted(int(d) for d in os.listdir(os.path.join(wd, "checkpoints")) if d.isdigit()) == [2]
+  assert signal.getsignal(signal.SIGTERM) is not stopping.record  # the handler is restored
