@@ -160,11 +160,14 @@ def npz_array_info(path: str, key: str = "arr_0") -> tuple[tuple[int, ...], np.d
   return tuple(header[0]), header[2]
 
 
-def check_images(path: str, key: str = "arr_0") -> int:
-  """Validates that `key` in an .npz is an ADM sample batch, uint8 images [N, H, W, 3] (RGB;
-  a grayscale [N, H, W, 1] batch is refused: the Inception network takes 3 channels); returns N."""
+def check_images(path: str, key: str = "arr_0", channels: tuple[int, ...] = (3,)) -> int:
+  """Validates that `key` in an .npz is uint8 images [N, H, W, C], C in `channels`: an ADM
+  sample batch is RGB, [N, H, W, 3] (the in-job evaluation of grayscale data also takes
+  [N, H, W, 1] references); returns N."""
   shape, dtype = npz_array_info(path, key)
-  if len(shape) != 4 or shape[-1] != 3 or dtype != np.uint8 or not shape[0]:
-    raise ValueError(f"{path}: {key} must be uint8 RGB images [N, H, W, 3] with N > 0 (ADM's "
-                     f"sample batch layout), got {dtype} {list(shape)}")
+  if len(shape) != 4 or shape[-1] not in channels or dtype != np.uint8 or not shape[0]:
+    want = "RGB images [N, H, W, 3]" if channels == (3,) else \
+        f"images [N, H, W, C], C in {list(channels)},"
+    raise ValueError(f"{path}: {key} must be uint8 {want} with N > 0 (ADM's sample batch "
+                     f"layout), got {dtype} {list(shape)}")
   return shape[0]

@@ -33,6 +33,9 @@ def define_flags() -> None:
                     " default: when coordinator flags are given or JAX detects a cluster "
                     "(TPU VMs, GKE, SLURM, Open MPI).")
   flags.DEFINE_bool("traceback", False, "Print the traceback of an error, not only its message.")
+  flags.DEFINE_integer("heartbeat_timeout_s", 10, "Multi-process: a process without a heartbeat "
+                       "for this long is declared lost, and the job ends on every host "
+                       "(dit_jax/supervisor.py); JAX's own default is 100.")
 
 
 class _QuietOrbax(std_logging.Filter):
@@ -94,7 +97,8 @@ def setup() -> None:
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   tf.config.set_visible_devices([], "GPU")
   f = flags.FLAGS
-  init_distributed(f.coordinator_address, f.num_processes, f.process_id, f.distributed)
+  init_distributed(f.coordinator_address, f.num_processes, f.process_id, f.distributed,
+                   f.heartbeat_timeout_s)
   import jax  # pylint: disable=import-outside-toplevel
   logging.info("JAX process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
@@ -103,19 +107,21 @@ def setup() -> None:
 
 
 def init_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                     process_id: int | None = None, distributed: bool | None = None) -> str | None:
+                     process_id: int | None = None, distributed: bool | None = None,
+                     heartbeat_timeout_s: int = 100) -> str | None:
   """jax.distributed.initialize from explicit flags, or where a cluster is detected (unless
   `distributed` is False); returns how the processes were found, None if not initialised."""
   import jax  # pylint: disable=import-outside-toplevel
   if coordinator_address:
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                               heartbeat_timeout_seconds=heartbeat_timeout_s)
     return "flags"
   if distributed is False:
     return None
   how = detect_cluster() or ("--distributed=true" if distributed else None)
   if how:
     logging.info("Initialising jax.distributed (%s)", how)
-    jax.distributed.initialize()
+    jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout_s)
   return how
 
 

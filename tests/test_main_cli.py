@@ -178,6 +178,54 @@ def test_two_processes_train_and_checkpoint_together(digits_dir, tmp_path):  # n
   assert sorted(hist) == [5] and np.isfinite(hist[5]["loss"])
 
 
+def _two_processes(wd, data, port, *extra):
+  return [subprocess.Popen(
+      main_cmd(wd, data, "--config.mesh.fsdp=2", f"--coordinator_address=127.0.0.1:{port}",
+               "--num_processes=2", f"--process_id={i}", *extra),
+      cwd=ROOT, env=env(devices=4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+
+
+@pytest.mark.parametrize("victim", [1, 0], ids=["worker", "coordinator"])
+def test_a_lost_process_ends_the_other_cleanly_and_a_restart_resumes(digits_dir, tmp_path,  # noqa: F811
+                                                                     victim):
+  wd = str(tmp_path / "run")
+  procs = _two_processes(wd, digits_dir, _free_port(), "--config.total_steps=100000",
+                         "--config.checkpoint.every_steps=5")
+  deadline = time.time() + 400
+  while time.time() < deadline and not [s for s in steps_saved(wd) if s >= 5]:
+    time.sleep(0.2)
+  procs[victim].kill()  # SIGKILL: the process (its host) is gone
+  t_kill = time.time()
+  survivor = procs[1 - victim]
+  _, err = survivor.communicate(timeout=120)
+  took = time.time() - t_kill
+  procs[victim].communicate()
+  assert survivor.returncode == 75, err[-4000:]  # EX_TEMPFAIL: run again
+  assert took < 20, took  # within --heartbeat_timeout_s (10) and the supervisor's grace
+  for noise in ("Fatal Python error", "Traceback", "Check failure", "Terminating process",
+                "heartbeat timeout", "Gloo"):
+    assert noise not in err, err[-4000:]
+  report = err.rstrip("\n").splitlines()[-4:]
+  lost = "process 1" if victim == 1 else "the coordinator (process 0)"
+  assert report[0].startswith(f"dit_jax: {lost} of this job was lost"), report
+  newest = steps_saved(wd)[-1]
+  assert f"the newest checkpoint, step {newest} in {wd}/checkpoints, is complete" in report[1]
+  assert report[2].startswith("To resume, start every process again with the same command: "
+                              "python -m dit_jax.main ") and f"--process_id={1 - victim}" in report[2]
+  assert report[3].startswith("(this process's last ")
+  if victim == 0:
+    return
+  assert not os.path.exists(os.path.join(wd, "lock.json"))  # released for the survivor's child
+  total = newest + 2
+  procs = _two_processes(wd, digits_dir, _free_port(), f"--config.total_steps={total}",
+                         "--config.checkpoint.every_steps=5")
+  errs = [p.communicate(timeout=600)[1] for p in procs]
+  for p, e in zip(procs, errs):
+    assert p.returncode == 0, e[-4000:]
+  assert f"Resumed from step {newest}" in errs[0] and steps_saved(wd)[-1] == total
+
+
 def test_sample_cli_writes_adm_npz(digits_dir, tmp_path):  # noqa: F811
   wd = str(tmp_path / "run")
   train.train_and_evaluate(tiny_config(digits_dir, total_steps=2), wd)

@@ -147,7 +147,7 @@ def compute_reference(source: str, variables: Any, *, resolution: int | None = N
       files = data.files
       moments = [data[k] for k in _MOMENT_KEYS] if all(k in files for k in _MOMENT_KEYS) else None
     if "arr_0" in files:
-      image_io.check_images(source)
+      image_io.check_images(source, channels=(1, 3))  # grayscale: the digits' in-job FID
       stats = ReferenceStats.from_features(extract(image_io.iter_npz_array(source)), key)
       if moments is not None:  # ADM: FID against the precomputed moments, P/R against arr_0
         stats.mu, stats.sigma, stats.mu_s, stats.sigma_s = moments
