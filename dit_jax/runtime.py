@@ -42,6 +42,9 @@ class _QuietOrbax(std_logging.Filter):
   """Orbax logs every file it writes at INFO; keep its warnings and errors only (but not the
   notice that dit_jax.checkpointing chose its own array handler)."""
 
+  FOLD_S = 60.0  # Orbax error lines within this many seconds of the first are folded into it
+  _last_error = float("-inf")
+
   def filter(self, record):
     if "orbax" not in record.pathname:
       return True
@@ -52,6 +55,13 @@ class _QuietOrbax(std_logging.Filter):
     # error itself is raised (and shown) by dit_jax.checkpointing.
     if not (flags.FLAGS.is_parsed() and "traceback" in flags.FLAGS and flags.FLAGS.traceback):
       record.exc_info, record.exc_text = None, None
+      # One failure is logged by each Orbax thread it passes through (3-6 E-lines for one
+      # full disk); keep the first of a burst (the root cause, e.g. "No space left on
+      # device"), which dit_jax.checkpointing then raises as one error naming the checkpoint.
+      if record.levelno >= std_logging.ERROR:
+        if record.created - self._last_error < self.FOLD_S:
+          return False
+        self._last_error = record.created
     return True
 
 

@@ -197,7 +197,9 @@ def test_full_disk_error_is_short(digits_dir, tmp_path):  # noqa: F811
   assert r.returncode == 1, r.stderr[-3000:]
   assert "sys.meta_path is None" not in r.stderr
   errors = error_lines(r.stderr)
-  assert len(errors) <= 6, "\n".join(errors)
+  # Orbax's own error lines (one per thread the failure passed through) folded into the first.
+  logged = [l for l in errors if l[:1] == "E" and l[1:5].isdigit()]
+  assert len(errors) <= 5 and len(logged) <= 1, "\n".join(errors)
   assert errors[-2].startswith(f"CheckpointSaveError: Saving checkpoint {wd}/checkpoints/4 "
                                "failed, no space left on the disk mounted at /"), errors
   assert errors[-2].endswith("(kept: 2)") and steps_saved(wd) == [2]
