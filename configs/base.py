@@ -28,7 +28,7 @@ def get_config(model: str = "DiT-XL/2", image_size: int = 256) -> ml_collections
   c.compilation_cache_dir = ""
 
   c.model = ml_collections.ConfigDict()
-  # A name of dit_jax.models.DiT_models: 'DiT-S/8' ... 'DiT-XL/2'.
+  # A name of dit_jax.models.DiT_models: 'DiT-S/8' ... 'DiT-XL/2', 'LightningDiT-B/1' ... '-1p6B/2'.
   c.model.name = model
   # Optional overrides of the named architecture, e.g. for small test models; None keeps the
   # paper's value (all None for the paper's grid).
@@ -64,16 +64,26 @@ def get_config(model: str = "DiT-XL/2", image_size: int = 256) -> ml_collections
   # 'auto': the first of none, dots_with_no_batch_dims_saveable, full whose compiled step fits
   # 90% of a device's memory (step.build; needs a known device memory, else none).
   c.model.remat = "none"
-  # The block's parts (dit_jax.models.NORMS, MLPS, POS_EMBEDDINGS, ATTENTIONS); the release's.
-  # The norm of every block and of the final layer: 'layernorm' (no affine, eps 1e-6, float32).
-  c.model.norm = "layernorm"
-  # The block MLP: 'gelu' (Linear(D, mlp_ratio D), tanh GELU, Linear back).
-  c.model.mlp = "gelu"
+  # The block's parts (dit_jax.models.NORMS, MLPS, POS_EMBEDDINGS, ATTENTIONS) and
+  # LightningDiT's options; unset (None): the named model's (the release's for DiT-*,
+  # LightningDiT's for LightningDiT-*: rmsnorm, swiglu, rope on, qk_norm off, shift on).
+  # The norm of every block and of the final layer: 'layernorm' (no affine, eps 1e-6, float32)
+  # or 'rmsnorm' (learned weight, eps 1e-6, float32).
+  c.model.norm = ml_collections.config_dict.placeholder(str)
+  # The block MLP: 'gelu' (Linear(D, mlp_ratio D), tanh GELU, Linear back) or 'swiglu' (a fused
+  # w12 to 2 int(2/3 mlp_ratio D), silu(x1) x2, w3 back).
+  c.model.mlp = ml_collections.config_dict.placeholder(str)
   # The fixed position table added to the patch tokens: 'sincos' (MAE's 2-D sin-cos).
-  c.model.pos_embedding = "sincos"
+  c.model.pos_embedding = ml_collections.config_dict.placeholder(str)
   # The block's attention: 'mha' (fused qkv, multi-head self-attention; its kernel is
   # attention_impl below).
-  c.model.attention = "mha"
+  c.model.attention = ml_collections.config_dict.placeholder(str)
+  # 2-D rotary position embedding on q and k (EVA-02 / LightningDiT), in every attention path.
+  c.model.rope = ml_collections.config_dict.placeholder(bool)
+  # q_norm/k_norm over head_dim (the block's norm kind): against NaN in long runs, at some FID.
+  c.model.qk_norm = ml_collections.config_dict.placeholder(bool)
+  # adaLN shifts: False gives 4 modulations per block (scale and gate per branch) instead of 6.
+  c.model.adaln_shift = ml_collections.config_dict.placeholder(bool)
   # nn.scan over the blocks: one compiled block instead of depth copies (faster compiles);
   # parameters are stacked [depth, ...] under 'blocks' instead of blocks_0 ... blocks_{depth-1}.
   # Checkpoints of either layout resume in the other; the released-checkpoint converter

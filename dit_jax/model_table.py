@@ -38,34 +38,48 @@ def count_params(model: models.DiT, include_pos_embed: bool = True) -> int:
   return n
 
 
-def table_rows() -> list[dict[str, Any]]:
-  """One dict per configuration: 12 at 256 px, then DiT-XL/2 at 512 px."""
-  specs = [(name, 32, PAPER_256[name]) for name in PAPER_256]
-  specs.append(('DiT-XL/2', 64, (PAPER_XL2_512_GFLOPS, None)))
+# LightningDiT at 256 px as it is trained: /1 on VA-VAE f16d32 latents (16x16x32), /2 on SD-VAE
+# latents (32x32x4); learn_sigma off (its configs). No paper figures to compare with.
+LIGHTNING_256 = {name: (16, 32) if name.endswith('/1') else (32, 4) for name in models.DiT_models
+                 if name.startswith('LightningDiT-')}
+
+
+def table_rows(lightning: bool = True) -> list[dict[str, Any]]:
+  """One dict per configuration: 12 at 256 px, DiT-XL/2 at 512 px, then LightningDiT's."""
+  specs = [(name, 32, PAPER_256[name], {}) for name in PAPER_256]
+  specs.append(('DiT-XL/2', 64, (PAPER_XL2_512_GFLOPS, None), {}))
+  if lightning:
+    specs += [(name, size, (None, None), dict(in_channels=ch, learn_sigma=False))
+              for name, (size, ch) in LIGHTNING_256.items()]
   rows = []
-  for name, size, (paper_gflops, paper_params) in specs:
-    model = models.get_model(name, input_size=size)
-    rows.append(dict(name=name, image_size=size * 8, params=count_params(model),
+  for name, size, (paper_gflops, paper_params), kwargs in specs:
+    model = models.get_model(name, input_size=size, **kwargs)
+    px = size * (16 if kwargs.get('in_channels') == 32 else 8)
+    rows.append(dict(name=name, image_size=px, params=count_params(model),
                      paper_params=paper_params, xla_gmacs=flops.xla_gmacs(model),
                      matmul_gmacs=flops.matmul_gmacs(model), paper_gflops=paper_gflops))
   return rows
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-  header = (f'{"model":<9} {"px":>4} {"params":>13} {"paper params":>13} {"=":>2} '
+  header = (f'{"model":<19} {"px":>4} {"params":>13} {"paper params":>13} {"=":>2} '
             f'{"Gflops (XLA)":>12} {"matmul GMACs":>12} {"paper":>7} {"XLA/paper":>9} '
             f'{"matmul/paper":>12}')
   lines = [header, '-' * len(header)]
   for r in rows:
     same = '' if r['paper_params'] is None else ('ok' if r['params'] == r['paper_params'] else 'NO')
     paper_params = '-' if r['paper_params'] is None else f'{r["paper_params"]:,}'
+    g = r['paper_gflops']
+    paper = (f'{"-":>7} {"-":>9} {"-":>12}' if g is None else
+             f'{g:>7.2f} {r["xla_gmacs"] / g:>9.4f} {r["matmul_gmacs"] / g:>12.4f}')
     lines.append(
-        f'{r["name"]:<9} {r["image_size"]:>4} {r["params"]:>13,} {paper_params:>13} {same:>2} '
-        f'{r["xla_gmacs"]:>12.2f} {r["matmul_gmacs"]:>12.2f} {r["paper_gflops"]:>7.2f} '
-        f'{r["xla_gmacs"] / r["paper_gflops"]:>9.4f} {r["matmul_gmacs"] / r["paper_gflops"]:>12.4f}')
+        f'{r["name"]:<19} {r["image_size"]:>4} {r["params"]:>13,} {paper_params:>13} {same:>2} '
+        f'{r["xla_gmacs"]:>12.2f} {r["matmul_gmacs"]:>12.2f} {paper}')
   lines.append('')
   lines.append('params = trainable + the frozen position table (as the release counts). Gflops = '
                'multiply-accumulates (paper convention), batch 1, one forward pass.')
+  lines.append('LightningDiT-*/1 on VA-VAE f16d32 latents (16x16x32), -*/2 on SD-VAE latents '
+               '(32x32x4), learn_sigma off.')
   lines.append('Gflops (XLA) = compiled cost_analysis flops / 2 on backend '
                f'{jax.default_backend()!r} (includes elementwise ops); matmul GMACs = dot/conv only.')
   return '\n'.join(lines)

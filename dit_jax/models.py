@@ -102,9 +102,10 @@ def timestep_features(t: jnp.ndarray, dim: int = FREQ_DIM) -> jnp.ndarray:
   return emb
 
 
-def modulate(x: jnp.ndarray, shift: jnp.ndarray, scale: jnp.ndarray) -> jnp.ndarray:
-  """x [N, T, D], shift/scale [N, D] -> x * (1 + scale) + shift."""
-  return x * (1 + scale[:, None]) + shift[:, None]
+def modulate(x: jnp.ndarray, shift: jnp.ndarray | None, scale: jnp.ndarray) -> jnp.ndarray:
+  """x [N, T, D], shift/scale [N, D] -> x * (1 + scale) + shift (no shift: None)."""
+  x = x * (1 + scale[:, None])
+  return x if shift is None else x + shift[:, None]
 
 
 def _layer_norm(name: str) -> nn.LayerNorm:
@@ -113,10 +114,54 @@ def _layer_norm(name: str) -> nn.LayerNorm:
                       name=name)
 
 
+def _rms_norm(name: str, axis_name: str | None = 'embed') -> nn.Module:
+  # LightningDiT's RMSNorm: x / sqrt(mean(x^2) + 1e-6) * weight, in float32; weight starts at 1.
+  return nn.RMSNorm(epsilon=1e-6, dtype=jnp.float32, param_dtype=jnp.float32,
+                    scale_init=_part(nn.initializers.ones_init(), (axis_name,)), name=name)
+
+
 # The block's parts by name (DiT.norm, mlp, pos_embedding, attention): a variant of the model is an
 # entry here and a field value, and every default is the released DiT's.
 #   norm: name -> a float32 norm module over the last axis.
-NORMS: dict[str, Callable[[str], nn.Module]] = {'layernorm': _layer_norm}
+NORMS: dict[str, Callable[[str], nn.Module]] = {'layernorm': _layer_norm, 'rmsnorm': _rms_norm}
+
+
+def _qk_norm(kind: str, name: str) -> nn.Module:
+  """LightningDiT's q_norm/k_norm over head_dim: its RMSNorm under rmsnorm blocks, else
+  torch's LayerNorm(head_dim) (affine, eps 1e-5); float32."""
+  if kind == 'rmsnorm':
+    return _rms_norm(name, None)
+  return nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, param_dtype=jnp.float32, name=name,
+                      scale_init=_part(nn.initializers.ones_init(), (None,)),
+                      bias_init=_part(_zeros, (None,)))
+
+
+def rope_tables(head_dim: int, grid_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """2-D rotary tables (cos, sin), [grid_size**2, head_dim] float32, as LightningDiT's
+  VisionRotaryEmbeddingFast(dim=head_dim/2, pt_seq_len=grid_size) (EVA-02): the first half of
+  the head dimension rotates with the token's row, the second half with its column; each
+  frequency 1/10000^(2i/dim) serves one interleaved pair. Computed in float32 as there."""
+  if head_dim % 4:
+    raise ValueError(f'rope: head_dim={head_dim} must be divisible by 4 (two halves of pairs)')
+  dim = head_dim // 2
+  freqs = np.float32(1.0) / (np.float32(10000.0) ** (
+      np.arange(0, dim, 2, dtype=np.float32)[:dim // 2] / np.float32(dim)))
+  pos = np.arange(grid_size, dtype=np.float32) / np.float32(grid_size) * np.float32(grid_size)
+  angles = np.repeat(pos[:, None] * freqs[None], 2, axis=-1)  # [S, dim], pairs interleaved
+  rows = np.broadcast_to(angles[:, None, :], (grid_size, grid_size, dim))
+  cols = np.broadcast_to(angles[None, :, :], (grid_size, grid_size, dim))
+  table = np.concatenate([rows, cols], axis=-1).reshape(grid_size * grid_size, head_dim)
+  return np.cos(table).astype(np.float32), np.sin(table).astype(np.float32)
+
+
+def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
+  """x * cos + rotate_half(x) * sin over the last axis, rotate_half mapping each pair
+  (x[2i], x[2i+1]) to (-x[2i+1], x[2i]); float32, returned in x's dtype. cos/sin broadcast
+  against x (tokens on the axis before heads or before head_dim)."""
+  xf = x.astype(jnp.float32)
+  pairs = xf.reshape(*xf.shape[:-1], -1, 2)
+  rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(xf.shape)
+  return (xf * cos + rotated * sin).astype(x.dtype)
 
 
 class TimestepEmbedder(nn.Module):
@@ -171,6 +216,11 @@ class Attention(nn.Module):
   num_heads: int
   dtype: Any = jnp.float32
   attention_impl: str | None = None
+  # LightningDiT's options: q_norm/k_norm over head_dim ('' off, else the block's norm name:
+  # 'rmsnorm' -> RMSNorm, otherwise LayerNorm with affine), then 2-D RoPE on q and k for a
+  # grid of rope_grid x rope_grid tokens (0: off).
+  qk_norm: str = ''
+  rope_grid: int = 0
 
   def _xla_path(self, tokens: int) -> bool:
     impl = self.attention_impl
@@ -179,15 +229,30 @@ class Attention(nn.Module):
       impl = attention.resolve_auto(self.dtype, jax.default_backend(), tokens)
     return impl in (None, 'xla')
 
+  def _q_k(self, q: jnp.ndarray, k: jnp.ndarray, token_axis: int):
+    """q_norm/k_norm and RoPE (both over head_dim; tokens on `token_axis`)."""
+    if self.qk_norm:
+      q = _qk_norm(self.qk_norm, 'q_norm')(q).astype(self.dtype)
+      k = _qk_norm(self.qk_norm, 'k_norm')(k).astype(self.dtype)
+    if self.rope_grid:
+      cos, sin = rope_tables(q.shape[-1], self.rope_grid)
+      shape = (-1, 1, q.shape[-1]) if token_axis == 1 else (-1, q.shape[-1])
+      cos, sin = jnp.asarray(cos).reshape(shape), jnp.asarray(sin).reshape(shape)
+      q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    return q, k
+
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     n, t, d = x.shape
     nh = self.num_heads
     hd = d // nh
+    if self.rope_grid and self.rope_grid**2 != t:
+      raise ValueError(f'rope: {t} tokens are not a {self.rope_grid}x{self.rope_grid} grid')
     if not self._xla_path(t):
       qkv = _dense(3 * d, 'embed', 'qkv', self.dtype, 'qkv')(x)
       qkv = qkv.reshape(n, t, 3, nh, hd)
       q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [N, T, heads, head_dim]
+      q, k = self._q_k(q, k, token_axis=1)
       out = attention.dot_product_attention(q, k, v, self.attention_impl)
       return _dense(d, 'heads', 'embed', self.dtype, 'proj')(out.reshape(n, t, d))
     wqkv, bqkv = _LinearParams(d, 3 * d, 'embed', 'qkv', self.dtype, name='qkv')()
@@ -195,6 +260,7 @@ class Attention(nn.Module):
     qkv = jnp.einsum('btd,dknh->bknth', x.astype(self.dtype), wqkv.reshape(d, 3, nh, hd))
     qkv = qkv + bqkv.reshape(1, 3, nh, 1, hd)
     q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # [N, heads, T, head_dim]
+    q, k = self._q_k(q, k, token_axis=2)
     out = attention.xla_heads_major(q, k, v)
     return jnp.einsum('bnth,nhd->btd', out, wo.reshape(nh, hd, d)) + bo
 
@@ -229,10 +295,25 @@ class Mlp(nn.Module):
     return _dense(self.hidden_size, 'mlp', 'embed', self.dtype, 'fc2')(x)
 
 
+class SwiGLU(nn.Module):
+  """LightningDiT's SwiGLUFFN(D, int(2/3 mlp_dim)): one fused w12 projection to 2h, silu(x1) x2
+  (x1 its first half), then w3 back to D."""
+  hidden_size: int
+  mlp_dim: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    h = int(2 / 3 * self.mlp_dim)
+    x1, x2 = jnp.split(_dense(2 * h, 'embed', 'mlp', self.dtype, 'w12')(x), 2, axis=-1)
+    return _dense(self.hidden_size, 'mlp', 'embed', self.dtype, 'w3')(nn.silu(x1) * x2)
+
+
 # mlp: name -> module(hidden_size, mlp_dim, dtype, name=...) mapping [N, T, D] -> [N, T, D].
-MLPS: dict[str, Callable[..., nn.Module]] = {'gelu': Mlp}
-# attention: name -> module(hidden_size, num_heads, dtype, attention_impl, name=...) mapping
-# [N, T, D] -> [N, T, D]; attention_impl picks its kernel (a runtime choice, not a variant).
+MLPS: dict[str, Callable[..., nn.Module]] = {'gelu': Mlp, 'swiglu': SwiGLU}
+# attention: name -> module(hidden_size, num_heads, dtype, attention_impl, qk_norm=, rope_grid=,
+# name=...) mapping [N, T, D] -> [N, T, D]; attention_impl picks its kernel (a runtime choice,
+# not a variant).
 ATTENTIONS: dict[str, Callable[..., nn.Module]] = {'mha': Attention}
 
 
@@ -278,16 +359,25 @@ class DiTBlock(nn.Module):
   norm: str = 'layernorm'  # a NORMS name
   mlp: str = 'gelu'  # an MLPS name
   attention: str = 'mha'  # an ATTENTIONS name
+  qk_norm: bool = False  # q_norm/k_norm (of the block's norm kind) over head_dim
+  rope_grid: int = 0  # 2-D RoPE on q and k over a rope_grid x rope_grid token grid (0: off)
+  adaln_shift: bool = True  # False: 4 modulations (scale, gate per branch), no shifts
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, c: jnp.ndarray) -> jnp.ndarray:
     d = self.hidden_size
     norm = NORMS[self.norm]
-    mod = Modulation(6 * d, self.adaln_matmul, name='adaLN_modulation')(c)
-    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
+    if self.adaln_shift:
+      mod = Modulation(6 * d, self.adaln_matmul, name='adaLN_modulation')(c)
+      shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
+    else:  # LightningDiT's wo_shift: (scale_msa, gate_msa, scale_mlp, gate_mlp)
+      mod = Modulation(4 * d, self.adaln_matmul, name='adaLN_modulation')(c)
+      scale_msa, gate_msa, scale_mlp, gate_mlp = jnp.split(mod, 4, axis=-1)
+      shift_msa = shift_mlp = None
     h = modulate(norm('norm1')(x), shift_msa, scale_msa)
     h = ATTENTIONS[self.attention](d, self.num_heads, self.dtype, self.attention_impl,
-                                   name='attn')(h)
+                                   qk_norm=self.norm if self.qk_norm else '',
+                                   rope_grid=self.rope_grid, name='attn')(h)
     # The residual stream stays float32: bf16 branch outputs promote on the gated add.
     x = x + gate_msa[:, None] * h
     h = modulate(norm('norm2')(x), shift_mlp, scale_mlp)
@@ -395,6 +485,12 @@ class DiT(nn.Module):
   mlp: str = 'gelu'
   pos_embedding: str = 'sincos'
   attention: str = 'mha'
+  # LightningDiT's options (off in the release): q_norm/k_norm over head_dim, 2-D rotary
+  # position embedding on q and k (beside the sin-cos table, which is still added), and
+  # adaLN without shifts (4 modulations per block instead of 6).
+  qk_norm: bool = False
+  rope: bool = False
+  adaln_shift: bool = True
   # A second time input h (MeanFlow's interval length t - r): its own TimestepEmbedder
   # 'h_embedder', summed into the conditioning (c = t_emb + h_emb + y_emb).
   h_embedder: bool = False
@@ -423,6 +519,9 @@ class DiT(nn.Module):
                          ('attention', ATTENTIONS)):
       if getattr(self, field) not in table:
         raise ValueError(f'{field}={getattr(self, field)!r} is not one of {sorted(table)}')
+    if self.rope and (self.hidden_size // self.num_heads) % 4:
+      raise ValueError(f'rope: head_dim={self.hidden_size // self.num_heads} must be divisible '
+                       'by 4 (half rotates with the row, half with the column, in pairs)')
     remat_policy(self.remat)
     attention.check_implementation(self.attention_impl)
 
@@ -483,7 +582,8 @@ class DiT(nn.Module):
 
   def _block_args(self) -> tuple:
     return (self.hidden_size, self.num_heads, self.mlp_ratio, self.dtype, self.attention_impl,
-            self.adaln_matmul, self.norm, self.mlp, self.attention)
+            self.adaln_matmul, self.norm, self.mlp, self.attention, self.qk_norm,
+            self.grid_size if self.rope else 0, self.adaln_shift)
 
   def _blocks(self, h: jnp.ndarray, c: jnp.ndarray,
               capture: int | None) -> tuple[jnp.ndarray, jnp.ndarray | None]:
@@ -544,6 +644,22 @@ DiT_models: dict[str, Callable[..., DiT]] = {
     f'DiT-{size}/{p}': functools.partial(DiT, patch_size=p, **cfg)
     for size, cfg in _CONFIGS.items() for p in (2, 4, 8)
 }
+
+
+# LightningDiT (hustvl/LightningDiT, models/lightningdit.py): the DiT backbone at its sizes with
+# its default parts: SwiGLU, RoPE and RMSNorm on, qk-norm off, adaLN shift on.
+_LIGHTNING_CONFIGS = {
+    'B': dict(depth=12, hidden_size=768, num_heads=12),
+    'L': dict(depth=24, hidden_size=1024, num_heads=16),
+    'XL': dict(depth=28, hidden_size=1152, num_heads=16),
+    '1p0B': dict(depth=24, hidden_size=1536, num_heads=24),
+    '1p6B': dict(depth=28, hidden_size=1792, num_heads=28),
+}
+LIGHTNING_PARTS = dict(norm='rmsnorm', mlp='swiglu', rope=True, qk_norm=False, adaln_shift=True)
+DiT_models.update({
+    f'LightningDiT-{size}/{p}': functools.partial(DiT, patch_size=p, **cfg, **LIGHTNING_PARTS)
+    for size, cfg in _LIGHTNING_CONFIGS.items() for p in (1, 2) if (size, p) != ('L', 1)
+})
 
 
 def has_null_class(model: DiT) -> bool:

@@ -78,8 +78,10 @@ def create_model(config: ml_collections.ConfigDict, info: DataInfo) -> models.Di
     except ValueError as e:
       raise ValueError(f"config.model.{field}: {e}") from None
   # Every architecture field config.model holds (a variant is a field there, e.g. norm).
+  # Unset (None) keeps the named model's value.
   variant = {k: config.model[k] for k in models.architecture_fields()
-             if k in config.model and k not in ("input_size", "in_channels", "num_classes")}
+             if k in config.model and config.model[k] is not None
+             and k not in ("input_size", "in_channels", "num_classes")}
   model = models.get_model(
       config.model.name, input_size=h, in_channels=c, num_classes=info.num_classes,
       dtype=jnp.dtype(config.model.dtype), attention_impl=config.model.attention_impl,
