@@ -12,6 +12,13 @@ CLI (torch is needed only here, to read/write .pt files):
   python -m dit_jax.convert --official DiT-XL-2-256x256.pt --model DiT-XL/2 --image_size 256 --out DIR
   python -m dit_jax.convert --official SiT-XL-2-256.pt --model DiT-XL/2 --out DIR   # flow
   python -m dit_jax.convert --to_official --converted DIR --out DiT-XL-2-256x256.pt
+  python -m dit_jax.convert --lightningdit lightningdit-xl-imagenet256-64ep.pt --image_size 256 \
+      --vae_factor 16 --out DIR                                      # LightningDiT (flow)
+
+LightningDiT's state dicts (hustvl/LightningDiT) have DiT's layout plus its parts' names
+(`mlp.w12`, `mlp.w3`, `norm1.weight`, `attn.q_norm.weight`, the `feat_rope.*` buffers):
+`from_lightningdit(state_dict, input_size, num_classes, rope=True, learn_sigma=False)` reads the
+architecture off the keys, `to_lightningdit(params, model)` writes them back.
 
 Released SiT checkpoints (Ma et al. 2024) have DiT's state-dict layout; they differ in the
 objective, which `--objective` records ('' = 'flow' when the file name contains 'SiT', else
@@ -43,9 +50,10 @@ from dit_jax import models
 
 # Flax path component -> released name component.
 _RENAMES = {'mlp_0': 'mlp.0', 'mlp_2': 'mlp.2', 'adaLN_modulation': 'adaLN_modulation.1',
-            'kernel': 'weight', 'embedding': 'weight'}
-# Default head counts by width: heads cannot be read off the weights.
-_HEADS_BY_WIDTH = {384: 6, 768: 12, 1024: 16, 1152: 16}
+            'kernel': 'weight', 'embedding': 'weight', 'scale': 'weight'}
+# Default head counts by width (DiT's and LightningDiT's sizes): heads cannot be read off the
+# weights.
+_HEADS_BY_WIDTH = {384: 6, 768: 12, 1024: 16, 1152: 16, 1536: 24, 1792: 28}
 
 
 def _official_key(path: tuple[str, ...]) -> str:
@@ -240,6 +248,126 @@ def to_official(params: Mapping, model: models.DiT) -> dict[str, np.ndarray]:
   return out
 
 
+# LightningDiT's rotary tables (buffers of its VisionRotaryEmbeddingFast, in its state dicts).
+_ROPE_KEYS = ('feat_rope.freqs_cos', 'feat_rope.freqs_sin')
+# (hidden_size, depth) -> LightningDiT's size name.
+_LIGHTNING_SIZES = {(768, 12): 'B', (1024, 24): 'L', (1152, 28): 'XL', (1536, 24): '1p0B',
+                    (1792, 28): '1p6B'}
+
+
+def lightningdit_name(model: models.DiT) -> str:
+  """'LightningDiT-XL/1' for a model at one of LightningDiT's sizes (ValueError otherwise)."""
+  size = _LIGHTNING_SIZES.get((model.hidden_size, model.depth))
+  name = f'LightningDiT-{size}/{model.patch_size}'
+  if size is None or name not in models.DiT_models:
+    raise ValueError(f'width {model.hidden_size}, depth {model.depth}, patch '
+                     f'{model.patch_size} is none of LightningDiT\'s models')
+  return name
+
+
+def from_lightningdit(state_dict: Mapping[str, Any], input_size: int, num_classes: int,
+                      rope: bool = True, learn_sigma: bool = False,
+                      num_heads: int | None = None) -> tuple[models.DiT, dict]:
+  """A LightningDiT state dict (hustvl/LightningDiT's key names: `mlp.w12`, `mlp.w3`,
+  `norm1.weight`, `attn.q_norm.weight`, ...) -> (model, params).
+
+  Width, depth, heads (from the width), patch size, in-channels, qk-norm, adaLN shift, SwiGLU
+  and RMSNorm are read off the keys and shapes; RoPE shows only as the `feat_rope.*` buffers,
+  so `rope` says it (buffers present are checked against the table); `num_heads` defaults to
+  LightningDiT's for the width. `model.apply({'params':
+  params}, x, t, y)` (NHWC) gives the release's `forward(x, t, y)`; with learn_sigma the model
+  returns all 2C channels, of which the release's forward keeps the first C.
+  """
+  keys = set(state_dict)
+  if not {'x_embedder.proj.weight', 'blocks.0.adaLN_modulation.1.weight'} <= keys:
+    raise ValueError('not a LightningDiT state dict: no x_embedder.proj.weight or '
+                     'blocks.0.adaLN_modulation.1.weight')
+  d, c, p, _ = np.shape(state_dict['x_embedder.proj.weight'])
+  depth = len({k.split('.')[1] for k in keys if k.startswith('blocks.')})
+  swiglu = 'blocks.0.mlp.w12.weight' in keys
+  hidden = np.shape(state_dict['blocks.0.mlp.w12.weight' if swiglu else
+                               'blocks.0.mlp.fc1.weight'])[0]
+  if swiglu:
+    ratio = 4.0
+    if hidden != 2 * int(2 / 3 * int(d * ratio)):
+      raise ValueError(f'blocks.0.mlp.w12.weight has {hidden} rows: not SwiGLUFFN(D, '
+                       f'int(2/3 * 4D)) at D={d}')
+  else:
+    ratio = hidden / d
+  mods = np.shape(state_dict['blocks.0.adaLN_modulation.1.weight'])[0] // d
+  if mods not in (4, 6):
+    raise ValueError(f'blocks.0.adaLN_modulation.1.weight: {mods}D rows, expected 6D or 4D')
+  rows = np.shape(state_dict['y_embedder.embedding_table.weight'])[0]
+  if rows not in (num_classes, num_classes + 1):
+    raise ValueError(f'y_embedder.embedding_table.weight has {rows} rows, not num_classes='
+                     f'{num_classes} (+1 null class)')
+  out = np.shape(state_dict['final_layer.linear.weight'])[0] // (p * p)
+  if out != (2 if learn_sigma else 1) * c:
+    raise ValueError(f'final_layer.linear.weight gives {out} output channels for {c} input '
+                     f'channels: pass learn_sigma={out == 2 * c}')
+  has_buffers = all(k in keys for k in _ROPE_KEYS)
+  if has_buffers and not rope:
+    raise ValueError('the state dict holds feat_rope.* buffers: pass rope=True')
+  if num_heads is None and d not in _HEADS_BY_WIDTH:
+    raise ValueError(f'hidden_size={d} is none of LightningDiT\'s widths: pass num_heads')
+  model = models.DiT(
+      input_size=input_size, patch_size=p, in_channels=c, hidden_size=d, depth=depth,
+      num_heads=num_heads or _HEADS_BY_WIDTH[d], mlp_ratio=ratio, num_classes=num_classes,
+      class_dropout_prob=0.1 if rows == num_classes + 1 else 0.0, learn_sigma=learn_sigma,
+      norm='rmsnorm' if 'blocks.0.norm1.weight' in keys else 'layernorm',
+      mlp='swiglu' if swiglu else 'gelu', rope=rope,
+      qk_norm='blocks.0.attn.q_norm.weight' in keys, adaln_shift=mods == 6)
+  model.validate()
+  if has_buffers:
+    hd = d // model.num_heads
+    for key, table in zip(_ROPE_KEYS, models.rope_tables(hd, model.grid_size)):
+      if tuple(np.shape(state_dict[key])) != table.shape or not np.allclose(
+          _as_numpy(state_dict[key]), table, atol=1e-5):
+        raise ValueError(f'{key} does not match the 2-D RoPE table of head_dim {hd} on a '
+                         f'{model.grid_size}x{model.grid_size} grid')
+  weights = {k: v for k, v in state_dict.items() if k not in _ROPE_KEYS}
+  return model, from_official(weights, model)
+
+
+def to_lightningdit(params: Mapping, model: models.DiT) -> dict[str, np.ndarray]:
+  """Flax params -> a LightningDiT state dict (its key names and layouts, `pos_embed` and the
+  `feat_rope.*` buffers included, computed by models.rope_tables: within 1e-6 of torch's);
+  from_lightningdit reads it back, its weights bit-exactly."""
+  out = to_official(params, model)
+  if model.rope:
+    tables = models.rope_tables(model.hidden_size // model.num_heads, model.grid_size)
+    out.update(zip(_ROPE_KEYS, tables))
+  return out
+
+
+def convert_lightningdit(path: str, out_dir: str, input_size: int, num_classes: int,
+                         rope: bool = True,
+                         num_heads: int | None = None) -> tuple[models.DiT, dict]:
+  """A LightningDiT .pt (its EMA weights if the file holds them) -> a directory for
+  load_converted, recorded as the flow objective (LightningDiT's transport: linear path,
+  velocity prediction). Returns (model, params)."""
+  from dit_jax import objectives  # pylint: disable=g-import-not-at-top
+  sd = _load_torch_state_dict(path)
+  if 'x_embedder.proj.weight' not in sd or 'final_layer.linear.weight' not in sd:
+    raise ValueError(f'{path}: not a LightningDiT checkpoint (no x_embedder.proj.weight or '
+                     'final_layer.linear.weight)')
+  c, p = np.shape(sd['x_embedder.proj.weight'])[1:3]
+  out = np.shape(sd['final_layer.linear.weight'])[0]
+  model, params = from_lightningdit(sd, input_size, num_classes, rope=rope,
+                                    learn_sigma=out == 2 * c * p * p, num_heads=num_heads)
+  kwargs = {k: getattr(model, k) for k in (
+      'input_size', 'in_channels', 'num_classes', 'learn_sigma', 'class_dropout_prob', 'norm',
+      'mlp', 'rope', 'qk_norm', 'adaln_shift', 'mlp_ratio', 'hidden_size', 'depth', 'num_heads',
+      'patch_size')}
+  try:
+    name = lightningdit_name(model)
+  except ValueError:  # another size: the recorded kwargs say it
+    name = 'LightningDiT-B/2'
+  objective = objectives.from_meta({'objective': {'name': 'flow'}}).to_meta()
+  save_converted(out_dir, params, name, objective=objective, **kwargs)
+  return model, params
+
+
 def save_converted(out_dir: str, params: Mapping, model_name: str, objective: dict | None = None,
                    **model_kwargs: Any) -> None:
   """Writes `out_dir/params` (orbax, item {'params': params}) and `out_dir/model.json`
@@ -342,6 +470,15 @@ def main(argv: list[str]) -> None:
     torch.save(sd, flags.out)
     print(f'wrote {len(sd)} tensors to {flags.out}')
     return
+  if flags.lightningdit:
+    if not flags.out:
+      raise app.UsageError('--lightningdit needs --out DIR')
+    model, params = convert_lightningdit(flags.lightningdit, flags.out, flags.image_size //
+                                         flags.vae_factor, flags.num_classes, flags.rope)
+    print(f'converted {flags.lightningdit} -> {flags.out} (width {model.hidden_size}, depth '
+          f'{model.depth}, patch {model.patch_size}, input_size {model.input_size}, '
+          f'{model.in_channels} channels; objective flow)')
+    return
   if flags.meanflow:
     if not flags.out:
       raise app.UsageError('--meanflow needs --out DIR')
@@ -420,6 +557,12 @@ def run() -> None:
   absl_flags.DEFINE_string('converted', None, 'dit_jax checkpoint directory for --to_official.')
   absl_flags.DEFINE_string('meanflow', None, 'An official MeanFlow checkpoint (Gsunshine/meanflow, '
                            'flax) to convert, with --image_size, --num_classes and --out.')
+  absl_flags.DEFINE_string('lightningdit', None, 'A LightningDiT checkpoint (.pt, hustvl/'
+                           'LightningDiT) to convert, with --image_size, --vae_factor, '
+                           '--num_classes, --rope and --out.')
+  absl_flags.DEFINE_integer('vae_factor', 16, '--lightningdit: the latents\' downsampling '
+                            '(16: VA-VAE f16d32, 8: SD-VAE).')
+  absl_flags.DEFINE_bool('rope', True, '--lightningdit: the model uses 2-D RoPE (its use_rope).')
   absl_flags.DEFINE_string('objective', '', "What the .pt was trained with, recorded for "
                            "dit_jax.sample: 'adm' (DiT), 'flow' (SiT: Linear path, velocity "
                            "prediction) or '' (flow if the file name contains 'SiT').")

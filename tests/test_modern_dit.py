@@ -130,3 +130,200 @@ def test_rope_and_qk_norm_change_the_output_and_the_defaults_are_lightningdits()
       'layernorm', 'gelu', False, False, True)
   with pytest.raises(ValueError, match='head_dim=6 must be divisible by 4'):
     _lightning(hidden_size=24).validate()
+
+
+# --- LightningDiT's checkpoints: a PyTorch forward written from its architecture ------------
+
+D, HEADS, DEPTH, P, SIZE, C, CLASSES = 64, 4, 2, 2, 8, 4, 5
+
+
+def _torch_rope(head_dim, grid):
+  """VisionRotaryEmbeddingFast(dim=head_dim/2, pt_seq_len=grid)'s buffers, in torch."""
+  import torch  # pylint: disable=import-outside-toplevel
+  dim = head_dim // 2
+  freqs = 1.0 / (10000 ** (torch.arange(0, dim, 2)[:dim // 2].float() / dim))
+  t = torch.arange(grid) / grid * grid
+  f = torch.einsum('i,f->if', t, freqs).repeat_interleave(2, dim=-1)  # [S, dim], pairs
+  f = torch.cat([f[:, None, :].expand(grid, grid, dim), f[None, :, :].expand(grid, grid, dim)],
+                dim=-1).reshape(-1, head_dim)
+  return f.cos(), f.sin()
+
+
+def _lightning_state_dict(seed, rms, swiglu, qk, shift, rope, learn_sigma):
+  import torch  # pylint: disable=import-outside-toplevel
+  g = torch.Generator().manual_seed(seed)
+  sd = {}
+
+  def linear(name, out, inp):
+    sd[f'{name}.weight'] = torch.randn(out, inp, generator=g) * inp**-0.5
+    sd[f'{name}.bias'] = torch.randn(out, generator=g) * 0.1
+  sd['x_embedder.proj.weight'] = torch.randn(D, C, P, P, generator=g) * 0.3
+  sd['x_embedder.proj.bias'] = torch.randn(D, generator=g) * 0.1
+  grid = SIZE // P
+  sd['pos_embed'] = torch.from_numpy(models.get_2d_sincos_pos_embed(D, grid)).float()[None]
+  linear('t_embedder.mlp.0', D, 256)
+  linear('t_embedder.mlp.2', D, D)
+  sd['y_embedder.embedding_table.weight'] = torch.randn(CLASSES + 1, D, generator=g)
+  hd, hidden = D // HEADS, int(2 / 3 * 4 * D)
+  for i in range(DEPTH):
+    b = f'blocks.{i}'
+    if rms:
+      sd[f'{b}.norm1.weight'] = 1 + 0.1 * torch.randn(D, generator=g)
+      sd[f'{b}.norm2.weight'] = 1 + 0.1 * torch.randn(D, generator=g)
+    linear(f'{b}.attn.qkv', 3 * D, D)
+    if qk:
+      for n in ('q_norm', 'k_norm'):
+        sd[f'{b}.attn.{n}.weight'] = 1 + 0.1 * torch.randn(hd, generator=g)
+        if not rms:
+          sd[f'{b}.attn.{n}.bias'] = 0.1 * torch.randn(hd, generator=g)
+    linear(f'{b}.attn.proj', D, D)
+    if swiglu:
+      linear(f'{b}.mlp.w12', 2 * hidden, D)
+      linear(f'{b}.mlp.w3', D, hidden)
+    else:
+      linear(f'{b}.mlp.fc1', 4 * D, D)
+      linear(f'{b}.mlp.fc2', D, 4 * D)
+    linear(f'{b}.adaLN_modulation.1', (6 if shift else 4) * D, D)
+  if rms:
+    sd['final_layer.norm_final.weight'] = 1 + 0.1 * torch.randn(D, generator=g)
+  linear('final_layer.linear', P * P * C * (2 if learn_sigma else 1), D)
+  linear('final_layer.adaLN_modulation.1', 2 * D, D)
+  if rope:
+    sd['feat_rope.freqs_cos'], sd['feat_rope.freqs_sin'] = _torch_rope(hd, grid)
+  return sd
+
+
+def _torch_forward(sd, x, t, y, rms, swiglu, qk, shift, rope, learn_sigma):
+  """LightningDiT.forward (NCHW) on state dict `sd`, in torch."""
+  import torch  # pylint: disable=import-outside-toplevel
+  import torch.nn.functional as F  # pylint: disable=import-outside-toplevel
+
+  def lin(h, name):
+    return F.linear(h, sd[f'{name}.weight'], sd[f'{name}.bias'])
+
+  def norm(h, name):
+    if rms:
+      h32 = h.float()
+      return h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + 1e-6) * sd[f'{name}.weight']
+    return F.layer_norm(h, h.shape[-1:], eps=1e-6)
+
+  def rotate_half(q):
+    pairs = q.reshape(*q.shape[:-1], -1, 2)
+    return torch.stack([-pairs[..., 1], pairs[..., 0]], -1).reshape(q.shape)
+
+  n, hd = x.shape[0], D // HEADS
+  h = F.conv2d(x, sd['x_embedder.proj.weight'], sd['x_embedder.proj.bias'], stride=P)
+  h = h.flatten(2).transpose(1, 2) + sd['pos_embed']
+  half = 128
+  freqs = torch.exp(-np.log(10000) * torch.arange(half, dtype=torch.float32) / half)
+  args = t[:, None].float() * freqs[None]
+  temb = torch.cat([torch.cos(args), torch.sin(args)], -1)
+  c = lin(F.silu(lin(temb, 't_embedder.mlp.0')), 't_embedder.mlp.2')
+  c = c + sd['y_embedder.embedding_table.weight'][y]
+  for i in range(DEPTH):
+    b = f'blocks.{i}'
+    mod = lin(F.silu(c), f'{b}.adaLN_modulation.1')
+    if shift:
+      sh1, sc1, g1, sh2, sc2, g2 = mod.chunk(6, dim=1)
+    else:
+      sc1, g1, sc2, g2 = mod.chunk(4, dim=1)
+      sh1 = sh2 = torch.zeros_like(sc1)
+    a = norm(h, f'{b}.norm1') * (1 + sc1[:, None]) + sh1[:, None]
+    qkv = lin(a, f'{b}.attn.qkv').reshape(n, -1, 3, HEADS, hd).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    if qk:
+      if rms:
+        q, k = (z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + 1e-6) * sd[f'{b}.attn.{m}.weight']
+                for z, m in ((q, 'q_norm'), (k, 'k_norm')))
+      else:
+        q, k = (F.layer_norm(z, (hd,), sd[f'{b}.attn.{m}.weight'], sd[f'{b}.attn.{m}.bias'])
+                for z, m in ((q, 'q_norm'), (k, 'k_norm')))
+    if rope:
+      cos, sin = sd['feat_rope.freqs_cos'], sd['feat_rope.freqs_sin']
+      q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, -1, D)
+    h = h + g1[:, None] * lin(a, f'{b}.attn.proj')
+    m = norm(h, f'{b}.norm2') * (1 + sc2[:, None]) + sh2[:, None]
+    if swiglu:
+      x1, x2 = lin(m, f'{b}.mlp.w12').chunk(2, dim=-1)
+      m = lin(F.silu(x1) * x2, f'{b}.mlp.w3')
+    else:
+      m = lin(F.gelu(lin(m, f'{b}.mlp.fc1'), approximate='tanh'), f'{b}.mlp.fc2')
+    h = h + g2[:, None] * m
+  shift_f, scale_f = lin(F.silu(c), 'final_layer.adaLN_modulation.1').chunk(2, dim=1)
+  h = norm(h, 'final_layer.norm_final') * (1 + scale_f[:, None]) + shift_f[:, None]
+  h = lin(h, 'final_layer.linear')
+  out_c, grid = C * (2 if learn_sigma else 1), SIZE // P
+  h = h.reshape(n, grid, grid, P, P, out_c)
+  h = torch.einsum('nhwpqc->nchpwq', h).reshape(n, out_c, SIZE, SIZE)
+  return h[:, :C] if learn_sigma else h
+
+
+@pytest.mark.parametrize('rms,swiglu,qk,shift,rope,learn_sigma', [
+    (True, True, False, True, True, False),    # LightningDiT's defaults
+    (True, True, True, False, True, False),    # qk-norm (RMSNorm), adaLN without shift
+    (False, False, True, True, False, True),   # LayerNorm qk-norm, GELU, no RoPE, learn_sigma
+])
+def test_lightningdit_state_dicts_convert_exactly(rms, swiglu, qk, shift, rope, learn_sigma):
+  import torch  # pylint: disable=import-outside-toplevel
+  from dit_jax import convert  # pylint: disable=import-outside-toplevel
+  parts = (rms, swiglu, qk, shift, rope, learn_sigma)
+  sd = _lightning_state_dict(0, *parts)
+  model, params = convert.from_lightningdit(sd, SIZE // 1, CLASSES, rope=rope,
+                                            learn_sigma=learn_sigma, num_heads=HEADS)
+  assert (model.norm, model.mlp, model.qk_norm, model.adaln_shift, model.rope) == (
+      'rmsnorm' if rms else 'layernorm', 'swiglu' if swiglu else 'gelu', qk, shift, rope)
+  rng = np.random.default_rng(5)
+  x = rng.normal(size=(3, C, SIZE, SIZE)).astype(np.float32)
+  t = np.array([0.1, 0.5, 0.9], np.float32)
+  y = np.array([0, 3, CLASSES], np.int64)  # the null class too
+  with torch.no_grad():
+    ref = _torch_forward(sd, torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(y),
+                         *parts).numpy()
+  got = np.asarray(model.apply({'params': params}, jnp.asarray(x.transpose(0, 2, 3, 1)),
+                               jnp.asarray(t), jnp.asarray(y.astype(np.int32))))
+  got = got[..., :C].transpose(0, 3, 1, 2)
+  np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-5)
+  back = convert.to_lightningdit(params, model)  # weights bit-exact; the buffers recomputed
+  assert set(back) == set(sd)
+  for k, v in sd.items():
+    if k.startswith('feat_rope.'):
+      np.testing.assert_allclose(back[k], v.numpy(), atol=1e-6, err_msg=k)
+    else:
+      np.testing.assert_array_equal(back[k], v.numpy(), err_msg=k)
+
+
+def test_lightningdit_converter_refuses_what_it_cannot_read():
+  from dit_jax import convert  # pylint: disable=import-outside-toplevel
+  sd = _lightning_state_dict(0, True, True, False, True, True, False)
+  with pytest.raises(ValueError, match='feat_rope.* buffers: pass rope=True'):
+    convert.from_lightningdit(sd, SIZE, CLASSES, rope=False, num_heads=HEADS)
+  with pytest.raises(ValueError, match='pass learn_sigma=False'):
+    convert.from_lightningdit(sd, SIZE, CLASSES, learn_sigma=True, num_heads=HEADS)
+  with pytest.raises(ValueError, match='pass num_heads'):
+    convert.from_lightningdit(sd, SIZE, CLASSES)
+  sd['feat_rope.freqs_cos'] = sd['feat_rope.freqs_cos'] * 0
+  with pytest.raises(ValueError, match='feat_rope.freqs_cos does not match'):
+    convert.from_lightningdit(sd, SIZE, CLASSES, num_heads=HEADS)
+
+
+def test_a_lightningdit_pt_converts_to_a_flow_checkpoint_that_samples(tmp_path):
+  import torch  # pylint: disable=import-outside-toplevel
+  from dit_jax import convert, guidance, objectives  # pylint: disable=import-outside-toplevel
+  sd = _lightning_state_dict(1, True, True, False, True, True, False)
+  path = str(tmp_path / 'lightningdit.pt')
+  torch.save({'ema': sd, 'model': {k: v * 0 for k, v in sd.items()}}, path)  # EMA is read
+  model, params = convert.convert_lightningdit(path, str(tmp_path / 'conv'), SIZE, CLASSES,
+                                               num_heads=HEADS)
+  loaded, loaded_params = convert.load_converted(str(tmp_path / 'conv'))
+  assert loaded == model and (loaded.mlp, loaded.norm, loaded.rope) == ('swiglu', 'rmsnorm', True)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded_params)):
+    np.testing.assert_array_equal(a, b)
+  objective = objectives.from_meta({'objective': convert.converted_objective(
+      str(tmp_path / 'conv'))})
+  assert objective.name == 'flow'
+  fn = guidance.make_sample_fn(objective, loaded, sampler='euler', steps=3, guided=True,
+                               release_cfg=False)
+  out = fn(loaded_params, jax.random.PRNGKey(0), jnp.arange(2, dtype=jnp.int32),
+           jnp.float32(1.5))
+  assert out.shape == (2, SIZE, SIZE, C) and np.isfinite(np.asarray(out)).all()
