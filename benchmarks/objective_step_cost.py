@@ -1,11 +1,15 @@
 """The train step of one objective against another's on the same model, side by side.
 
   python benchmarks/objective_step_cost.py --config=configs/demo.py --objectives=flow,meanflow
+  python benchmarks/objective_step_cost.py --config=configs/demo.py --objectives=flow \
+      --parts=dit,rmsnorm,swiglu,rope,qk_norm,no_shift,lightningdit
 
 Builds each objective's step with the same `step.build` as the main job (MeanFlow: the
 second time input and its JVP), then times them in alternating rounds on a synthetic batch so
 that the shared machine's load falls on both alike; prints steps/s per round and the ratio of
-each objective's step time to the first's (the median over rounds).
+each objective's step time to the first's (the median over rounds). With --parts: the first
+objective's step on the model with each of LightningDiT's parts switched on alone (`dit` is
+the release's model), against the first part's.
 """
 
 import os
@@ -27,12 +31,28 @@ flags.DEFINE_list("objectives", ["flow", "meanflow"], "Registered objectives; th
                   "reference of the ratios.")
 flags.DEFINE_integer("steps", 20, "Timed steps per objective and round.")
 flags.DEFINE_integer("rounds", 3, "Alternating rounds.")
+flags.DEFINE_list("parts", [], "Model variants to compare instead (PARTS names); the first "
+                  "is the reference.")
 flags.mark_flags_as_required(["config"])
+
+# LightningDiT's parts, alone and together, as config.model fields.
+PARTS = {"dit": {}, "rmsnorm": {"norm": "rmsnorm"}, "swiglu": {"mlp": "swiglu"},
+         "rope": {"rope": True}, "qk_norm": {"qk_norm": True}, "no_shift": {"adaln_shift": False},
+         "lightningdit": {"norm": "rmsnorm", "mlp": "swiglu", "rope": True}}
 
 
 def main(_):
   setups = {}
-  for name in FLAGS.objectives:
+  if FLAGS.parts:
+    for part in FLAGS.parts:
+      config = FLAGS.config.copy_and_resolve_references()
+      config.objective.name = FLAGS.objectives[0]
+      for k, v in PARTS[part].items():
+        config.model[k] = v
+      info = data_info.synthetic_info(config)
+      setups[part] = (step.build(config, info), info, config.data.global_batch_size)
+    FLAGS.objectives = list(FLAGS.parts)
+  for name in [] if FLAGS.parts else FLAGS.objectives:
     config = FLAGS.config.copy_and_resolve_references()
     config.objective.name = name
     if name == "meanflow":
