@@ -246,8 +246,9 @@ def get_config(model: str = "DiT-XL/2", image_size: int = 256) -> ml_collections
   c.sample.guidance_interval = (0.0, float("inf"))
   # Guidance scale of the grid (1.5 reproduces the paper's FID; 4.0 looks best).
   c.sample.cfg_scale = 4.0
-  # Guide only the first 3 latent channels as the release does (False: all channels).
-  c.sample.release_cfg = True
+  # Guide only the first 3 latent channels as the release does (False: all channels; None:
+  # the release's rule for ADM, every channel for flow and the other objectives).
+  c.sample.release_cfg = ml_collections.config_dict.placeholder(bool)
   # Matmul precision of sampling and decoding (grids and evaluation): 'highest' computes
   # float32 as the release does, also on TPUs (whose default is one bfloat16 pass).
   c.sample.matmul_precision = "highest"

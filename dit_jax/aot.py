@@ -222,6 +222,8 @@ def _sampling_report(setup: step.TrainSetup, batch_size: int, release_cfg: bool,
   ints = jax.ShapeDtypeStruct((n,), jnp.int32, sharding=setup.batch_sh)
   t = jax.ShapeDtypeStruct((n,), setup.objective.time_dtype, sharding=setup.batch_sh)
   scale = jax.ShapeDtypeStruct((), jnp.float32, sharding=setup.repl)
+  if release_cfg is None:  # the release's rule for ADM, every channel otherwise
+    release_cfg = setup.objective.name == "adm"
   channels = guidance.RELEASE_GUIDED_CHANNELS if release_cfg else None
 
   def guided(p, x, t, y, s):

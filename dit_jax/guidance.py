@@ -116,7 +116,8 @@ def cfg_model_fn(model_fn_xty: Callable[[jax.Array, jax.Array, jax.Array], jax.A
 def make_sample_fn(objective: Any, model: Any, *, sampler: Optional[str] = None,
                    steps: Optional[int] = None,
                    guidance_interval: Optional[Sequence[float]] = None, guided: bool = True,
-                   release_cfg: bool = True, in_shardings: Any = None, out_shardings: Any = None,
+                   release_cfg: Optional[bool] = None, in_shardings: Any = None,
+                   out_shardings: Any = None,
                    **options: Any) -> Callable:
   """Jitted `sample(params, key, labels [N], cfg_scale) -> latents [N, h, w, c]`.
 
@@ -124,7 +125,9 @@ def make_sample_fn(objective: Any, model: Any, *, sampler: Optional[str] = None,
   `options`, e.g. ADM's spacing or respacing) runs the loop, one compiled computation. model:
   the DiT (input_size, in_channels, num_classes, apply). guided: double each model call as
   the release does ([x; x], labels [y; null]), the scale a traced argument (changing it never
-  recompiles); release_cfg: guide the first 3 channels only; guidance_interval in the
+  recompiles); release_cfg: guide the first 3 channels only (the DiT release's rule, which
+  SiT and LightningDiT inherited; None: for ADM only, every channel for the other objectives,
+  right for any latent width, e.g. the VA-VAE's 32); guidance_interval in the
   objective's units (`objective.guidance_predicate`). ValueError for options the objective
   does not take.
   """
@@ -134,6 +137,8 @@ def make_sample_fn(objective: Any, model: Any, *, sampler: Optional[str] = None,
   run = objective.sampler(sampler, steps, **options)
   active = objective.guidance_predicate(guidance_interval)
   h = w = model.input_size
+  if release_cfg is None:
+    release_cfg = objective.name == "adm"
   channels = RELEASE_GUIDED_CHANNELS if release_cfg else None
 
   def sample(params, key, labels, cfg_scale):

@@ -62,7 +62,8 @@ flags.DEFINE_string("respacing", "", "ADM: the release's respacing instead of --
                     "'250' (DDPM) or 'ddimN' (DDIM); the same as --sampler_options=respacing=.")
 flags.DEFINE_list("sampler_options", [], "KEY=VALUE,...: the checkpoint's objective's own "
                   "sampler options (see `sampler_options` in dit_jax/objectives/<name>.py).")
-flags.DEFINE_bool("release_cfg", True, "Guide only the first 3 channels as the release does.")
+flags.DEFINE_bool("release_cfg", None, "Guide only the first 3 channels as the release does "
+                  "(default: for ADM checkpoints; every channel for flow and the others).")
 flags.DEFINE_integer("batch_size", 64, "Global batch per sampling call.", lower_bound=1)
 flags.DEFINE_integer("seed", 0, "Seed for labels and noise.")
 flags.DEFINE_list("labels", None, "Class labels to cycle through (default: uniform random).")

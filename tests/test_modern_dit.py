@@ -327,3 +327,58 @@ def test_a_lightningdit_pt_converts_to_a_flow_checkpoint_that_samples(tmp_path):
   out = fn(loaded_params, jax.random.PRNGKey(0), jnp.arange(2, dtype=jnp.int32),
            jnp.float32(1.5))
   assert out.shape == (2, SIZE, SIZE, C) and np.isfinite(np.asarray(out)).all()
+
+
+# --- LightningDiT's recipe: the direction loss, the timestep shift, CFG on every channel ----
+
+def test_cosine_loss_adds_one_minus_the_cosine_over_channels():
+  from dit_jax import flow  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(6)
+  x1 = jnp.asarray(rng.normal(size=(4, 3, 3, 5)), jnp.float32)
+  noise = jnp.asarray(rng.normal(size=(4, 3, 3, 5)), jnp.float32)
+  t = jnp.asarray([0.1, 0.4, 0.6, 0.9], jnp.float32)
+  ut = x1 - noise  # the Linear path's velocity (t = 0 noise, 1 data)
+  plain = flow.create_transport("Linear", "velocity")
+  cos = flow.create_transport("Linear", "velocity", cosine_loss=True)
+  for scale, direction in ((2.0, 0.0), (-1.0, 2.0)):  # same direction: 0; opposite: 2
+    fn = lambda x, tt, s=scale: s * ut  # pylint: disable=cell-var-from-loop
+    mse = np.mean(np.square((scale - 1) * np.asarray(ut)), axis=(1, 2, 3))
+    np.testing.assert_allclose(plain.training_losses(fn, x1, t, noise)["loss"], mse, rtol=1e-5)
+    np.testing.assert_allclose(cos.training_losses(fn, x1, t, noise)["loss"], mse + direction,
+                               rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="cosine_loss"):
+    flow.create_transport("Linear", "noise", cosine_loss=True)
+
+
+def test_timestep_shift_moves_the_grid_as_lightningdit():
+  from dit_jax.flow import samplers  # pylint: disable=import-outside-toplevel
+  plain = samplers.time_grid(0.0, 1.0, 11)
+  shifted = samplers.time_grid(0.0, 1.0, 11, timestep_shift=0.3)
+  np.testing.assert_allclose(shifted, 0.3 * plain / (1 - 0.7 * plain), rtol=1e-6)
+  assert shifted[0] == 0 and shifted[-1] == 1 and np.all(shifted <= plain)  # more steps near noise
+  np.testing.assert_array_equal(samplers.time_grid(0.0, 1.0, 11, timestep_shift=1.0), plain)
+  # Through the objective: euler with the shift; dopri5 has no grid to shift.
+  from dit_jax import objectives  # pylint: disable=import-outside-toplevel
+  obj = objectives.from_meta({"objective": {"name": "flow"}})
+  x = jnp.ones((2, 2, 2, 1))
+  drift = lambda z, tt, **kw: jnp.ones_like(z) * 2.0  # noqa: E731  (dx/dt = 2: exact on any grid)
+  out = obj.sample(drift, x, jax.random.PRNGKey(0), sampler="euler", steps=6, timestep_shift=0.3)
+  np.testing.assert_allclose(out, 3.0, rtol=1e-6)
+  with pytest.raises(ValueError, match="dopri5 has no grid"):
+    obj.sample(drift, x, jax.random.PRNGKey(0), sampler="dopri5", timestep_shift=0.3)
+
+
+def test_guidance_covers_every_channel_by_default_except_for_adm():
+  from dit_jax import guidance, objectives  # pylint: disable=import-outside-toplevel
+  model = _lightning(in_channels=8)
+  params = _perturbed(model)
+  labels = jnp.arange(2, dtype=jnp.int32)
+  for name, release in (("flow", False), ("adm", True)):
+    obj = objectives.from_meta({"objective": {"name": name}, "model_kwargs": {
+        "learn_sigma": False}})
+    kw = dict(sampler="euler", steps=3) if name == "flow" else dict(sampler="ddim", steps=3)
+    run = lambda **k: guidance.make_sample_fn(obj, model, **kw, **k)(  # noqa: E731
+        params, jax.random.PRNGKey(0), labels, jnp.float32(4.0))
+    default, explicit, other = run(), run(release_cfg=release), run(release_cfg=not release)
+    np.testing.assert_array_equal(default, explicit)
+    assert float(jnp.abs(default - other).max()) > 1e-4, name

@@ -26,11 +26,21 @@ MAX_ADAPTIVE_STEPS = 4096
 Drift = Callable[[jax.Array, jax.Array], jax.Array]
 
 
-def time_grid(t0: float, t1: float, num_steps: int) -> np.ndarray:
-  """SiT's grid: num_steps float32 points from t0 to t1 (torch.linspace in float32)."""
+def shift_times(t: np.ndarray, shift: float) -> np.ndarray:
+  """LightningDiT's timestep shift of a grid (t = 0 noise): t' = s t / (1 + (s - 1) t); s < 1
+  puts more of the steps near the noise end, s = 1 changes nothing."""
+  return shift * t / (1 + (shift - 1) * t)
+
+
+def time_grid(t0: float, t1: float, num_steps: int, timestep_shift: float = 0.0) -> np.ndarray:
+  """SiT's grid: num_steps float32 points from t0 to t1 (torch.linspace in float32), shifted
+  by LightningDiT's timestep_shift where that is > 0."""
   if int(num_steps) != num_steps or num_steps < 2:
     raise ValueError(f"num_steps: expected an integer >= 2 (grid points), got {num_steps!r}.")
-  return np.linspace(t0, t1, int(num_steps), dtype=np.float64).astype(np.float32)
+  if timestep_shift < 0:
+    raise ValueError(f"timestep_shift: expected >= 0 (0: none), got {timestep_shift!r}.")
+  ts = np.linspace(t0, t1, int(num_steps), dtype=np.float64).astype(np.float32)
+  return shift_times(ts, np.float32(timestep_shift)).astype(np.float32) if timestep_shift else ts
 
 
 def _batched(fn: Drift) -> Callable:
@@ -51,22 +61,27 @@ def _final(sol: diffrax.Solution) -> jax.Array:
 
 
 def solve_ode(drift: Drift, x: jax.Array, t0: float, t1: float, *, method: str = "dopri5",
-              num_steps: int = 50, atol: float = 1e-6, rtol: float = 1e-3) -> jax.Array:
+              num_steps: int = 50, atol: float = 1e-6, rtol: float = 1e-3,
+              timestep_shift: float = 0.0) -> jax.Array:
   """x(t1) of dx/dt = drift(x, t) from x(t0) = x.
 
-  euler/heun2 step on time_grid(t0, t1, num_steps); dopri5 is adaptive (PID controller with
-  atol, rtol; num_steps unused: SiT's num_steps only sets where torchdiffeq saves).
+  euler/heun2 step on time_grid(t0, t1, num_steps, timestep_shift); dopri5 is adaptive (PID
+  controller with atol, rtol; num_steps unused: SiT's num_steps only sets where torchdiffeq
+  saves; a timestep shift is refused there).
   """
   if method not in ODE_METHODS:
     raise ValueError(f"method: got {method!r}, expected one of {list(ODE_METHODS)}.")
   term = diffrax.ODETerm(_batched(drift))
   if method == "dopri5":
+    if timestep_shift:
+      raise ValueError("timestep_shift: the adaptive dopri5 has no grid to shift; use euler "
+                       "or heun2")
     solver, dt0 = diffrax.Dopri5(), None
     controller = diffrax.PIDController(rtol=rtol, atol=atol)
     max_steps = MAX_ADAPTIVE_STEPS
   else:
     solver = diffrax.Euler() if method == "euler" else diffrax.Heun()
-    ts = time_grid(t0, t1, num_steps)
+    ts = time_grid(t0, t1, num_steps, timestep_shift)
     controller, dt0, max_steps = diffrax.StepTo(ts=jnp.asarray(ts)), None, len(ts)
     t0, t1 = float(ts[0]), float(ts[-1])
   sol = diffrax.diffeqsolve(term, solver, t0, t1, dt0, x, stepsize_controller=controller,

@@ -46,6 +46,8 @@ class Transport:
       is singular (see `interval`).
     time_sampling: 'uniform' (SiT) or 'logit_normal' (SD3: the noise level 1 - u is
       sigmoid(N(logit_mean, logit_std^2)), so logit_mean > 0 favours noisier times).
+    cosine_loss: LightningDiT's use_cosine_loss (velocity only): the MSE plus the mean over
+      pixels of 1 - cos(v_pred, v) over channels.
   """
   path: Path
   prediction: str = "velocity"
@@ -55,6 +57,7 @@ class Transport:
   time_sampling: str = "uniform"
   logit_mean: float = 0.0
   logit_std: float = 1.0
+  cosine_loss: bool = False
 
   # --- time ---------------------------------------------------------------------------------
   def interval(self, *, sde: bool = False, sampling: bool = False,
@@ -102,6 +105,8 @@ class Transport:
                        "the first C channels of a learn_sigma model's output).")
     if self.prediction == "velocity":
       loss = mean_flat((out - ut) ** 2)
+      if self.cosine_loss:  # LightningDiT's use_cosine_loss: 1 - cos over channels, added
+        loss = loss + mean_flat(1 - cosine_similarity(out, ut))
     else:
       _, drift_var = self.path.drift(xt, tx)
       sigma_t, _ = self.path.sigma(tx)
@@ -140,15 +145,18 @@ class Transport:
 
   # --- sampling -----------------------------------------------------------------------------
   def sample_ode(self, model_fn: ModelFn, noise: jax.Array, method: str = "dopri5",
-                 num_steps: int = 50, atol: float = 1e-6, rtol: float = 1e-3) -> jax.Array:
+                 num_steps: int = 50, atol: float = 1e-6, rtol: float = 1e-3,
+                 timestep_shift: float = 0.0) -> jax.Array:
     """Samples [B, H, W, C] from noise [B, H, W, C] by the probability-flow ODE.
 
     euler and heun2 step on SiT's grid of num_steps points from t0 to t1 (num_steps - 1
-    steps; heun2 calls the model twice per step); dopri5 is adaptive (atol, rtol).
+    steps; heun2 calls the model twice per step), shifted by LightningDiT's timestep_shift
+    where > 0; dopri5 is adaptive (atol, rtol).
     """
     t0, t1 = self.interval(sampling=True)
     return samplers.solve_ode(self.ode_drift(model_fn), noise, t0, t1, method=method,
-                              num_steps=num_steps, atol=atol, rtol=rtol)
+                              num_steps=num_steps, atol=atol, rtol=rtol,
+                              timestep_shift=timestep_shift)
 
   def sample_sde(self, model_fn: ModelFn, noise: jax.Array, key: jax.Array,
                  method: str = "euler", diffusion_form: str = "sigma",
@@ -197,10 +205,18 @@ class Transport:
     return x
 
 
+def cosine_similarity(a: jax.Array, b: jax.Array, eps: float = 1e-8) -> jax.Array:
+  """torch's cosine_similarity over the channel (last) axis: a.b / max(|a| |b|, eps)."""
+  dot = jnp.sum(a * b, axis=-1)
+  norms = jnp.sqrt(jnp.sum(a * a, axis=-1) * jnp.sum(b * b, axis=-1))
+  return dot / jnp.maximum(norms, eps)
+
+
 def create_transport(path_type: str = "Linear", prediction: str = "velocity",
                      loss_weight: Optional[str] = None, train_eps: Optional[float] = None,
                      sample_eps: Optional[float] = None, *, time_sampling: str = "uniform",
-                     logit_mean: float = 0.0, logit_std: float = 1.0) -> Transport:
+                     logit_mean: float = 0.0, logit_std: float = 1.0,
+                     cosine_loss: bool = False) -> Transport:
   """SiT's create_transport: the defaults of train_eps and sample_eps by path and prediction.
 
   VP: train_eps 1e-5, sample_eps 1e-3. Linear/GVP predicting score or noise: 1e-3 both.
@@ -218,6 +234,9 @@ def create_transport(path_type: str = "Linear", prediction: str = "velocity",
                      f"{list(TIME_SAMPLINGS)}.")
   if not logit_std > 0:
     raise ValueError(f"logit_std: expected > 0, got {logit_std!r}.")
+  if cosine_loss and prediction != "velocity":
+    raise ValueError("cosine_loss: LightningDiT's direction loss is for velocity prediction, "
+                     f"not {prediction!r}.")
   path = Path(path_type)
   if path_type == "VP":
     train_eps = 1e-5 if train_eps is None else train_eps
@@ -231,4 +250,4 @@ def create_transport(path_type: str = "Linear", prediction: str = "velocity",
     if not 0 <= eps < 0.5:
       raise ValueError(f"{name}: expected a value in [0, 0.5), got {eps!r}.")
   return Transport(path, prediction, loss_weight, float(train_eps), float(sample_eps),
-                   time_sampling, float(logit_mean), float(logit_std))
+                   time_sampling, float(logit_mean), float(logit_std), bool(cosine_loss))

@@ -17,7 +17,8 @@ from dit_jax.objectives import base
 SAMPLERS = ("euler", "heun2", "dopri5", "sde-euler", "sde-heun")
 # Grid points when none are given (SiT's sample.py uses 250; dopri5 adapts its steps).
 DEFAULT_STEPS = {"euler": 250, "heun2": 250, "dopri5": 50, "sde-euler": 250, "sde-heun": 250}
-_ODE_OPTIONS = {"atol": 1e-6, "rtol": 1e-3}
+# timestep_shift: LightningDiT's shift of the euler/heun2 grid (0: none; it uses 0.3).
+_ODE_OPTIONS = {"atol": 1e-6, "rtol": 1e-3, "timestep_shift": 0.0}
 _SDE_OPTIONS = {"diffusion_form": "sigma", "diffusion_norm": 1.0, "last_step": "mean",
                 "last_step_size": 0.04}
 
@@ -54,6 +55,9 @@ class Flow(base.ObjectiveBase):
     c.time_sampling = "uniform"
     c.logit_mean = 0.0
     c.logit_std = 1.0
+    # Flow only. LightningDiT's velocity-direction loss: + mean(1 - cos(v_pred, v) over
+    # channels) beside the MSE (velocity prediction).
+    c.cosine_loss = False
     return c
 
   @classmethod
@@ -64,7 +68,8 @@ class Flow(base.ObjectiveBase):
           fields["path_type"], fields["prediction"], fields["loss_weight"] or None,
           eps(fields["train_eps"]), eps(fields["sample_eps"]),
           time_sampling=fields["time_sampling"], logit_mean=float(fields["logit_mean"]),
-          logit_std=float(fields["logit_std"]))
+          logit_std=float(fields["logit_std"]), cosine_loss=bool(fields.get("cosine_loss",
+                                                                             False)))
     except ValueError as e:
       raise ValueError(f"{where}.{e}") from None
     return cls(transport, bool(learn_sigma))
@@ -86,8 +91,8 @@ class Flow(base.ObjectiveBase):
 
   def sampler(self, sampler: Optional[str] = None, steps: Optional[int] = None,
               **options: Any) -> base.Sampler:
-    """steps: SiT's num_steps (grid points; default DEFAULT_STEPS). Options: atol, rtol
-    (ODE); diffusion_form, diffusion_norm, last_step, last_step_size (SDE)."""
+    """steps: SiT's num_steps (grid points; default DEFAULT_STEPS). Options: atol, rtol,
+    timestep_shift (ODE); diffusion_form, diffusion_norm, last_step, last_step_size (SDE)."""
     sampler = base.check_sampler(self, sampler)
     steps = steps or self.default_steps[sampler]
     sde = sampler.startswith("sde-")
@@ -121,4 +126,5 @@ class Flow(base.ObjectiveBase):
     return {"name": "flow", "path_type": tr.path.name, "prediction": tr.prediction,
             "loss_weight": tr.loss_weight or "", "train_eps": tr.train_eps,
             "sample_eps": tr.sample_eps, "time_sampling": tr.time_sampling,
-            "logit_mean": tr.logit_mean, "logit_std": tr.logit_std}
+            "logit_mean": tr.logit_mean, "logit_std": tr.logit_std,
+            **({"cosine_loss": True} if tr.cosine_loss else {})}
