@@ -291,4 +291,9 @@ def get_config(model: str = "DiT-XL/2", image_size: int = 256) -> ml_collections
   c.vae.path = ""
   # Latent scale factor; None takes the manifest's value (0.18215 for the SD VAE).
   c.vae.scale_factor = ml_collections.config_dict.placeholder(float)
+  # The latents' shape when planning without data (dit_jax.aot, benchmarks): image_size /
+  # downsample_factor square, latent_channels deep (SD-VAE: 8 and 4; VA-VAE f16d32: 16, 32).
+  # Training reads the shape from the manifest.
+  c.vae.downsample_factor = 8
+  c.vae.latent_channels = 4
   return c

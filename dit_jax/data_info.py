@@ -25,8 +25,9 @@ class DataInfo:
 
 def synthetic_info(config: ml_collections.ConfigDict, num_classes: int = 1000,
                    extras: dict | None = None) -> DataInfo:
-  """The DataInfo of a config's data without reading it: SD-VAE latents (image_size / 8, four
-  channels, stored float16) or, for the built-in digits, the 1-channel float32 pixels.
+  """The DataInfo of a config's data without reading it: VAE latents (image_size /
+  config.vae.downsample_factor square, config.vae.latent_channels deep: the SD-VAE's 8 and 4 by
+  default; stored float16) or, for the built-in digits, the 1-channel float32 pixels.
   `extras`: the manifest's extra per-example arrays ({name: {"shape", "dtype", "flip"}},
   dit_jax.records), for planning an objective that reads them."""
   s = int(config.data.image_size)
@@ -34,5 +35,8 @@ def synthetic_info(config: ml_collections.ConfigDict, num_classes: int = 1000,
   if config.data.get("builtin") == "digits":
     return DataInfo((s, s, 1), 10, 1.0, 0, 0, (), {"dtype": "float32",
                                                   "latent_shape": [s, s, 1], **more})
-  return DataInfo((s // 8, s // 8, 4), num_classes, 0.18215, 0, 0, (),
-                  {"dtype": "float16", "latent_shape": [s // 8, s // 8, 4], **more})
+  vae = config.get("vae", {})
+  f, c = int(vae.get("downsample_factor", 8)), int(vae.get("latent_channels", 4))
+  return DataInfo((s // f, s // f, c), num_classes, 0.18215, 0, 0, (),
+                  {"dtype": "float16", "latent_shape": [s // f, s // f, c],
+                   "downsample_factor": f, **more})

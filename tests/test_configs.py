@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from dit_jax import models, sharding
+from dit_jax import data_info, models, sharding
 from dit_jax import step as dit_step
 from dit_jax.data_info import DataInfo
 
@@ -29,7 +29,15 @@ def test_config_loads_with_a_valid_model(name):
   c = importlib.import_module(f"configs.{name}").get_config()
   assert c.model.name in models.DiT_models
   assert c.data.global_batch_size % 8 == 0
-  if name not in ("demo", "mini"):  # the CPU demo and the mini-grid change the recipe
+  if name.startswith("lightningdit"):  # LightningDiT's own recipe (its yaml)
+    assert (c.optim.learning_rate, c.optim.b2, c.data.global_batch_size) == (2e-4, 0.95, 1024)
+    assert c.objective.cosine_loss and c.objective.time_sampling == "logit_normal"
+    assert not c.model.learn_sigma and c.sample.timestep_shift == 0.3
+    info = data_info.synthetic_info(c)
+    assert info.latent_shape == (16, 16, 32)
+    m = dit_step.create_model(c, info)
+    assert (m.patch_size, m.norm, m.mlp, m.rope, m.qk_norm) == (1, "rmsnorm", "swiglu", True, False)
+  elif name not in ("demo", "mini"):  # the CPU demo and the mini-grid change the recipe
     # The release's recipe, untouched by the experiment files.
     assert (c.optim.learning_rate, c.optim.weight_decay, c.ema_decay) == (1e-4, 0.0, 0.9999)
     assert (c.data.global_batch_size, c.model.class_dropout_prob) == (256, 0.1)
