@@ -34,10 +34,14 @@ from dit_jax.grid import presets  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("steps", 1500, "Training steps per objective.")
 flags.DEFINE_integer("per_class", 50, "Samples per digit for the metrics.")
-flags.DEFINE_integer("seed", 0, "Initialisation, data order and sampling seed.")
+flags.DEFINE_integer("seed", 0, "Initialisation and data order seed (and the sampling seed, "
+                     "seed + 1, unless --sample_seeds).")
+flags.DEFINE_list("sample_seeds", [], "Sampling seeds: each cell is then the mean over them, "
+                  "with the spread (max - min) of the proxy FID.")
 flags.DEFINE_list("cfg_scales", ["1", "3"], "Guidance scales.")
 flags.DEFINE_multi_string("set", [], "A config override for every objective's run, key=value "
-                          "(e.g. objective.mf_kappa=0.0), repeatable.")
+                          "with a Python literal value (e.g. objective.mf_kappa=0.0, "
+                          "model.norm=\"'rmsnorm'\"), repeatable.")
 flags.DEFINE_list("objectives", ["adm", "flow", "edm"], "Registered objectives to train "
                   "(meanflow too: its guidance is trained in, sampled at scale 1 only).")
 
@@ -51,6 +55,8 @@ SAMPLERS = [
     (19, "edm", "heun", 10),
     (50, "flow", "euler", 51), (10, "flow", "euler", 11), (2, "flow", "euler", 3),
     (1, "flow", "euler", 2), (2, "meanflow", "meanflow", 2), (1, "meanflow", "meanflow", 1),
+    # The release's sampler: DDPM with 250 steps (500 model calls with CFG).
+    (250, "adm", "ddpm", 250),
 ]
 
 
@@ -110,21 +116,24 @@ def main(_):
   digits = load_digits()  # what dit_jax.demo_data writes: x in 0..16 trained as x / 8 - 1
   pixels = jnp.asarray(digits.images[..., None] / 8.0 - 1.0, jnp.float32)
   labels = jnp.asarray(digits.target, jnp.int32)
-  objs = {}
+  objs, configs = {}, {}
   for name in FLAGS.objectives:
     c = demo.get_config()
     c.objective.name = name
     presets.apply_overrides(c, {k: ast.literal_eval(v) for k, v in
                                 (item.split("=", 1) for item in FLAGS.set)})
-    objs[name] = objectives.from_config(c)
-  trained = {name: train(config, obj, info, pixels, labels) for name, obj in objs.items()}
+    objs[name], configs[name] = objectives.from_config(c), c
+  # Each objective's run with its config (--set reaches the model too, e.g. model.norm).
+  trained = {name: train(configs[name], obj, info, pixels, labels) for name, obj in objs.items()}
 
   want = jnp.repeat(jnp.arange(10, dtype=jnp.int32), FLAGS.per_class)
   decode = sampling.Decoder("identity", 1.0)  # as the demo's grids: pixels are the latents
-  print(f"\n{len(want)} samples, seed {FLAGS.seed}, {FLAGS.steps} training steps; proxy FID "
-        "(lower is better) / class accuracy")
+  seeds = [int(s) for s in FLAGS.sample_seeds] or [FLAGS.seed + 1]
+  print(f"\n{len(want)} samples, sampling seeds {seeds}, {FLAGS.steps} training steps; proxy "
+        "FID (lower is better) / class accuracy" +
+        (", means over the seeds, FID spread (max - min) in brackets" if len(seeds) > 1 else ""))
   print(f"{'NFE':>4} {'objective':>9} {'sampler':>10} {'steps':>5} " +
-        " ".join(f"{'cfg ' + s:>16}" for s in FLAGS.cfg_scales))
+        " ".join(f"{'cfg ' + s:>22}" for s in FLAGS.cfg_scales))
   for nfe, name, sampler, steps in SAMPLERS:
     if name not in trained:
       continue
@@ -136,10 +145,14 @@ def main(_):
         continue
       fn = guidance.make_sample_fn(objs[name], model, sampler=sampler, steps=steps,
                                    guided=scale != 1.0, release_cfg=False)
-      lat = fn(params, jax.random.PRNGKey(FLAGS.seed + 1), want, jnp.float32(scale))
-      imgs = np.asarray(decode(lat))
-      cells.append(f"{proxy.proxy_fid(imgs):7.2f} / {proxy.class_accuracy(imgs, want):.3f}")
-    print(f"{nfe:>4} {name:>9} {sampler:>10} {steps:>5} " + " ".join(f"{c:>16}" for c in cells),
+      fids, accs = [], []
+      for seed in seeds:
+        imgs = np.asarray(decode(fn(params, jax.random.PRNGKey(seed), want, jnp.float32(scale))))
+        fids.append(proxy.proxy_fid(imgs))
+        accs.append(proxy.class_accuracy(imgs, want))
+      spread = f" [{max(fids) - min(fids):.2f}]" if len(seeds) > 1 else ""
+      cells.append(f"{np.mean(fids):7.2f}{spread} / {np.mean(accs):.3f}")
+    print(f"{nfe:>4} {name:>9} {sampler:>10} {steps:>5} " + " ".join(f"{c:>22}" for c in cells),
           flush=True)
 
 
