@@ -42,6 +42,8 @@ flags.DEFINE_list("cfg_scales", ["1", "3"], "Guidance scales.")
 flags.DEFINE_multi_string("set", [], "A config override for every objective's run, key=value "
                           "with a Python literal value (e.g. objective.mf_kappa=0.0, "
                           "model.norm=\"'rmsnorm'\"), repeatable.")
+flags.DEFINE_list("rows", [], "Only these rows, as sampler:steps (e.g. euler:51,euler:11); "
+                  "default: every row of the trained objectives.")
 flags.DEFINE_list("objectives", ["adm", "flow", "edm"], "Registered objectives to train "
                   "(meanflow too: its guidance is trained in, sampled at scale 1 only).")
 
@@ -135,7 +137,7 @@ def main(_):
   print(f"{'NFE':>4} {'objective':>9} {'sampler':>10} {'steps':>5} " +
         " ".join(f"{'cfg ' + s:>22}" for s in FLAGS.cfg_scales))
   for nfe, name, sampler, steps in SAMPLERS:
-    if name not in trained:
+    if name not in trained or (FLAGS.rows and f"{sampler}:{steps}" not in FLAGS.rows):
       continue
     model, params = trained[name]
     cells = []
