@@ -378,6 +378,59 @@ def from_diffusers(config: Mapping[str, Any], state_dict: Mapping[str, Any],
   return module, params
 
 
+# The VA-VAE of LightningDiT (hustvl/LightningDiT tokenizer/vavae.py): LDM's AutoencoderKL with
+# ch 128, ch_mult (1, 1, 2, 2, 4) and 32 latent channels (f16d32), as a diffusers config.
+VAVAE_F16D32 = {
+    "_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3,
+    "block_out_channels": [128, 128, 256, 256, 512], "layers_per_block": 2,
+    "latent_channels": 32, "norm_num_groups": 32,
+    "down_block_types": ["DownEncoderBlock2D"] * 5, "up_block_types": ["UpDecoderBlock2D"] * 5,
+}
+CONFIGS = {"vavae_f16d32": VAVAE_F16D32}
+
+# LDM (taming / latent-diffusion) AutoencoderKL names -> diffusers names, for the parts whose
+# index does not move; the decoder's `up.{i}` is level i from the bottom, diffusers'
+# `up_blocks.{n-1-i}`.
+_LDM_RENAMES = (
+    (r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out."),
+    (r"^(encoder|decoder)\.mid\.block_([12])\.", lambda m: f"{m[1]}.mid_block.resnets.{int(m[2]) - 1}."),
+    (r"^(encoder|decoder)\.mid\.attn_1\.norm\.", r"\1.mid_block.attentions.0.group_norm."),
+    (r"^(encoder|decoder)\.mid\.attn_1\.(q|k|v)\.", r"\1.mid_block.attentions.0.to_\2."),
+    (r"^(encoder|decoder)\.mid\.attn_1\.proj_out\.", r"\1.mid_block.attentions.0.to_out.0."),
+    (r"^encoder\.down\.(\d+)\.block\.(\d+)\.", r"encoder.down_blocks.\1.resnets.\2."),
+    (r"^encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0."),
+    (r"\.nin_shortcut\.", ".conv_shortcut."),
+)
+
+
+def ldm_to_diffusers(state_dict: Mapping[str, Any], levels: int) -> dict[str, Any]:
+  """An LDM AutoencoderKL state dict (the VA-VAE's; `first_stage_model.` prefix and the
+  training loss's `loss.*` entries dropped) -> diffusers key names, for `from_diffusers`."""
+  out = {}
+  for key, value in state_dict.items():
+    if key.startswith("first_stage_model."):
+      key = key[len("first_stage_model."):]
+    if key.startswith(("loss.", "model_ema.")) or key.startswith("foundation_model"):
+      continue
+    for pattern, repl in _LDM_RENAMES:
+      key = re.sub(pattern, repl, key)
+    m = re.match(r"^decoder\.up\.(\d+)\.(block|upsample)\.(?:(\d+)\.)?(.*)$", key)
+    if m:
+      level = levels - 1 - int(m[1])
+      key = (f"decoder.up_blocks.{level}.resnets.{m[3]}.{m[4]}" if m[2] == "block" else
+             f"decoder.up_blocks.{level}.upsamplers.0.{m[4]}")
+    out[key] = value
+  return out
+
+
+def from_ldm(config: Mapping[str, Any], state_dict: Mapping[str, Any],
+             **overrides: Any) -> tuple[AutoencoderKL, dict]:
+  """An LDM-named AutoencoderKL (e.g. LightningDiT's VA-VAE, config `VAVAE_F16D32`) ->
+  (module, params), through `ldm_to_diffusers` and `from_diffusers`."""
+  levels = len(config.get("block_out_channels", AutoencoderKL.block_out_channels))
+  return from_diffusers(config, ldm_to_diffusers(state_dict, levels), **overrides)
+
+
 def _gfile():
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   return tf.io.gfile

@@ -174,3 +174,62 @@ def test_bfloat16_compute_stays_close():
   mean16, logvar16 = jax.jit(lambda p, x: module16.apply(p, x, method=module16.encode))(params, x)
   assert mean16.dtype == logvar16.dtype == jnp.float32
   _assert_rel(np.asarray(mean16), np.asarray(mean32), tol=5e-2)
+
+
+# LightningDiT's VA-VAE shape (5 levels: f16, 32 latent channels), at a width a CPU test runs.
+VAVAE_SMALL = dict(block_out_channels=(16, 16, 32, 32, 64), down_block_types=("DownEncoderBlock2D",) * 5,
+                   up_block_types=("UpDecoderBlock2D",) * 5, layers_per_block=2, norm_num_groups=8,
+                   latent_channels=32)
+
+
+def _to_ldm_names(sd: dict, levels: int) -> dict:
+  """diffusers AutoencoderKL keys -> LDM's (taming's AutoencoderKL: encoder.down.i.block.j,
+  mid.block_1, mid.attn_1.q as 1x1 convs, decoder.up.i counted from the bottom level)."""
+  import re  # pylint: disable=import-outside-toplevel
+  out = {}
+  for k, v in sd.items():
+    k = k.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
+    k = re.sub(r"mid_block\.resnets\.(\d)", lambda m: f"mid.block_{int(m[1]) + 1}", k)
+    k = k.replace("mid_block.attentions.0.group_norm", "mid.attn_1.norm")
+    k = re.sub(r"mid_block\.attentions\.0\.to_(q|k|v)\.", r"mid.attn_1.\1.", k)
+    k = k.replace("mid_block.attentions.0.to_out.0", "mid.attn_1.proj_out")
+    k = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", k)
+    k = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", k)
+    k = re.sub(r"decoder\.up_blocks\.(\d+)\.resnets\.",
+               lambda m: f"decoder.up.{levels - 1 - int(m[1])}.block.", k)
+    k = re.sub(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
+               lambda m: f"decoder.up.{levels - 1 - int(m[1])}.upsample.", k)
+    if "attn_1." in k and k.endswith("weight") and v.ndim == 2 and "norm" not in k:
+      v = v[:, :, None, None]  # LDM's attention projections are 1x1 convs
+    out[k] = v
+  return out
+
+
+def test_vavae_ldm_checkpoint_matches_diffusers():
+  from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint  # pylint: disable=import-outside-toplevel
+  model = _random_torch_vae(VAVAE_SMALL, seed=3)
+  sd = _state_dict(model)
+  ldm = {f"first_stage_model.{k}": v for k, v in _to_ldm_names(sd, 5).items()}
+  ldm["loss.logvar"] = np.zeros(())  # the training loss's entries are dropped
+  # diffusers' own LDM conversion gives back the diffusers weights: the LDM names are right.
+  back = convert_ldm_vae_checkpoint({k: torch.from_numpy(np.asarray(v)) for k, v in ldm.items()},
+                                    dict(model.config))
+  assert set(back) == set(sd)
+  for k, v in sd.items():
+    np.testing.assert_array_equal(np.asarray(back[k]).reshape(v.shape), v, err_msg=k)
+  # Our LDM converter gives diffusers' outputs (f16: 32x32 images <-> 2x2x32 latents).
+  module, params = vae.from_ldm(dict(model.config), ldm)
+  assert module.downsample_factor == 16 and module.latent_channels == 32
+  g = torch.Generator().manual_seed(4)
+  x = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+  z = torch.randn(2, 32, 2, 2, generator=g)
+  with torch.no_grad():
+    mean_ref, dec_ref = model.encode(x).latent_dist.mean.numpy(), model.decode(z).sample.numpy()
+  mean, _ = module.apply(params, jnp.asarray(x.numpy().transpose(0, 2, 3, 1)), method=module.encode)
+  dec = module.apply(params, jnp.asarray(z.numpy().transpose(0, 2, 3, 1)), method=module.decode)
+  _assert_rel(_nchw(mean), mean_ref)
+  _assert_rel(_nchw(dec), dec_ref)
+  # The full-size config builds the VA-VAE: ch_mult (1, 1, 2, 2, 4) of 128, f16d32.
+  full = vae.from_config(vae.VAVAE_F16D32)
+  assert (full.block_out_channels, full.latent_channels, full.downsample_factor) == (
+      (128, 128, 256, 256, 512), 32, 16)
