@@ -315,8 +315,11 @@ _TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET,
                      errno.ECONNREFUSED, errno.ECONNABORTED, errno.ENETDOWN, errno.ENETUNREACH,
                      errno.EHOSTUNREACH, errno.ESTALE, errno.EBUSY, errno.EINTR}
 # A store's HTTP answer that may pass: 5xx, 408 (timeout) and 429 (rate limit).
-_TRANSIENT_HTTP = re.compile(r"(HTTP|response|status)[^0-9]{0,20}(5\d\d|408|429)\b", re.I)
-_TRANSIENT_TEXT = ("connection reset", "connection refused", "timed out", "temporarily unavailable")
+_TRANSIENT_HTTP = re.compile(r"(HTTP|response|status)[^0-9]{0,20}(5\d\d|408|429)\b|"
+                             r"\b(5\d\d|408|429) (Internal|Bad Gateway|Service|Gateway|"
+                             r"Request Timeout|Too Many)", re.I)
+_TRANSIENT_TEXT = ("connection reset", "connection refused", "timed out", "temporarily unavailable",
+                   "service unavailable", "transient")
 
 
 def _kind(e: BaseException) -> bool | None:

@@ -140,8 +140,11 @@ def test_xl2_shapes_at_256_and_512_px(size, out):
 
 
 def test_registry_and_unknown_name():
-  assert list(models.DiT_models) == [f'DiT-{s}/{p}' for s in ('XL', 'L', 'B', 'S')
-                                     for p in (2, 4, 8)]
+  assert list(models.DiT_models)[:12] == [f'DiT-{s}/{p}' for s in ('XL', 'L', 'B', 'S')
+                                          for p in (2, 4, 8)]
+  assert list(models.DiT_models)[12:] == [  # LightningDiT's sizes
+      f'LightningDiT-{n}' for n in ('B/1', 'B/2', 'L/2', 'XL/1', 'XL/2', '1p0B/1', '1p0B/2',
+                                    '1p6B/1', '1p6B/2')]
   m = models.get_model('DiT-B/4', num_classes=7)
   assert (m.hidden_size, m.depth, m.num_heads, m.patch_size, m.num_classes) == (768, 12, 12, 4, 7)
   with pytest.raises(ValueError, match=r"'DiT-M/2'.*DiT-XL/2.*DiT-S/8"):

@@ -54,7 +54,8 @@ def test_slurm_job_initialises_distributed(no_network, monkeypatch):
                      ("SLURM_NTASKS", "2"), ("SLURM_PROCID", "1"), ("SLURM_LOCALID", "0")):
     monkeypatch.setenv(var, value)
   assert runtime.init_distributed() == "SlurmCluster"
-  assert no_network == [((), {})]  # JAX fills in coordinator, count and id itself
+  # JAX fills in coordinator, count and id itself; the heartbeat timeout is ours.
+  assert no_network == [((), {"heartbeat_timeout_seconds": 100})]
   assert runtime.init_distributed(distributed=False) is None and len(no_network) == 1
 
 

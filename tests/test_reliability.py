@@ -306,6 +306,8 @@ ERRORS = [
     (ValueError("RESOURCE_EXHAUSTED: rate limited"), True),
     (RuntimeError("GCS read failed, HTTP response code: 503 with body: backend error"), True),
     (RuntimeError("request failed with status 429"), True),
+    (OSError("503 Service Unavailable (transient)"), True),
+    (RuntimeError("GET gs://b/o: 502 Bad Gateway"), True),
     (TimeoutError("The read operation timed out"), True),
     (ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"), True),
     (OSError(errno.EIO, "Input/output error"), True),
