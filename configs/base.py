@@ -7,7 +7,7 @@ Experiment files import `get_config()` from here and override a few fields. Laun
 
 import ml_collections
 
-from dit_jax import objectives
+from dit_jax import objectives, repa
 
 
 def _add_sampler_options(section: ml_collections.ConfigDict) -> None:
@@ -95,6 +95,9 @@ def get_config(model: str = "DiT-XL/2", image_size: int = 256) -> ml_collections
   c.data.dir = ""
   # Instead of dir: a dataset built into dit_jax ('digits'), written into WORKDIR/data on first use.
   c.data.builtin = ""
+  # The built-in dataset with each image stored beside its latent (the 'image' extra REPA's
+  # encoder reads), in its own WORKDIR/data folder.
+  c.data.with_images = False
   # Image resolution the latents were made from; checked against the manifest (8x VAE).
   c.data.image_size = image_size
   # Global batch over all devices and processes (the release: 256).
@@ -119,6 +122,11 @@ def get_config(model: str = "DiT-XL/2", image_size: int = 256) -> ml_collections
   # config.diffusion; 'flow': SiT's flow matching; ...); the other fields are each objective's
   # own, commented where it declares them (dit_jax/objectives/<name>.py, `config_fields`).
   c.objective = objectives.default_config()
+
+  # REPA (dit_jax/repa.py, docs/repa.md): align the hidden states after block repa.depth with
+  # a frozen encoder's patch features of the image stored beside each latent; off while
+  # repa.encoder is ''.
+  c.repa = repa.config_fields()
 
   c.optim = ml_collections.ConfigDict()
   # AdamW as released: constant lr 1e-4, no weight decay, no warmup, no clipping.

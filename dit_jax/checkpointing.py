@@ -477,6 +477,7 @@ def load_ema_model(workdir: str, sharding: Any, step: int | None = None,
   params, meta = restore_ema(workdir, shapes, jax.tree.map(lambda _: sharding, shapes),
                              meta["step"])
   logging.info("Loaded EMA weights of %s at step %d from %s", meta["model"], meta["step"], workdir)
+  model, params = models.without_projector(model, params)  # REPA's: training only
   return model, params, meta
 
 

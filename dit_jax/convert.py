@@ -228,6 +228,7 @@ def to_official(params: Mapping, model: models.DiT) -> dict[str, np.ndarray]:
   params = nn.meta.unbox(params)
   if set(params) == {'params'}:
     params = params['params']
+  model, params = models.without_projector(model, params)  # REPA's: not in the release layout
   # Either layout; checked below per block (blocks_i names the layer).
   params, model = unstack_blocks(params), _unrolled(model)
   flat = _flatten(params)

@@ -31,7 +31,12 @@ def synthetic_info(config: ml_collections.ConfigDict, num_classes: int = 1000,
   `extras`: the manifest's extra per-example arrays ({name: {"shape", "dtype", "flip"}},
   dit_jax.records), for planning an objective that reads them."""
   s = int(config.data.image_size)
-  more = {"extras": dict(extras)} if extras else {}
+  extras = dict(extras or {})
+  if config.get("repa") and config.repa.encoder and config.repa.image not in extras:
+    # REPA's encoder reads each image beside its latent (prepare_latents --with_images).
+    channels = 1 if config.data.get("builtin") == "digits" else 3
+    extras[config.repa.image] = {"shape": [s, s, channels], "dtype": "uint8", "flip": "width"}
+  more = {"extras": extras} if extras else {}
   if config.data.get("builtin") == "digits":
     return DataInfo((s, s, 1), 10, 1.0, 0, 0, (), {"dtype": "float32",
                                                   "latent_shape": [s, s, 1], **more})

@@ -450,6 +450,20 @@ def _scan_body(block: nn.Module, h: jnp.ndarray, c: jnp.ndarray) -> tuple[jnp.nd
   return block(h, c), None
 
 
+class Projector(nn.Module):
+  """REPA's build_mlp: Linear(D, hidden), SiLU, Linear(hidden, hidden), SiLU, Linear(hidden,
+  out) per token (matmuls in `dtype`, output float32)."""
+  hidden: int
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    x = nn.silu(_dense(self.hidden, 'embed', 'mlp', self.dtype, 'fc1')(x.astype(self.dtype)))
+    x = nn.silu(_dense(self.hidden, 'mlp', 'mlp', self.dtype, 'fc2')(x))
+    return _dense(self.features, 'mlp', None, self.dtype, 'fc3')(x).astype(jnp.float32)
+
+
 class DiT(nn.Module):
   """Diffusion transformer with adaLN-Zero conditioning; see the module docstring for layouts."""
   input_size: int = 32
@@ -494,6 +508,14 @@ class DiT(nn.Module):
   # A second time input h (MeanFlow's interval length t - r): its own TimestepEmbedder
   # 'h_embedder', summed into the conditioning (c = t_emb + h_emb + y_emb).
   h_embedder: bool = False
+  # REPA's projector (dit_jax.repa): an MLP D -> projector_hidden -> projector_hidden ->
+  # projector_dim (SiLU between) on the hidden states after block projector_depth (1-based,
+  # REPA's encoder_depth), trained to align them with a frozen encoder's patch features;
+  # projector_dim 0: none. Only `project=True` runs it; sampling and the release formats leave
+  # it out (`without_projector`).
+  projector_dim: int = 0
+  projector_hidden: int = 2048
+  projector_depth: int = 0
 
   @property
   def out_channels(self) -> int:
@@ -539,13 +561,16 @@ class DiT(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray, t: jnp.ndarray, y: jnp.ndarray, train: bool = False,
                force_drop_ids: jnp.ndarray | None = None, capture: int | None = None,
-               h: jnp.ndarray | None = None) -> jnp.ndarray | tuple[jnp.ndarray, jnp.ndarray]:
+               h: jnp.ndarray | None = None,
+               project: bool = False) -> jnp.ndarray | tuple[jnp.ndarray, jnp.ndarray]:
     """x [N, H, W, C] float, t [N] int/float timesteps, y [N] int labels -> [N, H, W, out] float32.
 
     With train=True and class_dropout_prob > 0, labels are dropped to the null class using the
     'dropout' rng; force_drop_ids [N] (1 = drop) overrides that, as in the release. capture=i
     also returns the hidden states [N, T, D] float32 after blocks_i: (output, hidden). h [N]:
     the second time input of a DiT with h_embedder (required there, refused elsewhere).
+    project=True (a DiT with a projector): (output, the projector's [N, T, projector_dim]
+    float32 of the hidden states after block projector_depth) instead.
     """
     self.validate()
     expected = (self.input_size, self.input_size, self.in_channels)
@@ -562,6 +587,14 @@ class DiT(nn.Module):
                        'h: this DiT has no second time input (h_embedder=False)')
     if h is not None and tuple(jnp.shape(h)) != (n,):
       raise ValueError(f'DiT expects h of shape [{n}], got {tuple(jnp.shape(h))}')
+    if project:
+      if not self.projector_dim or not 1 <= self.projector_depth <= self.depth:
+        raise ValueError(f'project=True needs a projector (projector_dim={self.projector_dim}) '
+                         f'after a block 1 .. {self.depth} (projector_depth='
+                         f'{self.projector_depth})')
+      if capture is not None:
+        raise ValueError('project=True captures block projector_depth itself: no capture')
+      capture = self.projector_depth - 1
     if capture is not None and not 0 <= capture < self.depth:
       raise ValueError(f'capture={capture}: the blocks are 0 .. {self.depth - 1}')
     second_time, h = h, None  # h names the tokens below
@@ -575,6 +608,11 @@ class DiT(nn.Module):
     c = c + LabelEmbedder(self.num_classes, self.hidden_size, self.class_dropout_prob,
                           name='y_embedder')(y, train, force_drop_ids)
     h, hidden = self._blocks(h, c, capture)
+    if self.projector_dim and (project or self.is_initializing()):
+      projector = Projector(self.projector_hidden, self.projector_dim, self.dtype,
+                            name='projector')
+      # init (which calls without capture) makes its parameters from the last block's states.
+      hidden = projector(h if hidden is None else hidden)
     h = FinalLayer(self.hidden_size, self.patch_size**2 * self.out_channels,
                    self.adaln_matmul, self.norm, name='final_layer')(h, c)
     out = self.unpatchify(h)
@@ -702,7 +740,7 @@ def from_architecture(kwargs: Mapping[str, Any], where: str = 'model_kwargs',
 
 # Modules whose parameters the forward uses in `DiT.dtype` (the token matmuls: patch embedding,
 # qkv, attention output, MLP); every other parameter is used in float32.
-TOKEN_MATMUL_MODULES = ('x_embedder', 'attn', 'mlp')
+TOKEN_MATMUL_MODULES = ('x_embedder', 'attn', 'mlp', 'projector')
 
 
 def compute_dtypes(model: DiT, params: Any) -> Any:
@@ -716,6 +754,14 @@ def compute_dtypes(model: DiT, params: Any) -> Any:
     names = {getattr(k, 'key', getattr(k, 'name', None)) for k in path}
     return jnp.dtype(model.dtype) if names & set(TOKEN_MATMUL_MODULES) else jnp.dtype(jnp.float32)
   return jax.tree_util.tree_map_with_path(one, params)
+
+
+def without_projector(model: DiT, params: Any) -> tuple[DiT, Any]:
+  """(model, params) without REPA's projector: what sampling and the release formats use."""
+  if not model.projector_dim and 'projector' not in params:
+    return model, params
+  return (model.clone(projector_dim=0, projector_depth=0),
+          {k: v for k, v in params.items() if k != 'projector'})
 
 
 def init_kwargs(model: DiT) -> dict:

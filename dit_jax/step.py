@@ -20,11 +20,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
 from dit_jax import (attention, flops as flops_lib, hardware, models, objectives, records,
-                     sharding)
+                     repa as repa_lib, sharding)
 from dit_jax.data_info import DataInfo
 from dit_jax.lr_schedule import learning_rate_schedule
 
@@ -263,14 +264,15 @@ def explicit_grads(params: Any, inputs: dict, loss_fn: Any, param_dtypes: Any, g
                        check_vma=False)(params, inputs)
 
 
-def train_step(state: TrainState, batch: dict, *, model: models.DiT,
+def train_step(state: TrainState, batch: dict, frozen: Any = None, *, model: models.DiT,
                objective: objectives.Objective, tx: optax.GradientTransformation,
                schedule: Any, ema_decay: float, scale: float, random_flip: bool,
                microbatches: int = 1,
                param_dtypes: Any = None, compute_sh: Any = None, grad_sh: Any = None,
                batch_axes: Any = None, explicit: bool = False,
                stationary_adaln: bool = True,
-               flips: Mapping[str, str] = LATENT_FLIPS) -> tuple[TrainState, dict]:
+               flips: Mapping[str, str] = LATENT_FLIPS,
+               align: repa_lib.Alignment | None = None) -> tuple[TrainState, dict]:
   """One AdamW step on the objective's loss, then the EMA update. Metrics: loss, the
   objective's logged scalars (ADM: mse, vb), grad_norm, learning_rate.
 
@@ -291,10 +293,17 @@ def train_step(state: TrainState, batch: dict, *, model: models.DiT,
   The same step, up to the order of the float sums. `stationary_adaln`
   (config.sharding.modulation): there, the adaLN modulations are computed where their
   parameters are stored rather than gathered (`explicit_grads`).
+
+  `align` (REPA, dit_jax.repa): the frozen encoder (parameters `frozen`) turns the batch's
+  image, flipped with its latent, into per-token targets for the whole batch first; the
+  network's first call on the noisy input also returns its projection of the aligned block,
+  and coefficient x the alignment loss joins the objective's (logged as `repa`).
   """
   key = jax.random.fold_in(state.rng, state.step)
   k_x0, k_t, k_noise, k_drop = jax.random.split(key, 4)
   x0, extras = sample_latents(batch, k_x0, scale, random_flip, flips)
+  if align is not None:  # the encoder's features of each (flipped) image: REPA's targets
+    extras["repa_target"] = align.targets(frozen, extras.pop(align.image), model.dtype)
   n = x0.shape[0]
   # Label dropout to the null class (classifier-free guidance), as the model would draw it.
   drop = (jax.random.uniform(k_drop, (n,)) < model.class_dropout_prob).astype(jnp.int32)
@@ -310,15 +319,26 @@ def train_step(state: TrainState, batch: dict, *, model: models.DiT,
 
   def loss_fn(p, mb, adaln_matmul=None):
     m = model if adaln_matmul is None else model.clone(adaln_matmul=adaln_matmul)
+    projections = []  # REPA: the first call's projection (the objective's noisy input)
 
     def model_fn(x, tt, y=None, **kwargs):
       # The batch's labels with the step's dropout; labels given (y) are used as they are.
       if model.class_dropout_prob > 0:
         kwargs.setdefault("force_drop_ids", mb["drop"] if y is None else jnp.zeros_like(tt))
-      return m.apply({"params": p}, x, tt, mb["label"] if y is None else y, train=True,
-                     **kwargs)
+      labels = mb["label"] if y is None else y
+      if align is not None and not projections:
+        out, projection = m.apply({"params": p}, x, tt, labels, train=True, project=True,
+                                  **kwargs)
+        projections.append(projection)
+        return out
+      return m.apply({"params": p}, x, tt, labels, train=True, **kwargs)
     loss, logged = objective.training_losses(model_fn, mb["x0"], mb)
-    return loss.mean(), logged
+    if align is None:
+      return loss.mean(), logged
+    if not projections:
+      raise ValueError(f"config.repa: the {objective.name} objective never called the network")
+    aligned = repa_lib.alignment_loss(projections[0], mb["repa_target"]).mean()
+    return loss.mean() + align.coefficient * aligned, {**logged, "repa": aligned}
 
   if explicit:
     grads, metrics = explicit_grads(state.params, inputs, loss_fn, param_dtypes, grad_sh,
@@ -371,6 +391,25 @@ class TrainSetup:
                           # count; MFU's numerator, whatever remat recomputes)
   memory_gib: float       # per device: arguments + outputs + temporaries - aliased
   compile_seconds: float
+  # REPA (config.repa): the alignment, the frozen encoder's parameter shardings, and its
+  # parameters placed with them (set by `load_frozen` before the first step).
+  align: repa_lib.Alignment | None = None
+  frozen_sh: Any = None
+  frozen: Any = None
+
+  def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    """One compiled train step (with the frozen encoder's parameters under REPA)."""
+    if self.align is None:
+      return self.compiled(state, batch)
+    if self.frozen is None:
+      raise RuntimeError("REPA: load the encoder first (TrainSetup.load_frozen)")
+    return self.compiled(state, batch, self.frozen)
+
+  def load_frozen(self, params: Any) -> None:
+    """Places the frozen encoder's parameters (numpy) in the model's dtype and layout."""
+    self.frozen = jax.tree.map(
+        lambda x, sh: jax.device_put(jnp.asarray(x, frozen_dtype(x, self.model.dtype)), sh),
+        params, self.frozen_sh)
 
 
 def _microbatch_sizes(microbatches: int, per_device: int) -> list[int]:
@@ -407,6 +446,12 @@ def build(config: ml_collections.ConfigDict, info: DataInfo,
                                                            devices[0].platform, tokens))
   objective = objectives.from_config(config)
   model = objective_model(model, objective, config.model.attention_impl)
+  align = repa_lib.from_config(config, model, info.manifest, config.data.image_size)
+  if align is not None and objective.needs_jvp:
+    raise ValueError(f"config.repa.encoder={config.repa.encoder!r}: the {objective.name} "
+                     "objective differentiates the network forward (jax.jvp); REPA runs with "
+                     "objectives that call it once on the noisy input (adm, flow, edm)")
+  model = repa_lib.with_projector(config, model, align)
   tx, schedule = create_optimizer(config)
   if gbs % len(devices):
     raise ValueError(f"config.data.global_batch_size={gbs} must divide by the {len(devices)} "
@@ -440,7 +485,7 @@ def build(config: ml_collections.ConfigDict, info: DataInfo,
       if held > MEMORY_HEADROOM * limit:
         continue
     setup = _compile(config, info, model.clone(remat=remat), objective, tx, schedule, init_fn,
-                     boxed, mesh, layout, micro)
+                     boxed, mesh, layout, micro, align)
     need = setup.memory_gib * 2**30
     if not search or need <= MEMORY_HEADROOM * limit:
       if remat_auto or micro_auto:
@@ -463,7 +508,7 @@ def build(config: ml_collections.ConfigDict, info: DataInfo,
 def _compile(config: ml_collections.ConfigDict, info: DataInfo,
              model: models.DiT, objective: objectives.Objective, tx: Any, schedule: Any,
              init_fn: Any, boxed: Any, mesh: jax.sharding.Mesh, layout: sharding.Layout,
-             microbatches: int) -> TrainSetup:
+             microbatches: int, align: repa_lib.Alignment | None = None) -> TrainSetup:
   gbs = config.data.global_batch_size
   sharding.log_mesh(mesh)
   state_sh = sharding.state_shardings(boxed, mesh, layout)
@@ -481,6 +526,11 @@ def _compile(config: ml_collections.ConfigDict, info: DataInfo,
                     "each device gathers them whole for the forward",
                     repl_bytes / 2**20, mesh.shape["fsdp"])
   batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  frozen_sh = frozen_abstract = None
+  if align is not None:
+    boxed_frozen = align.abstract_params()
+    frozen_sh = sharding.compute_shardings(boxed_frozen, mesh, layout)
+    frozen_abstract = nn.meta.unbox(boxed_frozen)
   # Written-out collectives for plain data parallelism; FSDP layouts leave them to XLA.
   explicit = layout.collectives == "explicit" and sharding.is_replicated(compute_sh)
   if layout.collectives == "explicit" and not explicit:
@@ -496,15 +546,20 @@ def _compile(config: ml_collections.ConfigDict, info: DataInfo,
                         compute_sh=compute_sh, grad_sh=state_sh.params,
                         batch_axes=sharding.BATCH_AXES, explicit=explicit,
                         stationary_adaln=layout.modulation == "stationary",
-                        flips=records.flip_modes(info.manifest)),
-      in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl), donate_argnums=0)
+                        flips=records.flip_modes(info.manifest), align=align),
+      in_shardings=(state_sh, batch_sh) + ((frozen_sh,) if align else ()),
+      out_shardings=(state_sh, repl), donate_argnums=0)
   abstract_batch = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh)
                     for name, (shape, dtype) in batch_spec(info, gbs).items()}
+  args = (abstract, abstract_batch)
+  if align is not None:  # the frozen encoder, in the model's dtype, laid out as the params
+    args += (jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(
+        x.shape, frozen_dtype(x, model.dtype), sharding=sh), frozen_abstract, frozen_sh),)
   options = sharding.compiler_options(mesh.devices.flat[0].platform,
                                       config.mesh.get("overlap_collectives", False))
   t0 = time.time()
   with jax.set_mesh(mesh):  # kernels that shard_map themselves (splash attention) see the mesh
-    lowered = step_fn.lower(abstract, abstract_batch)
+    lowered = step_fn.lower(*args)
     compiled = lowered.compile(compiler_options=options) if options else lowered.compile()
     compile_s = time.time() - t0
     flops = float(flops_lib.xla_cost(compiled).get("flops", 0.0))
@@ -513,7 +568,7 @@ def _compile(config: ml_collections.ConfigDict, info: DataInfo,
       # iterations' matmuls, a 1/mesh.size share each (the batch is split over all devices;
       # the explicit step's loops run inside its shard_map, on one device's shapes already).
       # Their elementwise work stays uncounted: the figure is ~1% below the unrolled step's.
-      macs = flops_lib.uncounted_loop_macs(step_fn, abstract, abstract_batch)
+      macs = flops_lib.uncounted_loop_macs(step_fn, *args)
       flops += 2 * macs / (1 if explicit else mesh.size)
   model_flops = 3 * forward_flops(model) * gbs / mesh.size
   mem = compiled.memory_analysis()
@@ -526,7 +581,14 @@ def _compile(config: ml_collections.ConfigDict, info: DataInfo,
                compute_sh=compute_sh, batch_sh=batch_sh, repl=repl, abstract=abstract,
                init=init, compiled=compiled, microbatches=microbatches, explicit=explicit,
                flops=flops,
-               model_flops=model_flops, memory_gib=mem_gib, compile_seconds=compile_s)
+               model_flops=model_flops, memory_gib=mem_gib, compile_seconds=compile_s,
+               align=align, frozen_sh=frozen_sh)
+
+
+def frozen_dtype(x: Any, model_dtype: Any) -> Any:
+  """The dtype a frozen encoder parameter is held in: the model's compute dtype (float ones)."""
+  dt = jnp.dtype(getattr(x, "dtype", np.float32))
+  return jnp.dtype(model_dtype) if jnp.issubdtype(dt, jnp.floating) else dt
 
 
 def batch_spec(info: DataInfo, batch_size: int) -> dict:

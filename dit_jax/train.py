@@ -29,7 +29,7 @@ from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
 
 from dit_jax import (checkpointing, config_checks, convert, demo_data, hardware, input_pipeline,
-                     models, objectives, periodic, profiling, runtime, sampling, stopping,
+                     models, objectives, periodic, profiling, repa, runtime, sampling, stopping,
                      workdir_lock)
 from dit_jax.data_info import DataInfo
 from dit_jax.step import TrainSetup, TrainState, abstract_state, build
@@ -117,7 +117,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   # 1. Data.
   stopping.starting("reading the data")
-  config.data.dir = config.data.dir or demo_data.ensure(config.data.get("builtin", ""), workdir)
+  config.data.dir = config.data.dir or demo_data.ensure(
+      config.data.get("builtin", ""), workdir, bool(config.data.get("with_images", False)))
   info = input_pipeline.get_info(config.data.dir, pid, nproc, config.data.verify_checksums)
   gbs = config.data.global_batch_size
   if gbs % nproc:
@@ -127,6 +128,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # 2. Model, objective (config.objective.name), optimizer, mesh, shardings, compiled step.
   stopping.starting("compiling the train step")
   setup = build(config, info, devices)
+  if setup.align is not None:  # REPA's frozen encoder, laid out like the parameters
+    setup.load_frozen(repa.load_encoder(config, setup.align))
+    logging.info("REPA: %s from %s aligned with block %d (coefficient %g)", config.repa.encoder,
+                 config.repa.encoder_path, setup.align.capture + 1, setup.align.coefficient)
 
   # 3. Restore or initialise; the state is created sharded (never whole on one device).
   stopping.starting("restoring the newest checkpoint")
@@ -327,7 +332,7 @@ def train_loop(config: ml_collections.ConfigDict, info: DataInfo, setup: TrainSe
         local = next(batches)
         batch = {k: jax.make_array_from_process_local_data(setup.batch_sh, v)
                  for k, v in local.items()}
-        state, step_metrics = setup.compiled(state, batch)
+        state, step_metrics = setup.step(state, batch)
       step += 1
       metrics.add(step_metrics)
       inflight.add(step, step_metrics["loss"])  # the host stays at most 2 steps ahead

@@ -1,0 +1,284 @@
+"""REPA: the alignment loss in closed form, the projector and depth rule, the release's SiT
+against a PyTorch reference (diffusers' DiT with REPA's projector MLP), images flipped with
+their latents, the REPA step on 8 devices against 1, and REPA through dit_jax.main with kill -9."""
+
+import os
+import subprocess
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import DiTTransformer2DModel
+
+from dit_jax import (checkpointing, convert, guidance, input_pipeline, models, repa, step,
+                     train)
+from dit_jax.encoders import digits_teacher
+from test_main_cli import ROOT, env, main_cmd, steps_saved
+from test_train import final_params, tiny_config
+
+
+# ------------------------------------------------------------------------ the loss and rule
+def test_alignment_loss_closed_form():
+  rng = np.random.default_rng(0)
+  p = rng.normal(size=(3, 5, 8)).astype(np.float32)
+  scale = rng.uniform(0.1, 10, size=(3, 5, 1)).astype(np.float32)
+  np.testing.assert_allclose(repa.alignment_loss(p, p * scale), -1.0, atol=1e-6)
+  np.testing.assert_allclose(repa.alignment_loss(p, -p * scale), 1.0, atol=1e-6)
+  # Half the tokens aligned, half opposed: 0 on average.
+  f = np.concatenate([p[:, :2], -p[:, 2:4]], axis=1)
+  np.testing.assert_allclose(repa.alignment_loss(p[:, :4], f), 0.0, atol=1e-6)
+  # Orthogonal features: cos 0.
+  e = np.zeros((1, 2, 4), np.float32)
+  e[0, 0, 0] = e[0, 1, 1] = 1.0
+  o = np.zeros_like(e)
+  o[0, 0, 2] = o[0, 1, 3] = 3.0
+  np.testing.assert_allclose(repa.alignment_loss(e, o), 0.0, atol=1e-7)
+  # Against the formula REPA writes: -mean_t <p/|p|, f/|f|>.
+  f = rng.normal(size=p.shape).astype(np.float32)
+  want = -np.mean(np.sum(p / np.linalg.norm(p, axis=-1, keepdims=True) *
+                         f / np.linalg.norm(f, axis=-1, keepdims=True), -1), -1)
+  np.testing.assert_allclose(repa.alignment_loss(p, f), want, rtol=1e-5)
+
+
+def test_depth_rule():
+  assert repa.block_depth(0, 28) == 8  # REPA's SiT-XL/2
+  assert repa.block_depth(0, 12) == 3 and repa.block_depth(0, 24) == 7
+  assert repa.block_depth(0, 4) == 1 and repa.block_depth(0, 2) == 1
+  assert repa.block_depth(5, 12) == 5
+  with pytest.raises(ValueError, match="config.repa.depth=13"):
+    repa.block_depth(13, 12)
+
+
+def test_projector_trains_and_is_left_out_of_sampling_and_release():
+  model = models.DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=3,
+                     num_heads=2, num_classes=10, projector_dim=24, projector_hidden=16,
+                     projector_depth=2)
+  x = jnp.ones((2, 8, 8, 4))
+  t = jnp.zeros((2,), jnp.int32)
+  params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), x, t, t))["params"]
+  assert params["projector"]["fc3"]["kernel"].shape == (16, 24)
+  out, proj = model.apply({"params": params}, x, t, t, project=True)
+  assert proj.shape == (2, 16, 24) and out.shape == (2, 8, 8, 8)
+  # The projection is the projector of the hidden states after block 2 (capture index 1).
+  _, hidden = model.apply({"params": params}, x, t, t, capture=1)
+  want = models.Projector(16, 24).apply({"params": params["projector"]}, hidden)
+  np.testing.assert_allclose(proj, want, rtol=1e-6, atol=1e-6)
+  plain, plain_params = models.without_projector(model, params)
+  assert "projector" not in plain_params and plain.projector_dim == 0
+  np.testing.assert_allclose(plain.apply({"params": plain_params}, x, t, t), out, atol=1e-6)
+  sd = convert.to_official(params, model)
+  assert not [k for k in sd if "projector" in k]
+  with pytest.raises(ValueError, match="project=True needs a projector"):
+    plain.apply({"params": plain_params}, x, t, t, project=True)
+
+
+# ------------------------------------------------------------ REPA's released SiT checkpoints
+def _repa_reference(depth=3, heads=2, head_dim=16, patch=2, size=8, classes=10, z_dim=24,
+                    hidden=32, encoder_depth=2):
+  """A REPA SiT as torch modules: diffusers' DiT (no learned sigma) with REPA's projector MLP
+  on the hidden states after block encoder_depth; and its state dict in REPA's keys."""
+  torch.manual_seed(0)
+  ref = DiTTransformer2DModel(num_attention_heads=heads, attention_head_dim=head_dim,
+                              in_channels=4, out_channels=4, num_layers=depth, sample_size=size,
+                              patch_size=patch, num_embeds_ada_norm=classes, norm_eps=1e-6).eval()
+  proj = torch.nn.Sequential(torch.nn.Linear(heads * head_dim, hidden), torch.nn.SiLU(),
+                             torch.nn.Linear(hidden, hidden), torch.nn.SiLU(),
+                             torch.nn.Linear(hidden, z_dim))
+  with torch.no_grad():
+    for name, w in list(ref.named_parameters()) + list(proj.named_parameters()):
+      if w.ndim >= 2:
+        w.uniform_(-1, 1).mul_(float(np.sqrt(3.0 / np.prod(w.shape[1:]))))
+      else:
+        w.normal_(0.0, 0.1)
+    emb0 = ref.transformer_blocks[0].norm1.emb
+    for block in ref.transformer_blocks:
+      block.norm1.emb.load_state_dict(emb0.state_dict())
+      block.norm1.emb.time_proj.downscale_freq_shift = 0
+  sd = {k: v.numpy() for k, v in ref.state_dict().items()}
+  e = "transformer_blocks.0.norm1.emb."
+  out = {"pos_embed": ref.pos_embed.pos_embed.numpy(),
+         "x_embedder.proj.weight": sd["pos_embed.proj.weight"],
+         "x_embedder.proj.bias": sd["pos_embed.proj.bias"],
+         "y_embedder.embedding_table.weight": sd[e + "class_embedder.embedding_table.weight"],
+         "final_layer.adaLN_modulation.1.weight": sd["proj_out_1.weight"],
+         "final_layer.adaLN_modulation.1.bias": sd["proj_out_1.bias"],
+         "final_layer.linear.weight": sd["proj_out_2.weight"],
+         "final_layer.linear.bias": sd["proj_out_2.bias"]}
+  for s in ("weight", "bias"):
+    out[f"t_embedder.mlp.0.{s}"] = sd[e + f"timestep_embedder.linear_1.{s}"]
+    out[f"t_embedder.mlp.2.{s}"] = sd[e + f"timestep_embedder.linear_2.{s}"]
+    for i in range(depth):
+      b, o = f"transformer_blocks.{i}.", f"blocks.{i}."
+      out[o + f"attn.qkv.{s}"] = np.concatenate([sd[b + f"attn1.to_{c}.{s}"] for c in "qkv"])
+      out[o + f"attn.proj.{s}"] = sd[b + f"attn1.to_out.0.{s}"]
+      out[o + f"mlp.fc1.{s}"] = sd[b + f"ff.net.0.proj.{s}"]
+      out[o + f"mlp.fc2.{s}"] = sd[b + f"ff.net.2.{s}"]
+      out[o + f"adaLN_modulation.1.{s}"] = sd[b + f"norm1.linear.{s}"]
+    for j in (0, 2, 4):
+      out[f"projectors.0.{j}.{s}"] = getattr(proj[j], s).detach().numpy()
+  return ref, proj, out
+
+
+def test_release_sit_gives_the_references_output_and_projection():
+  depth = 2
+  ref, proj, sd = _repa_reference(encoder_depth=depth)
+  model, params = repa.from_release(sd, encoder_depth=depth, input_size=8, num_classes=10,
+                                    num_heads=2)
+  assert (model.learn_sigma, model.projector_dim, model.projector_depth) == (False, 24, 2)
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(3, 4, 8, 8)).astype(np.float32)
+  t = np.array([0.0, 0.3, 0.97], np.float32)  # REPA's time: 0 data, 1 noise
+  y = np.array([1, 5, 10])  # 10: the null class
+  hidden = {}
+  hook = ref.transformer_blocks[depth - 1].register_forward_hook(
+      lambda m, a, o: hidden.setdefault("h", o))
+  with torch.no_grad():
+    want = ref(torch.from_numpy(x), timestep=torch.from_numpy(t),
+               class_labels=torch.from_numpy(y)).sample.numpy()
+    want_z = proj(hidden["h"]).numpy()
+  hook.remove()
+  out, z = repa.forward_with_projection(model, params, jnp.asarray(x.transpose(0, 2, 3, 1)),
+                                        jnp.asarray(t), jnp.asarray(y))
+  np.testing.assert_allclose(np.asarray(out).transpose(0, 3, 1, 2), want, atol=3e-5, rtol=0)
+  np.testing.assert_allclose(np.asarray(z), want_z, atol=3e-5, rtol=0)
+  with pytest.raises(ValueError, match="one projector"):
+    repa.from_release({k: v for k, v in sd.items() if "projectors" not in k}, 2, 8, 10, 2)
+
+
+# ------------------------------------------------------------------------------ the step
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+  """The digits teacher after a few steps (its numbers, not its quality, matter here)."""
+  out = str(tmp_path_factory.mktemp("teacher"))
+  digits_teacher.train(out, steps=20, batch_size=64, log_every=20)
+  return out
+
+
+def repa_config(workdir_data, teacher_dir, **overrides):
+  return tiny_config(workdir_data, **{"data.with_images": True, "repa.encoder": "digits_teacher",
+                                      "repa.encoder_path": teacher_dir,
+                                      "repa.projector_hidden": 32, **overrides})
+
+
+@pytest.fixture(scope="module")
+def images_dir(tmp_path_factory):
+  from dit_jax import demo_data
+  return demo_data.ensure("digits", str(tmp_path_factory.mktemp("wd")), with_images=True)
+
+
+def test_images_are_flipped_with_their_latents(images_dir):
+  """The digits' image extra is pixel x 15 and the latent pixel / 8 - 1: after the step's
+  random flip each image must still be its latent, example by example."""
+  info = input_pipeline.get_info(images_dir, 0, 1)
+  assert info.manifest["extras"]["image"] == {"shape": [8, 8, 1], "dtype": "uint8",
+                                               "flip": "width"}
+  ds = input_pipeline.create_dataset(info, local_batch_size=64, seed=0, process_index=0,
+                                     start_step=0, shuffle_buffer=256, cycle_length=2)
+  batch = {k: jnp.asarray(v) for k, v in next(iter(ds)).items()}
+  from dit_jax import records
+  x0, extras = step.sample_latents(batch, jax.random.PRNGKey(3), 1.0, True,
+                                   records.flip_modes(info.manifest))
+  flipped = np.asarray(x0) != np.asarray(batch["mean"][:, 0])
+  assert flipped.any(axis=(1, 2, 3)).sum() > 10  # some examples were flipped ...
+  assert (~flipped.any(axis=(1, 2, 3))).sum() > 10  # ... and some not
+  np.testing.assert_array_equal(np.asarray(extras["image"]).astype(np.float32),
+                                (np.asarray(x0) + 1) * 8 * 15)
+
+
+def test_repa_step_on_8_devices_equals_1(images_dir, teacher, tmp_path):
+  c = repa_config(images_dir, teacher, total_steps=2, **{"data.random_flip": True})
+  info = input_pipeline.get_info(images_dir, 0, 1)
+  batch = next(iter(input_pipeline.create_dataset(info, local_batch_size=16, seed=0,
+                                                  process_index=0, start_step=0,
+                                                  shuffle_buffer=256, cycle_length=2)))
+  batch = {k: np.asarray(v) for k, v in batch.items()}
+  _, enc_params = digits_teacher.load(teacher)
+  out = []
+  for devices in (jax.devices()[:1], jax.devices()[:8]):
+    setup = step.build(c, info, devices)
+    assert setup.model.projector_depth == 1 and setup.model.projector_dim == 64
+    setup.load_frozen(enc_params)
+    state = setup.init(jax.random.PRNGKey(0))
+    metrics = []
+    for _ in range(2):
+      state, m = setup.step(state, {k: jax.device_put(v, setup.batch_sh)
+                                    for k, v in batch.items()})
+      metrics.append(jax.device_get(m))
+    out.append((jax.device_get(state.params), metrics))
+  (p1, m1), (p8, m8) = out
+  for a, b in zip(m1, m8):
+    assert -1.0 <= a["repa"] <= 1.0
+    np.testing.assert_allclose(a["repa"], b["repa"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+  # The projector trains: its parameters moved, the same on both meshes.
+  init = jax.device_get(setup.init(jax.random.PRNGKey(0)).params)
+  assert np.abs(p1["projector"]["fc3"]["kernel"] - init["projector"]["fc3"]["kernel"]).max() > 0
+  for u, v in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
+    np.testing.assert_allclose(u, v, rtol=2e-5, atol=2e-6)
+
+
+def test_repa_needs_the_image_extra_and_matching_tokens(images_dir, teacher, tmp_path):
+  from test_train import digits_dir  # noqa: F401
+  info = input_pipeline.get_info(images_dir, 0, 1)
+  c = repa_config(images_dir, teacher, **{"repa.image": "photo"})
+  with pytest.raises(ValueError, match="config.repa.image='photo'.*prepare_latents --with_images"):
+    step.build(c, info, jax.devices()[:1])
+  c = repa_config(images_dir, teacher, **{"model.overrides.patch_size": 4})
+  with pytest.raises(ValueError, match="16 patch tokens.*the model has 4"):
+    step.build(c, info, jax.devices()[:1])
+  c = repa_config(images_dir, teacher, **{"objective.name": "meanflow"})
+  with pytest.raises(ValueError, match="jvp"):
+    step.build(c, info, jax.devices()[:1])
+  c = repa_config(images_dir, teacher, **{"repa.encoder_path": str(tmp_path / "none")})
+  with pytest.raises(FileNotFoundError, match="encoder_path"):
+    repa.load_encoder(c, step.build(c, info, jax.devices()[:1]).align)
+
+
+@pytest.mark.parametrize("objective", ["flow", "edm"])
+def test_repa_trains_with_other_objectives(images_dir, teacher, tmp_path, objective):
+  c = repa_config(images_dir, teacher, total_steps=2, **{"objective.name": objective,
+                                                        "model.learn_sigma": False})
+  hist = train.train_and_evaluate(c, str(tmp_path / objective), devices=jax.devices()[:2])
+  assert all(np.isfinite(hist[s]["repa"]) and -1 <= hist[s]["repa"] <= 1 for s in hist)
+
+
+def test_repa_through_main_resumes_after_kill_9_and_samples(images_dir, teacher, tmp_path):
+  flags = ["--config.data.with_images=True", "--config.repa.encoder=digits_teacher",
+           f"--config.repa.encoder_path={teacher}", "--config.repa.projector_hidden=32",
+           "--config.checkpoint.every_steps=2"]
+  wd = str(tmp_path / "run")
+  p = subprocess.Popen(main_cmd(wd, images_dir, "--config.total_steps=100000", *flags),
+                       cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 400
+  while time.time() < deadline and not [s for s in steps_saved(wd) if s >= 4]:
+    time.sleep(0.2)
+  p.kill()
+  p.wait()
+  saved = steps_saved(wd)
+  assert saved and saved[-1] >= 4, saved
+  total = saved[-1] + 3
+  resumed = subprocess.run(main_cmd(wd, images_dir, f"--config.total_steps={total}", *flags),
+                           cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  ref = str(tmp_path / "ref")
+  train.train_and_evaluate(repa_config(images_dir, teacher, total_steps=total,
+                                       **{"checkpoint.every_steps": 2}), ref)
+  assert steps_saved(wd)[-1] == total
+  _, pa, ea = final_params(wd)
+  _, pb, eb = final_params(ref)
+  assert "projector" in pa  # the projector is in the checkpoint
+  for u, v in zip(jax.tree.leaves((pa, ea)), jax.tree.leaves((pb, eb))):
+    np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-7)
+  # Its checkpoints sample, without the projector.
+  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  model, params, meta = checkpointing.load_ema_model(wd, dev)
+  assert "projector" not in params and model.projector_dim == 0
+  assert meta["model_kwargs"]["projector_depth"] == 1
+  fn = guidance.make_sample_fn(checkpointing.read_objective(meta), model, steps=4,
+                               release_cfg=False)
+  x = fn(params, jax.random.PRNGKey(0), jnp.arange(4, dtype=jnp.int32), jnp.float32(2.0))
+  assert x.shape == (4, 8, 8, 1) and np.isfinite(np.asarray(x)).all()
