@@ -41,7 +41,8 @@ SHARD_PATTERN = "latents-p{process:03d}-{shard:05d}.tfrecord"
 # Seed of the one-time permutation of an ImageFolder's images across shards.
 ORDER_SEED = 0
 # Everything that changes the bytes of a shard; a rerun must agree with the sidecars on it.
-RUN_KEYS = ("source", "split", "vae", "image_size", "shard_size", "process_count", "dtype")
+RUN_KEYS = ("source", "split", "vae", "image_size", "shard_size", "process_count", "dtype",
+            "with_images")
 
 Example = tuple[str, Any, int]  # (name for logs, path or encoded bytes, label)
 EncodeFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
@@ -221,8 +222,9 @@ def _loaded_batches(examples: Iterator[Example], batch_size: int, image_size: in
 
 def encode_shard(examples: Iterator[Example], encode: EncodeFn, latent_shape: Sequence[int],
                  batch_size: int, image_size: int, pool: concurrent.futures.Executor,
-                 on_batch: Callable[[int], None] = lambda n: None):
-  """Encodes one shard's examples: returns labels [n], mean/std [n, 2, h, w, c] and skipped names."""
+                 on_batch: Callable[[int], None] = lambda n: None, images: list | None = None):
+  """Encodes one shard's examples: returns labels [n], mean/std [n, 2, h, w, c] and skipped names.
+  `images` (a list), when given, receives each encoded image as uint8 [size, size, 3]."""
   labels, means, stds, skipped = [], [], [], []
   in_flight = None  # results of the previous batch, fetched after the next one is dispatched
 
@@ -240,6 +242,8 @@ def encode_shard(examples: Iterator[Example], encode: EncodeFn, latent_shape: Se
     x = np.zeros((batch_size, image_size, image_size, 3), np.float32)  # padded: one compiled shape
     x[:len(ok)] = np.stack([img for img, _ in ok])
     labels += [label for _, label in ok]
+    if images is not None:  # the center crop the VAE saw, back in uint8 (x = u / 127.5 - 1)
+      images += list(np.clip(np.rint((x[:len(ok)] + 1.0) * 127.5), 0, 255).astype(np.uint8))
     job = (encode(x), len(ok))
     if in_flight is not None:
       collect(in_flight)
@@ -258,7 +262,7 @@ def _read_sidecar(path: str) -> dict:
 
 def _check_same_run(path: str, run: dict) -> None:
   old = _read_sidecar(path).get("extra", {}).get("run", {})
-  diff = {k: (old.get(k), run[k]) for k in RUN_KEYS if old.get(k) != run[k]}
+  diff = {k: (old.get(k), run.get(k)) for k in RUN_KEYS if old.get(k) != run.get(k)}
   if diff:
     raise ValueError(f"{path} was written by a different run ({', '.join(f'{k}: {a!r} now {b!r}' for k, (a, b) in diff.items())}); "
                      "use a new --out directory or delete the old shards")
@@ -267,8 +271,11 @@ def _check_same_run(path: str, run: dict) -> None:
 def prepare(source: str, vae: str, out: str, image_size: int = 256, batch_size: int = 64,
             shard_size: int = 1024, dtype: str = "float16", split: str = "train",
             tfds_data_dir: str | None = None, tfds_manual_dir: str | None = None,
-            num_workers: int = 16, precision: str | None = "high") -> dict | None:
-  """Writes this process's shards under `out`; process 0 then writes and returns the manifest."""
+            num_workers: int = 16, precision: str | None = "high",
+            with_images: bool = False) -> dict | None:
+  """Writes this process's shards under `out`; process 0 then writes and returns the manifest.
+  with_images: each record also stores its center-cropped image (PNG, the extra 'image',
+  flipped with its latent), which REPA's encoder reads in the train step."""
   if dtype not in records.SUPPORTED_DTYPES:
     raise ValueError(f"--dtype={dtype!r} must be one of {records.SUPPORTED_DTYPES}")
   if batch_size < 1 or shard_size < 1:
@@ -285,7 +292,8 @@ def prepare(source: str, vae: str, out: str, image_size: int = 256, batch_size: 
   tf.io.gfile.makedirs(out)
   pc, pi = jax.process_count(), jax.process_index()
   run = {"source": source, "split": split if source.startswith("tfds:") else None, "vae": info["vae"],
-         "image_size": image_size, "shard_size": shard_size, "process_count": pc, "dtype": dtype}
+         "image_size": image_size, "shard_size": shard_size, "process_count": pc, "dtype": dtype,
+         **({"with_images": True} if with_images else {})}
   plan = shard_plan(len(src), pc, shard_size)
   mine = [s for s in plan if s[0] == pi]
   todo = []
@@ -313,10 +321,15 @@ def prepare(source: str, vae: str, out: str, image_size: int = 256, batch_size: 
 
   with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
     for path, a, b in todo:
+      imgs = [] if with_images else None
       labels, mean, std, skipped = encode_shard(src.examples(a, b), encode, info["latent_shape"],
-                                                batch_size, image_size, pool, on_batch)
+                                                batch_size, image_size, pool, on_batch, imgs)
       progress["done"] += len(skipped)
-      records.write_shard(path, labels, mean, std, dtype=dtype, extra={
+      extras = None
+      if with_images:
+        stacked = np.stack(imgs) if imgs else np.zeros((0, image_size, image_size, 3), np.uint8)
+        extras = {"image": records.Extra(stacked, "width", "png")}
+      records.write_shard(path, labels, mean, std, dtype=dtype, extras=extras, extra={
           "skipped": len(skipped), "skipped_files": skipped, "range": [a, b], "run": run})
       logging.info("Wrote %s: %d records, %d skipped", path, len(labels), len(skipped))
 
@@ -365,6 +378,8 @@ _TFDS_DATA_DIR = flags.DEFINE_string("tfds_data_dir", None, "TFDS data_dir.")
 _TFDS_MANUAL_DIR = flags.DEFINE_string("tfds_manual_dir", None, "TFDS manual download dir "
                                        "(imagenet2012: ILSVRC2012_img_train.tar, ...).")
 _NUM_WORKERS = flags.DEFINE_integer("num_workers", 16, "Image decoding threads per process.")
+_WITH_IMAGES = flags.DEFINE_bool("with_images", False, "Also store each center-cropped image "
+                                  "(PNG) beside its latent: the 'image' extra REPA reads.")
 _PRECISION = flags.DEFINE_enum("precision", "high", ["default", "high", "highest"],
                                "Matmul/conv precision of the encoder (TPU: default = 1 bf16 pass).")
 runtime.define_flags()  # --distributed, --coordinator_address, ... (multi-process jobs)
@@ -377,7 +392,8 @@ def main(argv: Sequence[str]) -> None:
   prepare(_SOURCE.value, _VAE.value, _OUT.value, image_size=_IMAGE_SIZE.value,
           batch_size=_BATCH_SIZE.value, shard_size=_SHARD_SIZE.value, dtype=_DTYPE.value,
           split=_SPLIT.value, tfds_data_dir=_TFDS_DATA_DIR.value, tfds_manual_dir=_TFDS_MANUAL_DIR.value,
-          num_workers=_NUM_WORKERS.value, precision=_PRECISION.value)
+          num_workers=_NUM_WORKERS.value, precision=_PRECISION.value,
+          with_images=_WITH_IMAGES.value)
 
 
 def run() -> None:

@@ -28,7 +28,8 @@ interrupted writer can skip finished shards. `write_manifest` gathers the sideca
   {"format": "dit_jax.latents.v1", "latent_shape": [h, w, c], "dtype": "float16",
    "count": N, "num_classes": K, "vae": "...", "scale_factor": 0.18215,
    "num_skipped": 0, "shards": [{"file", "count", "bytes", "sha256"}, ...],
-   "extras": {NAME: {"shape": [...], "dtype": "uint8", "flip": "width"}, ...},  # if any
+   "extras": {NAME: {"shape": [...], "dtype": "uint8", "flip": "width"[, "encoding": "png"]},
+              ...},  # if any
    ...extra}
 """
 
@@ -47,6 +48,9 @@ MANIFEST = "manifest.json"
 SUPPORTED_DTYPES = ("float16", "float32")
 EXTRA_DTYPES = ("uint8", "int32", "float16", "float32")
 FLIPS = ("width", "none")
+# How an extra is stored: 'raw' little-endian bytes, or 'png' (uint8 images [H, W] or
+# [H, W, C], C in 1..4: lossless and compact; decoded on the host by the input pipeline).
+ENCODINGS = ("raw", "png")
 # The batch's own arrays, and the train step's names for the latent and the label dropout.
 RESERVED_NAMES = ("label", "mean", "std", "x0", "drop")
 
@@ -60,9 +64,12 @@ class Extra:
     flip: how the train step's random horizontal flip applies: 'width' for a spatial array
       [n, H, W] or [n, H, W, C], flipped along W (axis 2 of the batched array) together with
       the latents; 'none' for an array without a width axis (features, captions, ...).
+    encoding: 'raw' (the bytes as they are) or 'png' (uint8 images, lossless; the manifest
+      records it, and batches hold the decoded array).
   """
   value: np.ndarray
   flip: str
+  encoding: str = "raw"
 
 
 def sha256(path: str) -> str:
@@ -104,6 +111,12 @@ def _check_extra(path: str, name: Any, extra: Any, n: int) -> np.ndarray:
     raise ValueError(f"{where} must be [n={n}, ...], got shape {value.shape}")
   if extra.flip not in FLIPS:
     raise ValueError(f"{where}: flip {extra.flip!r} not in {FLIPS}")
+  if extra.encoding not in ENCODINGS:
+    raise ValueError(f"{where}: encoding {extra.encoding!r} not in {ENCODINGS}")
+  if extra.encoding == "png" and (value.dtype != np.uint8 or value.ndim not in (3, 4) or (
+      value.ndim == 4 and not 1 <= value.shape[3] <= 4)):
+    raise ValueError(f"{where}: 'png' stores uint8 images [n, H, W] or [n, H, W, C<=4], got "
+                     f"{value.dtype} {value.shape}")
   if extra.flip == "width" and value.ndim < 3:
     raise ValueError(f"{where}: flip 'width' needs a spatial [n, H, W] or [n, H, W, C] array, "
                      f"got shape {value.shape}")
@@ -159,7 +172,12 @@ def write_shard(path: str, labels: np.ndarray, mean: np.ndarray, std: np.ndarray
           "std": tf.train.Feature(bytes_list=tf.train.BytesList(value=[std[i].tobytes()])),
       }
       for name, value in values.items():
-        feats[name] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[value[i].tobytes()]))
+        if extras[name].encoding == "png":
+          img = value[i] if value.ndim == 4 else value[i][..., None]
+          data = tf.io.encode_png(img).numpy()
+        else:
+          data = value[i].tobytes()
+        feats[name] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[data]))
       w.write(tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString())
   tf.io.gfile.rename(tmp, path, overwrite=True)
   info = {
@@ -169,8 +187,12 @@ def write_shard(path: str, labels: np.ndarray, mean: np.ndarray, std: np.ndarray
       "sha256": sha256(path),
       "latent_shape": [int(d) for d in mean.shape[2:]],
       "dtype": dtype,
+      # 'encoding' only where it is not raw: manifests without encoded extras stay as before.
       "extras": {name: {"shape": [int(d) for d in v.shape[1:]], "dtype": v.dtype.name,
-                        "flip": extras[name].flip} for name, v in values.items()},
+                        "flip": extras[name].flip,
+                        **({"encoding": extras[name].encoding}
+                           if extras[name].encoding != "raw" else {})}
+                 for name, v in values.items()},
       "extra": extra or {},
   }
   _atomic_write_text(path + ".json", json.dumps(info, indent=1))
@@ -246,8 +268,12 @@ def _check_extras_field(path: str, extras: Any) -> None:
   for name, spec in extras.items():
     _check_name(path, name)
     where = f"{path}: extras[{name!r}]"
-    if not isinstance(spec, dict) or set(spec) != {"shape", "dtype", "flip"}:
-      raise ValueError(f"{where} must be {{'shape', 'dtype', 'flip'}}, got {spec!r}")
+    if not isinstance(spec, dict) or not {"shape", "dtype", "flip"} <= set(spec) <= {
+        "shape", "dtype", "flip", "encoding"}:
+      raise ValueError(f"{where} must be {{'shape', 'dtype', 'flip'[, 'encoding']}}, "
+                       f"got {spec!r}")
+    if spec.get("encoding", "raw") not in ENCODINGS:
+      raise ValueError(f"{where}: encoding {spec['encoding']!r} not in {ENCODINGS}")
     shape = spec["shape"]
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
@@ -389,8 +415,12 @@ def decode_fn(manifest: dict):
     dt = np.dtype(manifest["dtype"])
     fields[k] = (shape, dt, int(np.prod(shape)) * dt.itemsize,
                  f"the manifest's latent_shape {shape[1:]} x2 orientations in {manifest['dtype']}")
+  pngs = {}  # name -> shape of the 'png' extras, decoded and checked separately
   for name, e in extras.items():
     dt = np.dtype(e["dtype"])
+    if e.get("encoding", "raw") == "png":
+      pngs[name] = list(e["shape"])
+      continue
     fields[name] = (list(e["shape"]), dt, int(np.prod(e["shape"], dtype=np.int64)) * dt.itemsize,
                     f"the manifest's extras[{name!r}] shape {list(e['shape'])} in {e['dtype']}")
   spec = example_spec(extras)
@@ -406,6 +436,14 @@ def decode_fn(manifest: dict):
       with tf.control_dependencies([check]):
         out[k] = tf.reshape(tf.io.decode_raw(ex[k], tf.as_dtype(dt), little_endian=True),
                             field_shape)
+    for k, shape in pngs.items():
+      img = tf.io.decode_png(ex[k], channels=shape[2] if len(shape) == 3 else 1)
+      check = tf.debugging.Assert(
+          tf.reduce_all(tf.equal(tf.shape(img)[:2], shape[:2])),
+          [f"Latent record field {k!r} in", filename, "decodes to", tf.shape(img),
+           f"; the manifest's extras[{k!r}] shape is {shape}"])
+      with tf.control_dependencies([check]):
+        out[k] = tf.reshape(img, shape)
     return out
 
   return decode

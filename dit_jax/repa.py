@@ -206,12 +206,13 @@ def load_encoder(config: ml_collections.ConfigDict, align: Alignment) -> Any:
       _, params = dinov2.from_hub(sd, num_register_tokens=align.encoder.num_register_tokens)
     except (ValueError, KeyError) as e:
       raise ValueError(f"config.repa.encoder_path={path}: {e}") from None
-  want = nn.meta.unbox(align.abstract_params())
-  got = jax.tree.map(np.shape, params)
-  if jax.tree.structure(got) != jax.tree.structure(jax.tree.map(lambda x: x.shape, want)) or \
-      jax.tree.leaves(got) != [tuple(x.shape) for x in jax.tree.leaves(want)]:
+  shapes = lambda tree: {jax.tree_util.keystr(k): tuple(np.shape(v))
+                         for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  want, got = shapes(nn.meta.unbox(align.abstract_params())), shapes(params)
+  if want != got:
+    diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
     raise ValueError(f"config.repa.encoder_path={path}: the weights are not a "
-                     f"{config.repa.encoder} (shapes differ from its module's)")
+                     f"{config.repa.encoder} (differing: {diff[:3]})")
   return params
 
 

@@ -109,6 +109,32 @@ def test_identity_records_labels_and_flip_pairs(tree, tmp_path):
     np.testing.assert_allclose(m[1], images[i][:, ::-1], atol=1e-3)
 
 
+def test_with_images_stores_each_crop_as_png_beside_its_latent(tree, tmp_path):
+  """--with_images (REPA's input): the center crop the VAE saw, as a PNG extra flipped with its
+  latent, decoded by the pipeline; resuming refuses shards written without images."""
+  root, good = tree
+  out = str(tmp_path / "latents")
+  manifest = prepare_latents.prepare(root, "identity", out, image_size=SIZE, batch_size=8,
+                                     shard_size=6, with_images=True)
+  assert manifest["extras"] == {"image": {"shape": [SIZE, SIZE, 3], "dtype": "uint8",
+                                          "flip": "width", "encoding": "png"}}
+  info = input_pipeline.get_info(out)
+  batch = next(input_pipeline.iterate(input_pipeline.create_dataset(info, local_batch_size=8,
+                                                                    seed=0)))
+  assert batch["image"].shape == (8, SIZE, SIZE, 3) and batch["image"].dtype == np.uint8
+  # Each image is its latent's crop (identity VAE: x = u / 127.5 - 1, float16 storage).
+  np.testing.assert_allclose(batch["image"] / 127.5 - 1.0, batch["mean"][:, 0].astype(np.float32),
+                             atol=2e-3)
+  raw = sum(s["bytes"] for s in manifest["shards"])
+  assert raw < 13 * (2 * 2 * SIZE * SIZE * 3 * 2 + SIZE * SIZE * 3)  # PNG: below raw uint8
+  # A resumed run must not mix shards with and without images.
+  plain = str(tmp_path / "plain")
+  prepare_latents.prepare(root, "identity", plain, image_size=SIZE, batch_size=8, shard_size=6)
+  with pytest.raises(ValueError, match="with_images"):
+    prepare_latents.prepare(root, "identity", plain, image_size=SIZE, batch_size=8,
+                            shard_size=6, with_images=True)
+
+
 def _random_torch_vae(seed: int = 0) -> TorchAutoencoderKL:
   model = TorchAutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
                              up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1,
