@@ -480,6 +480,17 @@ def main(argv: list[str]) -> None:
           f'{model.depth}, patch {model.patch_size}, input_size {model.input_size}, '
           f'{model.in_channels} channels; objective flow)')
     return
+  if flags.repa:
+    if not flags.out or not flags.encoder_depth:
+      raise app.UsageError('--repa needs --out DIR and --encoder_depth N (its training run\'s '
+                           '--encoder-depth: 8 for SiT-XL/2)')
+    model, _ = convert_repa(flags.repa, flags.out, flags.encoder_depth, flags.image_size // 8,
+                            flags.num_classes)
+    print(f'converted {flags.repa} -> {flags.out} (REPA SiT, width {model.hidden_size}, depth '
+          f'{model.depth}, patch {model.patch_size}, projector after block '
+          f'{model.projector_depth}; objective flow with network_time=repa; sample with '
+          f'dit-sample --checkpoint={flags.out} --vae=DIR --sampler=euler)')
+    return
   if flags.meanflow:
     if not flags.out:
       raise app.UsageError('--meanflow needs --out DIR')
@@ -513,6 +524,29 @@ def convert_official(path: str, out_dir: str, model_name: str, objective: dict |
   model = models.get_model(model_name, **model_kwargs)
   params = from_official(_load_torch_state_dict(path), model)
   save_converted(out_dir, params, model_name, objective=objective, **model_kwargs)
+  return model, params
+
+
+def convert_repa(path: str, out_dir: str, encoder_depth: int, input_size: int,
+                 num_classes: int) -> tuple[models.DiT, dict]:
+  """A REPA SiT checkpoint (.pt; its 'ema' weights if it holds several) -> a directory for
+  load_converted, recorded as the flow objective in REPA's time (network_time='repa'), the
+  projector kept beside the weights."""
+  from dit_jax import repa  # pylint: disable=g-import-not-at-top
+  from dit_jax.objectives import flow as flow_objective  # pylint: disable=g-import-not-at-top
+  sd = _load_torch_state_dict(path)
+  model, params = repa.from_release(sd, encoder_depth, input_size, num_classes)
+  size = {384: 'S', 768: 'B', 1024: 'L', 1152: 'XL'}.get(model.hidden_size)
+  if size is None:
+    raise ValueError(f'{path}: width {model.hidden_size} is none of SiT\'s (S, B, L, XL)')
+  fields = {**dict(flow_objective.Flow.config_fields()), 'network_time': 'repa'}
+  objective = flow_objective.Flow._build(fields, False, 'repa').to_meta()
+  kwargs = dict(input_size=input_size, in_channels=model.in_channels, num_classes=num_classes,
+                learn_sigma=False, depth=model.depth, num_heads=model.num_heads,
+                projector_dim=model.projector_dim,
+                projector_hidden=model.projector_hidden, projector_depth=model.projector_depth)
+  save_converted(out_dir, params, f'DiT-{size}/{model.patch_size}', objective=objective,
+                 **kwargs)
   return model, params
 
 
@@ -558,6 +592,10 @@ def run() -> None:
   absl_flags.DEFINE_string('converted', None, 'dit_jax checkpoint directory for --to_official.')
   absl_flags.DEFINE_string('meanflow', None, 'An official MeanFlow checkpoint (Gsunshine/meanflow, '
                            'flax) to convert, with --image_size, --num_classes and --out.')
+  absl_flags.DEFINE_string('repa', None, 'A REPA SiT checkpoint (.pt, sihyun-yu/REPA) to '
+                           'convert; with --encoder_depth.')
+  absl_flags.DEFINE_integer('encoder_depth', 0, '--repa: the block (1-based) its projector '
+                            'reads (REPA\'s --encoder-depth; 8 for SiT-XL/2).')
   absl_flags.DEFINE_string('lightningdit', None, 'A LightningDiT checkpoint (.pt, hustvl/'
                            'LightningDiT) to convert, with --image_size, --vae_factor, '
                            '--num_classes, --rope and --out.')

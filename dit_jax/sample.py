@@ -99,6 +99,7 @@ def load_model(mesh) -> tuple[models.DiT, dict, dict]:
                            "pass --vae=DIR (the sd-vae-ft-ema diffusers folder)")
     meta = {"scale_factor": 0.18215, "model_kwargs": {"learn_sigma": model.learn_sigma},
             "objective": convert.converted_objective(FLAGS.checkpoint)}
+    model, params = models.without_projector(model, params)  # REPA's: training only
     return model.clone(dtype=dtype), params, meta
   if not FLAGS.workdir:
     raise app.UsageError("pass --workdir (a training run) or --checkpoint (a converted release)")

@@ -13,6 +13,8 @@ import ml_collections
 from dit_jax import flow, guidance
 from dit_jax.objectives import base
 
+# The network's time conventions (`network_time`).
+NETWORK_TIMES = ("sit", "repa")
 # The ODE's samplers (euler, heun2, dopri5) and SiT's SDE's (sde-euler, sde-heun).
 SAMPLERS = ("euler", "heun2", "dopri5", "sde-euler", "sde-heun")
 # Grid points when none are given (SiT's sample.py uses 250; dopri5 adapts its steps).
@@ -29,6 +31,7 @@ class Flow(base.ObjectiveBase):
   """SiT's flow matching: path, prediction, loss weight and training times of `transport`."""
   transport: flow.Transport
   learn_sigma: bool = True
+  network_time: str = "sit"
 
   name = "flow"
   samplers = SAMPLERS
@@ -58,6 +61,10 @@ class Flow(base.ObjectiveBase):
     # Flow only. LightningDiT's velocity-direction loss: + mean(1 - cos(v_pred, v) over
     # channels) beside the MSE (velocity prediction).
     c.cosine_loss = False
+    # Flow only. The network's own time: 'sit' (0 noise, 1 data; it predicts data - noise) or
+    # 'repa' (REPA's SiT: 0 data, 1 noise; it predicts noise - data). The path, the samplers
+    # and guidance intervals stay in SiT's time; only the network's input and output flip.
+    c.network_time = "sit"
     return c
 
   @classmethod
@@ -72,7 +79,17 @@ class Flow(base.ObjectiveBase):
                                                                              False)))
     except ValueError as e:
       raise ValueError(f"{where}.{e}") from None
-    return cls(transport, bool(learn_sigma))
+    network_time = str(fields.get("network_time", "sit"))
+    if network_time not in NETWORK_TIMES:
+      raise ValueError(f"{where}.network_time={network_time!r}: choose one of {NETWORK_TIMES}")
+    return cls(transport, bool(learn_sigma), network_time)
+
+  def _net(self, model_fn: guidance.ModelFn) -> guidance.ModelFn:
+    """The velocity in SiT's time (0 noise, 1 data) from the network, whatever its own time."""
+    fn = base.first_channels(model_fn)
+    if self.network_time == "sit":
+      return fn
+    return lambda x, t: -fn(x, 1.0 - t)  # REPA's t' = 1 - t, and v' = noise - data = -v
 
   def draw(self, k_t: jax.Array, k_noise: jax.Array, x0: jax.Array) -> dict[str, jax.Array]:
     """t float32 [B] in the training interval (uniform or logit-normal); noise like x0."""
@@ -84,7 +101,7 @@ class Flow(base.ObjectiveBase):
     """(loss [B], logged) of SiT's loss on data x0 (SiT's x1); logged: the mean loss in each
     quarter of t (loss_t0 .. loss_t3, t0 nearest noise)."""
     t = inputs["t"]
-    loss = self.transport.training_losses(base.first_channels(model_fn), x0, t,
+    loss = self.transport.training_losses(self._net(model_fn), x0, t,
                                           inputs["noise"])["loss"]
     quarter = jnp.clip((t * 4).astype(jnp.int32), 0, 3)
     return loss, base.binned_means(loss, quarter, 4, "loss_t")
@@ -105,7 +122,7 @@ class Flow(base.ObjectiveBase):
     kwargs = {k: v for k, v in opts.items() if k in mine}
 
     def run(model_fn, noise, key):
-      fn = base.first_channels(model_fn)
+      fn = self._net(model_fn)
       if sde:
         return self.transport.sample_sde(fn, noise, key, method=sampler[4:], num_steps=steps,
                                          **kwargs)
@@ -119,6 +136,8 @@ class Flow(base.ObjectiveBase):
     if interval is None:
       return None
     lo, hi = interval
+    if self.network_time == "repa":  # the guided network sees its own time, 1 - t
+      return lambda t: (1.0 - t >= lo) & (1.0 - t <= hi)
     return lambda t: (t >= lo) & (t <= hi)
 
   def to_meta(self) -> dict:
@@ -127,4 +146,5 @@ class Flow(base.ObjectiveBase):
             "loss_weight": tr.loss_weight or "", "train_eps": tr.train_eps,
             "sample_eps": tr.sample_eps, "time_sampling": tr.time_sampling,
             "logit_mean": tr.logit_mean, "logit_std": tr.logit_std,
-            **({"cosine_loss": True} if tr.cosine_loss else {})}
+            **({"cosine_loss": True} if tr.cosine_loss else {}),
+            **({"network_time": self.network_time} if self.network_time != "sit" else {})}
