@@ -27,6 +27,7 @@ demo's 4: 1).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 from typing import Any, Callable, Mapping
@@ -55,7 +56,8 @@ def config_fields() -> ml_collections.ConfigDict:
   # 'digits_teacher' (python -m dit_jax.encoders.digits_teacher).
   c.encoder = ""
   # Its weights: a torch hub DINOv2 state dict saved with torch.save(model.state_dict()), or
-  # the digits teacher's directory.
+  # the digits teacher's directory ('' with the digits teacher: WORKDIR/digits_teacher,
+  # trained there on first use).
   c.encoder_path = ""
   # Weight of the alignment loss (REPA's proj_coeff).
   c.coefficient = 0.5
@@ -181,6 +183,22 @@ def with_projector(config: ml_collections.ConfigDict, model: models.DiT,
     return model
   return model.clone(projector_dim=align.dim, projector_hidden=int(config.repa.projector_hidden),
                      projector_depth=align.capture + 1)
+
+
+def ensure_teacher(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """config.repa.encoder='digits_teacher' without an encoder_path: WORKDIR/digits_teacher,
+  trained there first (by process 0) when it is not there yet."""
+  if config.repa.encoder != "digits_teacher" or config.repa.encoder_path:
+    return
+  out = os.path.join(workdir, "digits_teacher")
+  if jax.process_index() == 0 and not os.path.exists(os.path.join(out, "params.msgpack")):
+    from dit_jax.encoders import digits_teacher  # pylint: disable=import-outside-toplevel
+    logging.info("REPA: training the digits teacher into %s (python -m "
+                 "dit_jax.encoders.digits_teacher)", out)
+    digits_teacher.train(out)
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  multihost_utils.sync_global_devices("digits teacher ready")
+  config.repa.encoder_path = out
 
 
 def load_encoder(config: ml_collections.ConfigDict, align: Alignment) -> Any:

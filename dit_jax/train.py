@@ -129,6 +129,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   stopping.starting("compiling the train step")
   setup = build(config, info, devices)
   if setup.align is not None:  # REPA's frozen encoder, laid out like the parameters
+    repa.ensure_teacher(config, workdir)
     setup.load_frozen(repa.load_encoder(config, setup.align))
     logging.info("REPA: %s from %s aligned with block %d (coefficient %g)", config.repa.encoder,
                  config.repa.encoder_path, setup.align.capture + 1, setup.align.coefficient)

@@ -189,8 +189,19 @@ def test_images_are_flipped_with_their_latents(images_dir):
                                 (np.asarray(x0) + 1) * 8 * 15)
 
 
-def test_repa_step_on_8_devices_equals_1(images_dir, teacher, tmp_path):
-  c = repa_config(images_dir, teacher, total_steps=2, **{"data.random_flip": True})
+# On 8 devices: the data-parallel step with explicit collectives; and FSDP with microbatches,
+# scanned blocks and LightningDiT's parts (the 1-device reference keeps the model fields).
+LAYOUTS = {"explicit": ({}, {}),
+           "fsdp_micro_scan_lightning": ({"model.scan_layers": True, "model.norm": "rmsnorm",
+                                          "model.mlp": "swiglu", "model.rope": True},
+                                         {"mesh.fsdp": 2, "optim.microbatches": 2})}
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_repa_step_on_8_devices_equals_1(images_dir, teacher, tmp_path, layout):
+  model_fields, eight = LAYOUTS[layout]
+  c = repa_config(images_dir, teacher, total_steps=2, **{"data.random_flip": True},
+                  **model_fields)
   info = input_pipeline.get_info(images_dir, 0, 1)
   batch = next(iter(input_pipeline.create_dataset(info, local_batch_size=16, seed=0,
                                                   process_index=0, start_step=0,
@@ -199,7 +210,11 @@ def test_repa_step_on_8_devices_equals_1(images_dir, teacher, tmp_path):
   _, enc_params = digits_teacher.load(teacher)
   out = []
   for devices in (jax.devices()[:1], jax.devices()[:8]):
+    if len(devices) == 8:
+      c = repa_config(images_dir, teacher, total_steps=2, **{"data.random_flip": True},
+                      **model_fields, **eight)
     setup = step.build(c, info, devices)
+    assert setup.explicit == (layout == "explicit" or len(devices) == 1)
     assert setup.model.projector_depth == 1 and setup.model.projector_dim == 64
     setup.load_frozen(enc_params)
     state = setup.init(jax.random.PRNGKey(0))
@@ -320,3 +335,23 @@ def test_dit_convert_reads_a_repa_checkpoint_and_it_samples(tmp_path):
   fn = guidance.make_sample_fn(obj, plain, sampler="euler", steps=4, release_cfg=False)
   x = fn(plain_params, jax.random.PRNGKey(0), jnp.arange(2, dtype=jnp.int32), jnp.float32(1.5))
   assert x.shape == (2, 8, 8, 4) and np.isfinite(np.asarray(x)).all()
+
+
+def test_the_digits_teacher_is_trained_into_the_workdir_when_no_path_is_given(
+    images_dir, tmp_path, monkeypatch):
+  calls = []
+  original = digits_teacher.train
+
+  def short(out, **kw):
+    calls.append(out)
+    return original(out, steps=5, batch_size=32, log_every=5)
+  monkeypatch.setattr(digits_teacher, "train", short)
+  wd = str(tmp_path / "run")
+  c = repa_config(images_dir, "", total_steps=2)
+  hist = train.train_and_evaluate(c, wd, devices=jax.devices()[:1])
+  assert calls == [os.path.join(wd, "digits_teacher")] and sorted(hist) == [1, 2]
+  assert os.path.exists(os.path.join(wd, "digits_teacher", "params.msgpack"))
+  # A resumed run reuses it.
+  train.train_and_evaluate(repa_config(images_dir, "", total_steps=3), wd,
+                           devices=jax.devices()[:1])
+  assert len(calls) == 1
