@@ -27,7 +27,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from configs import demo  # noqa: E402
+from configs import demo, mini  # noqa: E402
 from dit_jax import data_info, guidance, objectives, repa, sampling, step  # noqa: E402
 from dit_jax.encoders import digits_teacher  # noqa: E402
 from dit_jax.evaluation import proxy  # noqa: E402
@@ -35,6 +35,8 @@ from dit_jax.grid import presets  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("teacher", "", "The digits teacher's directory (digits_teacher --out).")
+flags.DEFINE_string("model", "demo", "demo (configs/demo.py), or mini:NAME for one of the "
+                    "mini-grid's models (configs/mini.py; patch 2 only: the teacher's 16 tokens).")
 flags.DEFINE_integer("steps", 2000, "Training steps per arm.")
 flags.DEFINE_integer("eval_every", 500, "Steps between the proxy FID curve's points.")
 flags.DEFINE_list("arms", ["none", "repa"], "none, repa, depth=K, coefficient=C (REPA with "
@@ -47,7 +49,10 @@ flags.DEFINE_multi_string("set", [], "A config override for every arm, key=value
 
 
 def arm_config(arm: str):
-  c = demo.get_config()
+  if FLAGS.model == "demo":
+    c = demo.get_config()
+  else:
+    c = mini.get_config(FLAGS.model.split(":", 1)[1])
   c.objective.name = "flow"
   c.model.learn_sigma = False
   c.data.with_images = True
@@ -116,7 +121,8 @@ def main(_):
       cells.append((np.mean(fids), max(fids) - min(fids), np.mean(accs)))
     finals[arm] = cells
 
-  print(f"\nflow objective, {FLAGS.steps} steps, euler 50 NFE; proxy FID curve (seed 0, cfg 1)")
+  print(f"\n{FLAGS.model}, flow objective, {FLAGS.steps} steps, euler 50 NFE; proxy FID curve "
+        "(seed 0, cfg 1)")
   print("step " + " ".join(f"{a:>16}" for a in curves))
   for j, (s, _) in enumerate(curves[FLAGS.arms[0]]):
     print(f"{s:>4} " + " ".join(f"{curves[a][j][1]:>16.2f}" for a in curves))

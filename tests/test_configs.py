@@ -37,7 +37,16 @@ def test_config_loads_with_a_valid_model(name):
     assert info.latent_shape == (16, 16, 32)
     m = dit_step.create_model(c, info)
     assert (m.patch_size, m.norm, m.mlp, m.rope, m.qk_norm) == (1, "rmsnorm", "swiglu", True, False)
-  elif name not in ("demo", "mini"):  # the CPU demo and the mini-grid change the recipe
+  elif name == "repa_sit_xl2":  # REPA's recipe (its train.py defaults for SiT-XL/2)
+    assert (c.optim.learning_rate, c.optim.grad_clip_norm, c.data.global_batch_size) == (
+        1e-4, 1.0, 256)
+    assert (c.repa.encoder, c.repa.depth, c.repa.coefficient, c.repa.projector_hidden) == (
+        "dinov2_vitb14", 8, 0.5, 2048)
+    assert c.objective.name == "flow" and not c.model.learn_sigma
+    info = data_info.synthetic_info(c)
+    assert info.manifest["extras"]["image"] == {"shape": [256, 256, 3], "dtype": "uint8",
+                                                "flip": "width"}
+  elif name not in ("demo", "mini", "demo_repa"):  # the CPU demo and mini-grid's own recipe
     # The release's recipe, untouched by the experiment files.
     assert (c.optim.learning_rate, c.optim.weight_decay, c.ema_decay) == (1e-4, 0.0, 0.9999)
     assert (c.data.global_batch_size, c.model.class_dropout_prob) == (256, 0.1)
