@@ -117,6 +117,19 @@ class Alignment:
     x = jnp.zeros((1, side, side, self.encoder.in_channels), jnp.float32)
     return jax.eval_shape(lambda: self.encoder.init(jax.random.PRNGKey(0), x))["params"]
 
+  def extra_flops(self, model: models.DiT, image_side: int, channels: int) -> float:
+    """Matmul FLOPs per image that REPA adds to the step: the encoder's forward (with the
+    resize of the image to its input) once, and the projector's forward and backward (3x)."""
+    from dit_jax import flops as flops_lib  # pylint: disable=import-outside-toplevel
+    images = jax.ShapeDtypeStruct((1, image_side, image_side, channels), jnp.uint8)
+    enc = jax.make_jaxpr(lambda p, x: self.encoder.apply({"params": p}, self.preprocess(x)))(
+        nn.meta.unbox(self.abstract_params()), images).jaxpr
+    proj = models.Projector(model.projector_hidden, model.projector_dim)
+    tokens = jax.ShapeDtypeStruct((1, model.grid_size**2, model.hidden_size), jnp.float32)
+    proj_params = jax.eval_shape(proj.init, jax.random.PRNGKey(0), tokens)
+    head = jax.make_jaxpr(lambda p, x: proj.apply(p, x))(proj_params, tokens).jaxpr
+    return 2.0 * (flops_lib.jaxpr_macs(enc) + 3 * flops_lib.jaxpr_macs(head))
+
   def input_side(self) -> int:
     g = int(round(self.tokens**0.5))
     return g * self.encoder.patch_size

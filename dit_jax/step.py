@@ -388,7 +388,8 @@ class TrainSetup:
   flops: float            # per device per step, from XLA's cost analysis (with recomputation;
                           # on GPUs it misses the cuBLAS/cuDNN calls, which XLA does not count)
   model_flops: float      # per device per step: 3 x the forward's matmul FLOPs (the paper's
-                          # count; MFU's numerator, whatever remat recomputes)
+                          # count; MFU's numerator, whatever remat recomputes); with REPA also
+                          # the encoder's forward and 3 x the projector's
   memory_gib: float       # per device: arguments + outputs + temporaries - aliased
   compile_seconds: float
   # REPA (config.repa): the alignment, the frozen encoder's parameter shardings, and its
@@ -571,6 +572,9 @@ def _compile(config: ml_collections.ConfigDict, info: DataInfo,
       macs = flops_lib.uncounted_loop_macs(step_fn, *args)
       flops += 2 * macs / (1 if explicit else mesh.size)
   model_flops = 3 * forward_flops(model) * gbs / mesh.size
+  if align is not None:  # REPA: the encoder's forward and the projector's forward and backward
+    image = info.manifest["extras"][align.image]["shape"]
+    model_flops += align.extra_flops(model, int(image[0]), int(image[2])) * gbs / mesh.size
   mem = compiled.memory_analysis()
   mem_gib = ((mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes -
               mem.alias_size_in_bytes) / 2**30) if mem is not None else float("nan")

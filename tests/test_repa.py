@@ -237,7 +237,6 @@ def test_repa_step_on_8_devices_equals_1(images_dir, teacher, tmp_path, layout):
 
 
 def test_repa_needs_the_image_extra_and_matching_tokens(images_dir, teacher, tmp_path):
-  from test_train import digits_dir  # noqa: F401
   info = input_pipeline.get_info(images_dir, 0, 1)
   c = repa_config(images_dir, teacher, **{"repa.image": "photo"})
   with pytest.raises(ValueError, match="config.repa.image='photo'.*prepare_latents --with_images"):
@@ -355,3 +354,19 @@ def test_the_digits_teacher_is_trained_into_the_workdir_when_no_path_is_given(
   train.train_and_evaluate(repa_config(images_dir, "", total_steps=3), wd,
                            devices=jax.devices()[:1])
   assert len(calls) == 1
+
+
+def test_repa_flops_are_the_encoders_forward_and_3x_the_projectors(images_dir, teacher):
+  """The step's analytic FLOPs with REPA: + the teacher's forward (counted by hand) + 3 x the
+  projector's forward, per image."""
+  info = input_pipeline.get_info(images_dir, 0, 1)
+  c = repa_config(images_dir, teacher)
+  setup = step.build(c, info, jax.devices()[:1])
+  base = step.build(tiny_config(images_dir), info, jax.devices()[:1])
+  t, d, h, layers = 17, 64, 256, 4  # 16 patches + CLS, the teacher's width, MLP, depth
+  encoder = 16 * 4 * 1 * d + layers * (t * d * 3 * d + 2 * t * t * d + t * d * d + 2 * t * d * h)
+  dit_d, hidden, z = 32, 32, 64
+  projector = 16 * (dit_d * hidden + hidden * hidden + hidden * z)
+  per_image = 2 * (encoder + 3 * projector)
+  gbs = c.data.global_batch_size
+  assert setup.model_flops - base.model_flops == pytest.approx(per_image * gbs, rel=1e-9)
