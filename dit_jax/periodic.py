@@ -30,14 +30,20 @@ def _compile(fn: Any, precision: str | None, mesh: Any, *args: Any) -> Any:
     return fn.lower(*args).compile()
 
 
+def _for_sampling(tree: Any) -> Any:
+  """A parameter-shaped tree without REPA's projector (trained, never sampled)."""
+  return {k: v for k, v in tree.items() if k != "projector"}
+
+
 def _sample_fn(setup: Any, options: Any, where: str, guided: bool, release_cfg: bool,
                in_shardings: Any, out_shardings: Any) -> Any:
   """The objective's guided sampler of a config section (config.sample or config.eval,
   named `where` in errors): its sampler, steps, guidance interval and the objective's own
   options."""
   try:
+    model, _ = models.without_projector(setup.model, {})
     return guidance.make_sample_fn(
-        setup.objective, setup.model, **objectives.sampler_kwargs(options), guided=guided,
+        setup.objective, model, **objectives.sampler_kwargs(options), guided=guided,
         release_cfg=release_cfg, in_shardings=in_shardings, out_shardings=out_shardings)
   except ValueError as e:
     raise ValueError(f"{where} ({setup.objective.name} objective): {e}") from None
@@ -57,16 +63,16 @@ class SampleGrid:
         (jax.random.PRNGKey(config.seed + 1), jnp.arange(n, dtype=jnp.int32) % model.num_classes,
          jnp.float32(config.sample.cfg_scale)), repl)
     # The EMA (sharded over the devices with config.sharding.ema='update') is gathered whole
-    # once per grid, so the sampling loop does no per-step all-gathers.
-    repl_tree = jax.tree.map(lambda _: repl, setup.abstract.ema_params)
-    self.replicate = jax.jit(lambda p: p, out_shardings=repl_tree).lower(
+    # once per grid, so the sampling loop does no per-step all-gathers (REPA's projector stays).
+    ema = _for_sampling(setup.abstract.ema_params)
+    repl_tree = jax.tree.map(lambda _: repl, ema)
+    self.replicate = jax.jit(_for_sampling, out_shardings=repl_tree).lower(
         _abstract(setup.abstract.ema_params, setup.state_sh.ema_params)).compile()
     guided = models.has_null_class(model) and not setup.objective.trained_guidance
     fn = _sample_fn(setup, config.sample, "config.sample", guided,
                     config.sample.release_cfg, (repl, repl, repl, repl), repl)
     self.sample = _compile(fn, config.sample.matmul_precision, setup.mesh,
-                           _abstract(setup.abstract.ema_params, repl_tree),
-                           *_abstract(self.args, (repl,) * 3))
+                           _abstract(ema, repl_tree), *_abstract(self.args, (repl,) * 3))
     h, w, c = model.input_size, model.input_size, model.in_channels
     decoder.compile(jax.ShapeDtypeStruct((n, h, w, c), jnp.float32, sharding=repl))
 
@@ -111,8 +117,9 @@ class Evaluator:
         batch_size_per_device=e.inception_batch_per_device)
     self.metrics = evaluation.compute_metrics
     abstract_ema = _abstract(setup.abstract.ema_params, setup.state_sh.ema_params)
-    repl_tree = jax.tree.map(lambda _: repl, setup.abstract.ema_params)
-    self.replicate = jax.jit(lambda p: p, out_shardings=repl_tree).lower(abstract_ema).compile()
+    ema = _for_sampling(setup.abstract.ema_params)
+    repl_tree = jax.tree.map(lambda _: repl, ema)
+    self.replicate = jax.jit(_for_sampling, out_shardings=repl_tree).lower(abstract_ema).compile()
     n = e.batch_size
     self.labels = np.asarray(jax.random.randint(jax.random.PRNGKey(config.seed + 3),
                                                 (e.num_samples,), 0, model.num_classes), np.int32)
@@ -120,8 +127,7 @@ class Evaluator:
                     (repl, repl, batch_sh, repl), batch_sh)
     key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=repl)
     self.sample = _compile(fn, config.sample.matmul_precision, setup.mesh,
-                           _abstract(setup.abstract.ema_params, repl_tree),
-                           key, jax.ShapeDtypeStruct((n,), jnp.int32, sharding=batch_sh),
+                           _abstract(ema, repl_tree), key, jax.ShapeDtypeStruct((n,), jnp.int32, sharding=batch_sh),
                            jax.ShapeDtypeStruct((), jnp.float32, sharding=repl))
     h, w, c = model.input_size, model.input_size, model.in_channels
     out = decoder.compile(jax.ShapeDtypeStruct((n, h, w, c), jnp.float32, sharding=batch_sh))

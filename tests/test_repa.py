@@ -254,10 +254,14 @@ def test_repa_needs_the_image_extra_and_matching_tokens(images_dir, teacher, tmp
 
 @pytest.mark.parametrize("objective", ["flow", "edm"])
 def test_repa_trains_with_other_objectives(images_dir, teacher, tmp_path, objective):
-  c = repa_config(images_dir, teacher, total_steps=2, **{"objective.name": objective,
-                                                        "model.learn_sigma": False})
-  hist = train.train_and_evaluate(c, str(tmp_path / objective), devices=jax.devices()[:2])
+  # With a sample grid at step 2: the periodic sampler runs without the projector.
+  c = repa_config(images_dir, teacher, total_steps=2, **{
+      "objective.name": objective, "model.learn_sigma": False, "sample.every_steps": 2,
+      "sample.num_images": 10, "sample.steps": 4})
+  wd = str(tmp_path / objective)
+  hist = train.train_and_evaluate(c, wd, devices=jax.devices()[:2])
   assert all(np.isfinite(hist[s]["repa"]) and -1 <= hist[s]["repa"] <= 1 for s in hist)
+  assert os.path.exists(os.path.join(wd, "samples", "step_00000002.png"))
 
 
 def test_repa_through_main_resumes_after_kill_9_and_samples(images_dir, teacher, tmp_path):
