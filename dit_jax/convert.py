@@ -459,9 +459,56 @@ def _load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
   return {k: _as_numpy(v) for k, v in sd.items()}
 
 
+def named(model: models.DiT) -> tuple[str, dict]:
+  """(a DiT_models name, kwargs) that build `model` again: its whole architecture as kwargs."""
+  size = {384: 'S', 768: 'B', 1024: 'L', 1152: 'XL'}.get(model.hidden_size, 'S')
+  kwargs = models.architecture(model)
+  return f'DiT-{size}/{model.patch_size}', kwargs
+
+
+def _diffusers_source(flags) -> tuple[models.DiT, dict, dict | None]:
+  """(model, params, objective record) for --to_diffusers: --official, --converted or --workdir."""
+  if flags.official:
+    objective = official_objective(flags.official, flags.objective)
+    model = models.get_model(flags.model, input_size=flags.image_size // 8,
+                             num_classes=flags.num_classes)
+    return model, from_official(_load_torch_state_dict(flags.official), model), objective
+  if flags.converted:
+    model, params = load_converted(flags.converted)
+    return model, params, converted_objective(flags.converted)
+  if flags.workdir:
+    from dit_jax import checkpointing  # pylint: disable=g-import-not-at-top
+    model, params, meta = checkpointing.load_ema_model(
+        flags.workdir, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    return model, jax.device_get(params), meta.get('objective')
+  raise app.UsageError('--to_diffusers needs --official PATH.pt, --converted DIR or --workdir RUN')
+
+
 def main(argv: list[str]) -> None:
   del argv
   flags = _FLAGS
+  if flags.to_diffusers:
+    from dit_jax import diffusers_format  # pylint: disable=g-import-not-at-top
+    model, params, objective = _diffusers_source(flags)
+    id2label = None
+    if flags.id2label:
+      with open(flags.id2label) as f:
+        id2label = {int(k): v for k, v in json.load(f).items()}
+    print(diffusers_format.write_pipeline(flags.to_diffusers, params, model, objective,
+                                          flags.vae, id2label))
+    return
+  if flags.from_diffusers:
+    from dit_jax import diffusers_format  # pylint: disable=g-import-not-at-top
+    if not flags.out:
+      raise app.UsageError('--from_diffusers needs --out DIR')
+    model, params = diffusers_format.read_transformer(flags.from_diffusers)
+    objective = diffusers_format.read_objective(flags.from_diffusers)
+    name, kwargs = named(model)
+    save_converted(flags.out, params, name, objective=objective, **kwargs)
+    print(f'converted {flags.from_diffusers} -> {flags.out} (width {model.hidden_size}, depth '
+          f'{model.depth}, patch {model.patch_size}, {model.num_classes} classes; objective adm, '
+          f'{objective["noise_schedule"]} schedule)')
+    return
   if flags.to_official:
     import torch  # pylint: disable=g-import-not-at-top
     if not flags.converted or not flags.out:
@@ -592,6 +639,15 @@ def run() -> None:
   absl_flags.DEFINE_string('converted', None, 'dit_jax checkpoint directory for --to_official.')
   absl_flags.DEFINE_string('meanflow', None, 'An official MeanFlow checkpoint (Gsunshine/meanflow, '
                            'flax) to convert, with --image_size, --num_classes and --out.')
+  absl_flags.DEFINE_string('to_diffusers', None, 'Write a diffusers DiTPipeline folder here, '
+                           'from --official, --converted or --workdir (its EMA weights).')
+  absl_flags.DEFINE_string('from_diffusers', None, 'A diffusers DiTPipeline (or transformer) '
+                           'folder to read into a dit_jax checkpoint at --out.')
+  absl_flags.DEFINE_string('vae', None, '--to_diffusers: the diffusers SD-VAE folder the latents '
+                           'were made with (copied into the pipeline).')
+  absl_flags.DEFINE_string('workdir', None, '--to_diffusers: a training run (its newest EMA).')
+  absl_flags.DEFINE_string('id2label', None, '--to_diffusers: JSON {class index: "name, ..."} '
+                           'for DiTPipeline.get_label_ids.')
   absl_flags.DEFINE_string('repa', None, 'A REPA SiT checkpoint (.pt, sihyun-yu/REPA) to '
                            'convert; with --encoder_depth.')
   absl_flags.DEFINE_integer('encoder_depth', 0, '--repa: the block (1-based) its projector '
