@@ -164,6 +164,9 @@ class StepReport:
   compile_seconds: float
   roofline_seconds: float | None
   xla_seconds: float | None
+  # The compiled program and abstract arguments (for `dit_jax.measure`; not in report_dict).
+  compiled: Any = dataclasses.field(default=None, repr=False, compare=False)
+  arguments: Any = dataclasses.field(default=None, repr=False, compare=False)
 
 
 def _report(name: str, compiled: Any, compile_s: float, analytic: float | None,
@@ -242,8 +245,10 @@ def _sampling_report(setup: step.TrainSetup, batch_size: int, release_cfg: bool,
     if model.scan_layers:  # XLA counts the scanned blocks' body once (see step._compile)
       macs = flops_lib.uncounted_loop_macs(step, params, x, t, ints, scale)
       flops += 2 * macs / setup.mesh.size
-  return _report(f"guided sampling step (batch {n // 2} x 2)", compiled, compile_s,
-                 2 * fwd_macs * n / chips, device, flops=flops)
+  report = _report(f"guided sampling step (batch {n // 2} x 2)", compiled, compile_s,
+                   2 * fwd_macs * n / chips, device, flops=flops)
+  report.compiled, report.arguments = compiled, (params, x, t, ints, scale)
+  return report
 
 
 def _sampler_loop_report(setup: step.TrainSetup, e: Any, release_cfg: bool, precision: str,
@@ -324,7 +329,10 @@ def report_dict(config: ml_collections.ConfigDict, topology: str, devices: list[
           "microbatches": int(setup.microbatches),
           "overlap": bool(config.mesh.get("overlap_collectives", False)),
           "collectives": "explicit" if setup.explicit else "xla",
-          "steps": {r.name.split(" (")[0]: dataclasses.asdict(r) for r in reports}}
+          "steps": {r.name.split(" (")[0]: {f.name: getattr(r, f.name)
+                                             for f in dataclasses.fields(r)
+                                             if f.name not in ("compiled", "arguments")}
+                    for r in reports}}
 
 
 def main(argv: list[str]) -> None:
@@ -340,6 +348,12 @@ def main(argv: list[str]) -> None:
     return
   if FLAGS.config is None:
     raise app.UsageError("--config is required (or --table)")
+  if FLAGS.measure:  # the devices present, each layout compiled and timed
+    from dit_jax import measure  # pylint: disable=import-outside-toplevel
+    devices = jax.devices()
+    rows = measure.measure(FLAGS.config, devices, FLAGS.measure_steps, FLAGS.sampling)
+    print(measure.format_table(rows, devices))
+    return
   devices = topology_devices(FLAGS.topology, FLAGS.slices)
   setup, reports = plan(FLAGS.config, devices, sampling_step=FLAGS.sampling,
                     sampler_loop=FLAGS.sampler_loop)
@@ -387,6 +401,10 @@ def run() -> None:
   flags.DEFINE_integer("jobs", 2, "--table: rows compiled at once (one process each).")
   flags.DEFINE_string("only", "", "--table: compile only rows whose key matches this regex "
                       "(e.g. '^xl2 v5p-64').")
+  flags.DEFINE_bool("measure", False, "Time the train and sampling steps of every layout the "
+                    "planner can choose on the devices present, beside XLA's estimates "
+                    "(dit_jax.measure).")
+  flags.DEFINE_integer("measure_steps", 5, "--measure: timed runs per step and layout.")
   flags.DEFINE_float("row_timeout", 1800, "--table: seconds before a row is given up.")
   app.run(main)
 

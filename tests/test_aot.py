@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from dit_jax import aot, planner_table
@@ -167,3 +168,26 @@ def test_table_run_compiles_only_missing_and_failed_rows(tmp_path, monkeypatch):
   assert sorted(compiled) == sorted(k for k in want if k != good)  # the failed row again
   assert failed in compiled and good not in compiled
   assert out[good] == {"steps": {}} and json.loads(cache.read_text()) == out
+
+
+def test_measure_times_every_layout_on_the_cpu():
+  """dit-aot --measure on a tiny demo model: every layout row is timed (or names its error),
+  and the table says which is fastest."""
+  from configs import demo
+  from dit_jax import measure
+  c = demo.get_config()
+  c.model.overrides.hidden_size, c.model.overrides.depth, c.model.overrides.num_heads = 32, 2, 2
+  c.data.global_batch_size, c.eval.batch_size = 16, 8
+  labels = [label for label, _ in measure.layouts(c, "cpu")]
+  assert labels[0] == "config" and "remat=full" in labels and "microbatches=2" in labels
+  assert "collectives=xla" in labels and "attention_impl=xla_tokens" in labels
+  assert "attention_impl=splash" in [label for label, _ in measure.layouts(c, "tpu")]
+  # Three of them timed here (each compiles a train and a sampling step).
+  rows = measure.measure(c, jax.devices()[:2], steps=2,
+                         only=("config", "remat=full", "microbatches=2"))
+  assert [r.layout for r in rows] == ["config", "remat=full", "microbatches=2"]
+  for r in rows:
+    assert not r.error, (r.layout, r.error)
+    assert r.train_ms > 0 and r.sample_ms > 0
+  table = measure.format_table(rows, jax.devices()[:2])
+  assert "| remat=full |" in table and "fastest train step:" in table
