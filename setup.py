@@ -38,6 +38,7 @@ setup(
         "dit-convert = dit_jax.convert:run",
         "dit-prepare-latents = dit_jax.prepare_latents:run",
         "dit-model-table = dit_jax.model_table:main",
+        "dit-inspect = dit_jax.inspection:run",
     ]},
     extras_require={
         # Parity references for the tests. The pinned torch is a CPU build where it is on disk;

@@ -241,6 +241,15 @@ class Attention(nn.Module):
       q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     return q, k
 
+  def _sow_weights(self, q: jnp.ndarray, k: jnp.ndarray) -> None:
+    """With the 'intermediates' collection mutable (dit_jax.inspection): the attention
+    probabilities [N, heads, T, T] (float32, recomputed from q and k [N, heads, T, head_dim]);
+    nothing otherwise, so training and sampling are unchanged."""
+    if self.is_mutable_collection('intermediates'):
+      logits = jnp.einsum('bnth,bnsh->bnts', q.astype(jnp.float32), k.astype(jnp.float32))
+      self.sow('intermediates', 'attention_weights',
+               jax.nn.softmax(logits * (q.shape[-1] ** -0.5), axis=-1))
+
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     n, t, d = x.shape
@@ -253,6 +262,7 @@ class Attention(nn.Module):
       qkv = qkv.reshape(n, t, 3, nh, hd)
       q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [N, T, heads, head_dim]
       q, k = self._q_k(q, k, token_axis=1)
+      self._sow_weights(q.swapaxes(1, 2), k.swapaxes(1, 2))
       out = attention.dot_product_attention(q, k, v, self.attention_impl)
       return _dense(d, 'heads', 'embed', self.dtype, 'proj')(out.reshape(n, t, d))
     wqkv, bqkv = _LinearParams(d, 3 * d, 'embed', 'qkv', self.dtype, name='qkv')()
@@ -261,6 +271,7 @@ class Attention(nn.Module):
     qkv = qkv + bqkv.reshape(1, 3, nh, 1, hd)
     q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # [N, heads, T, head_dim]
     q, k = self._q_k(q, k, token_axis=2)
+    self._sow_weights(q, k)
     out = attention.xla_heads_major(q, k, v)
     return jnp.einsum('bnth,nhd->btd', out, wo.reshape(nh, hd, d)) + bo
 
@@ -340,7 +351,10 @@ class Modulation(nn.Module):
     kernel = self.param('kernel', _part(_zeros, ('embed', 'adaln')), (x.shape[-1], self.features),
                         jnp.float32)
     bias = self.param('bias', _part(_zeros, ('adaln',)), (self.features,), jnp.float32)
-    return jnp.dot(x, kernel) + bias
+    out = jnp.dot(x, kernel) + bias
+    if self.is_mutable_collection('intermediates'):  # dit_jax.inspection's adaLN statistics
+      self.sow('intermediates', 'modulation', out)
+    return out
 
 
 class DiTBlock(nn.Module):
