@@ -153,16 +153,24 @@ def _upscale(img: np.ndarray, size: int) -> np.ndarray:
   return np.repeat(np.repeat(img, f, 0), f, 1)
 
 
-def attention_overlay(base: np.ndarray, weights: np.ndarray, grid: int) -> np.ndarray:
-  """An attention map over key tokens [T] laid over a uint8 image [H, W, C] (red tint)."""
+def attention_overlay(base: np.ndarray, weights: np.ndarray, grid: int,
+                      query: int | None = None) -> np.ndarray:
+  """An attention map over key tokens [T] as a heat map (red, scaled to its maximum) laid over
+  a uint8 image [H, W, C] at a quarter of its brightness; the query token outlined in green;
+  a white border."""
   h = base.shape[0]
+  cell = h // grid
   m = weights.reshape(grid, grid)
   m = m / max(float(m.max()), 1e-12)
-  m = np.kron(m, np.ones((h // grid, h // grid)))[..., None]
-  rgb = np.repeat(base, 3, axis=-1) if base.shape[-1] == 1 else base[..., :3]
-  red = np.zeros_like(rgb, dtype=np.float32)
-  red[..., 0] = 255
-  return np.clip(0.5 * rgb + 0.5 * (m * red + (1 - m) * rgb * 0.3), 0, 255).astype(np.uint8)
+  m = np.kron(m, np.ones((cell, cell)))[..., None]
+  gray = (base.mean(-1, keepdims=True) if base.shape[-1] > 1 else base).astype(np.float32)
+  heat = np.concatenate([m * 255, m * 40, m * 40], axis=-1)
+  img = np.clip(0.25 * gray + 0.75 * heat, 0, 255).astype(np.uint8)
+  if query is not None:
+    r, c = divmod(int(query), grid)
+    box = img[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell]
+    box[0, :], box[-1, :], box[:, 0], box[:, -1] = (0, 255, 0), (0, 255, 0), (0, 255, 0), (0, 255, 0)
+  return np.pad(img, ((1, 1), (1, 1), (0, 0)), constant_values=255)
 
 
 def _bar_png(values: Sequence[float], height: int = 64) -> np.ndarray:
@@ -204,6 +212,7 @@ def inspect(workdir: str, out: str, step: int | None = None, data: str = "",
   kw = lambda t: ({"h": jnp.zeros_like(t)} if model.h_embedder else {})
   decode = sampling.Decoder(meta.get("vae_path") or "identity", scale)
   result: dict[str, Any] = {"step": int(meta["step"]), "objective": objective.name,
+                            "label": label,
                             "levels": list(map(float, levels)), "queries": list(map(int, queries))}
 
   # Loss by level (the objective's own draws over the held-out batch).
@@ -214,7 +223,9 @@ def inspect(workdir: str, out: str, step: int | None = None, data: str = "",
 
   # One example through the levels: x_t, the estimate of x0, attention and adaLN statistics.
   noise = jax.random.normal(jax.random.PRNGKey(seed + 7), x0[:1].shape)
-  one, y1 = x0[:1], jnp.full((1,), label, jnp.int32)
+  # The traced example: the first held-out latent of class `label` (else the first one).
+  i = int(np.argmax(np.asarray(y) == label)) if (np.asarray(y) == label).any() else 0
+  one, y1 = x0[i:i + 1], y[i:i + 1]
   grid = model.grid_size
   strip, attn_rows, attention, adaln = [], [], {}, {}
   for level in levels:
@@ -230,7 +241,7 @@ def inspect(workdir: str, out: str, step: int | None = None, data: str = "",
     stats = adaln_statistics(model, inter["modulation"])
     adaln[str(level)] = {k: v.tolist() for k, v in stats.items()}
     for q in queries:
-      row = [attention_overlay(images[1], w[layer, head, q], grid)
+      row = [attention_overlay(_upscale(images[1], 32), w[layer, head, q], grid, q)
              for layer in range(w.shape[0]) for head in range(w.shape[1])]
       attn_rows.append(np.concatenate(row, axis=1))
   result["attention"], result["adaln"] = attention, adaln
