@@ -351,7 +351,7 @@ def main(argv: list[str]) -> None:
   if FLAGS.measure:  # the devices present, each layout compiled and timed
     from dit_jax import measure  # pylint: disable=import-outside-toplevel
     devices = jax.devices()
-    rows = measure.measure(FLAGS.config, devices, FLAGS.measure_steps, FLAGS.sampling)
+    rows = measure.measure(FLAGS.config, devices, plan, FLAGS.measure_steps, FLAGS.sampling)
     print(measure.format_table(rows, devices))
     return
   devices = topology_devices(FLAGS.topology, FLAGS.slices)

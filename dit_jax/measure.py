@@ -75,11 +75,12 @@ def _random_like(tree: Any, seed: int) -> Any:
   return jax.tree.unflatten(treedef, out)
 
 
-def measure(config: ml_collections.ConfigDict, devices: list[Any], steps: int = 5,
+def measure(config: ml_collections.ConfigDict, devices: list[Any], plan: Any, steps: int = 5,
             sampling: bool = True, only: tuple[str, ...] = ()) -> list[Row]:
   """One Row per layout (`layouts`; those labelled in `only` when given); a layout that fails
-  to compile or run keeps its error."""
-  from dit_jax import aot, data_info  # pylint: disable=import-outside-toplevel
+  to compile or run keeps its error. plan: `dit_jax.aot.plan` (passed in: aot imports this
+  module for its --measure flag)."""
+  from dit_jax import data_info  # pylint: disable=import-outside-toplevel
   from dit_jax.grid import presets  # pylint: disable=import-outside-toplevel
   platform = devices[0].platform
   rows = []
@@ -90,7 +91,7 @@ def measure(config: ml_collections.ConfigDict, devices: list[Any], steps: int = 
     rows.append(row)
     c = presets.apply_overrides(copy.deepcopy(config), overrides)
     try:
-      setup, reports = aot.plan(c, devices, sampling_step=sampling)
+      setup, reports = plan(c, devices, sampling_step=sampling)
       info = data_info.synthetic_info(c)
       state = setup.init(jax.random.PRNGKey(0))
       spec = step.batch_spec(info, c.data.global_batch_size)

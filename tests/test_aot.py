@@ -183,7 +183,7 @@ def test_measure_times_every_layout_on_the_cpu():
   assert "collectives=xla" in labels and "attention_impl=xla_tokens" in labels
   assert "attention_impl=splash" in [label for label, _ in measure.layouts(c, "tpu")]
   # Three of them timed here (each compiles a train and a sampling step).
-  rows = measure.measure(c, jax.devices()[:2], steps=2,
+  rows = measure.measure(c, jax.devices()[:2], aot.plan, steps=2,
                          only=("config", "remat=full", "microbatches=2"))
   assert [r.layout for r in rows] == ["config", "remat=full", "microbatches=2"]
   for r in rows:
