@@ -459,6 +459,27 @@ def _load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
   return {k: _as_numpy(v) for k, v in sd.items()}
 
 
+def to_diffusers(out: str, params: Mapping, model: models.DiT, objective: dict | None,
+                 vae_dir: str | None = None, id2label: Mapping[int, str] | None = None) -> str:
+  """dit_jax params -> a diffusers folder (dit_jax.diffusers_format.write_pipeline); REPA's
+  projector left out, scanned blocks unstacked. Returns what was written, in a line."""
+  from dit_jax import diffusers_format  # pylint: disable=g-import-not-at-top
+  model, params = models.without_projector(model, dict(unstack_blocks(nn.meta.unbox(params))))
+  model = _unrolled(model)
+  if diffusers_format.release_architecture(model):
+    return diffusers_format.write_pipeline(out, model, objective, release_sd=to_official(
+        params, model), vae_dir=vae_dir, id2label=id2label)
+  return diffusers_format.write_pipeline(out, model, objective,
+                                         lightningdit_sd=to_lightningdit(params, model))
+
+
+def from_diffusers(path: str) -> tuple[models.DiT, dict]:
+  """(DiT, params) of a diffusers DiTPipeline folder (or its transformer/ subfolder)."""
+  from dit_jax import diffusers_format  # pylint: disable=g-import-not-at-top
+  model, release_sd = diffusers_format.read_transformer(path)
+  return model, from_official(release_sd, model)
+
+
 def named(model: models.DiT) -> tuple[str, dict]:
   """(a DiT_models name, kwargs) that build `model` again: its whole architecture as kwargs."""
   size = {384: 'S', 768: 'B', 1024: 'L', 1152: 'XL'}.get(model.hidden_size, 'S')
@@ -488,20 +509,18 @@ def main(argv: list[str]) -> None:
   del argv
   flags = _FLAGS
   if flags.to_diffusers:
-    from dit_jax import diffusers_format  # pylint: disable=g-import-not-at-top
     model, params, objective = _diffusers_source(flags)
     id2label = None
     if flags.id2label:
       with open(flags.id2label) as f:
         id2label = {int(k): v for k, v in json.load(f).items()}
-    print(diffusers_format.write_pipeline(flags.to_diffusers, params, model, objective,
-                                          flags.vae, id2label))
+    print(to_diffusers(flags.to_diffusers, params, model, objective, flags.vae, id2label))
     return
   if flags.from_diffusers:
     from dit_jax import diffusers_format  # pylint: disable=g-import-not-at-top
     if not flags.out:
       raise app.UsageError('--from_diffusers needs --out DIR')
-    model, params = diffusers_format.read_transformer(flags.from_diffusers)
+    model, params = from_diffusers(flags.from_diffusers)
     objective = diffusers_format.read_objective(flags.from_diffusers)
     name, kwargs = named(model)
     save_converted(flags.out, params, name, objective=objective, **kwargs)
@@ -574,15 +593,42 @@ def convert_official(path: str, out_dir: str, model_name: str, objective: dict |
   return model, params
 
 
+def from_repa(state_dict: Mapping[str, Any], encoder_depth: int, input_size: int,
+              num_classes: int = 1000, num_heads: int | None = None) -> tuple[models.DiT, dict]:
+  """(model, params) of a REPA SiT state dict (the DiT release's keys plus `projectors.0.*`;
+  no learned sigma); `dit_jax.repa.from_release` documents it."""
+  sd = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
+  proj = sorted({m.group(1) for k in sd if (m := re.match(r'projectors\.(\d+)\.', k))})
+  if proj != ['0']:
+    raise ValueError(f'from_release: expected one projector (projectors.0.*), found '
+                     f'{proj or "none"}: a REPA SiT state dict with one encoder')
+  p = {k: _as_numpy(v) for k, v in sd.items() if k.startswith('projectors.0.')}
+  dit_sd = {k: v for k, v in sd.items() if not k.startswith('projectors.')}
+  model = infer_model(dit_sd, input_size=input_size, num_classes=num_classes,
+                      **({'num_heads': num_heads} if num_heads else {}))
+  if model.learn_sigma:
+    raise ValueError("from_release: the state dict predicts 2C channels; REPA's SiT has no "
+                     'learned sigma (is this a DiT release?)')
+  params = dict(from_official(dit_sd, model))
+  if not 1 <= encoder_depth <= model.depth:
+    raise ValueError(f'from_release: encoder_depth={encoder_depth} outside 1 .. {model.depth}')
+  hidden, dim = p['projectors.0.0.weight'].shape[0], p['projectors.0.4.weight'].shape[0]
+  model = model.clone(projector_dim=int(dim), projector_hidden=int(hidden),
+                      projector_depth=int(encoder_depth))
+  params['projector'] = {
+      f'fc{i + 1}': {'kernel': np.ascontiguousarray(p[f'projectors.0.{2 * i}.weight'].T),
+                     'bias': p[f'projectors.0.{2 * i}.bias']} for i in range(3)}
+  return model, params
+
+
 def convert_repa(path: str, out_dir: str, encoder_depth: int, input_size: int,
                  num_classes: int) -> tuple[models.DiT, dict]:
   """A REPA SiT checkpoint (.pt; its 'ema' weights if it holds several) -> a directory for
   load_converted, recorded as the flow objective in REPA's time (network_time='repa'), the
   projector kept beside the weights."""
-  from dit_jax import repa  # pylint: disable=g-import-not-at-top
   from dit_jax.objectives import flow as flow_objective  # pylint: disable=g-import-not-at-top
   sd = _load_torch_state_dict(path)
-  model, params = repa.from_release(sd, encoder_depth, input_size, num_classes)
+  model, params = from_repa(sd, encoder_depth, input_size, num_classes)
   size = {384: 'S', 768: 'B', 1024: 'L', 1152: 'XL'}.get(model.hidden_size)
   if size is None:
     raise ValueError(f'{path}: width {model.hidden_size} is none of SiT\'s (S, B, L, XL)')

@@ -6,7 +6,7 @@
       --vae=SD_VAE --to_diffusers OUT                                 # a released .pt
   dit-convert --from_diffusers=OUT --out=DIR                         # back to dit_jax
 
-`write_pipeline` writes OUT/model_index.json (`DiTPipeline`, with `id2label` when known),
+`convert.to_diffusers` (through `write_pipeline`) writes OUT/model_index.json (`DiTPipeline`, with `id2label` when known),
 OUT/transformer (diffusers' `DiTTransformer2DModel` config and safetensors, in its layout: q, k, v
 split, the timestep and label embedders copied into every block's `norm1.emb`), OUT/scheduler
 (a `DDIMScheduler` config of the checkpoint's ADM process: the release's linear betas, or
@@ -32,7 +32,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from dit_jax import convert, models
+from dit_jax import models
 
 DIFFUSERS_VERSION = "0.42.1"  # the version whose layout this writes (model_index.json)
 TRANSFORMER = "transformer"
@@ -52,15 +52,23 @@ def transformer_config(model: models.DiT) -> dict:
           "norm_elementwise_affine": False, "norm_eps": 1e-6}
 
 
-def _release_architecture(model: models.DiT) -> bool:
+def release_architecture(model: models.DiT) -> bool:
+  """Whether `model` has the release's parts (the architecture diffusers' DiT class has)."""
   return (model.norm, model.mlp, model.pos_embedding, model.attention, model.qk_norm,
           model.rope, model.adaln_shift, model.h_embedder) == (
               "layernorm", "gelu", "sincos", "mha", False, False, True, False)
 
 
-def to_diffusers_state_dict(params: Mapping, model: models.DiT) -> dict[str, np.ndarray]:
-  """dit_jax params -> DiTTransformer2DModel's state dict (numpy float32)."""
-  sd = convert.to_official(params, model)
+def _as_numpy(x: Any) -> np.ndarray:
+  if hasattr(x, "detach"):  # torch tensor, without importing torch
+    x = x.detach().cpu().float().numpy()
+  return np.asarray(x, dtype=np.float32)
+
+
+def to_diffusers_state_dict(sd: Mapping[str, Any], model: models.DiT) -> dict[str, np.ndarray]:
+  """The release's state dict (`convert.to_official`) -> DiTTransformer2DModel's (numpy
+  float32)."""
+  sd = {k: _as_numpy(v) for k, v in sd.items()}
   out = {"pos_embed.proj.weight": sd["x_embedder.proj.weight"],
          "pos_embed.proj.bias": sd["x_embedder.proj.bias"],
          "proj_out_1.weight": sd["final_layer.adaLN_modulation.1.weight"],
@@ -87,10 +95,11 @@ def to_diffusers_state_dict(params: Mapping, model: models.DiT) -> dict[str, np.
 
 def from_diffusers_state_dict(sd: Mapping[str, Any], config: Mapping[str, Any]
                               ) -> tuple[models.DiT, dict]:
-  """DiTTransformer2DModel's state dict and config -> (DiT, params). Every block's copy of the
-  embedders must be the same (block 0's is used): a model whose blocks differ there is not a
-  DiT. Errors name the key."""
-  g = lambda k: convert._as_numpy(sd[k]) if k in sd else (_ for _ in ()).throw(
+  """DiTTransformer2DModel's state dict and config -> (DiT, the release's state dict;
+  `convert.from_official` makes params of it). Every block's copy of the embedders must be the
+  same (block 0's is used): a model whose blocks differ there is not a DiT. Errors name the
+  key."""
+  g = lambda k: _as_numpy(sd[k]) if k in sd else (_ for _ in ()).throw(
       ValueError(f"from_diffusers: the state dict has no {k!r}"))
   depth = int(config["num_layers"])
   heads, head_dim = int(config["num_attention_heads"]), int(config["attention_head_dim"])
@@ -129,7 +138,7 @@ def from_diffusers_state_dict(sd: Mapping[str, Any], config: Mapping[str, Any]
                      class_dropout_prob=0.1 if rows == int(config["num_embeds_ada_norm"]) + 1
                      else 0.0,
                      learn_sigma=int(config.get("out_channels") or c) == 2 * c)
-  return model, convert.from_official(official, model)
+  return model, official
 
 
 def scheduler_config(objective: Mapping[str, Any] | None) -> dict:
@@ -164,26 +173,28 @@ def _write_json(path: str, record: Mapping[str, Any]) -> None:
   os.replace(path + ".tmp", path)
 
 
-def write_pipeline(out: str, params: Mapping, model: models.DiT,
-                   objective: Mapping[str, Any] | None, vae_dir: str | None = None,
+def write_pipeline(out: str, model: models.DiT, objective: Mapping[str, Any] | None,
+                   release_sd: Mapping[str, Any] | None = None,
+                   lightningdit_sd: Mapping[str, Any] | None = None, vae_dir: str | None = None,
                    id2label: Mapping[int, str] | None = None) -> str:
-  """Writes `out` (see the module docstring); returns a line saying what was written."""
-  model, params = models.without_projector(model, dict(convert.unstack_blocks(params)))
-  model = model.clone(scan_layers=False)
+  """Writes `out` (see the module docstring) from the release's state dict of a
+  release-architecture DiT (`release_sd`), or LightningDiT's of one with its parts
+  (`lightningdit_sd`); returns a line saying what was written. `convert.to_diffusers` is the
+  entry point from dit_jax parameters."""
   name = (objective or {}).get("name", "adm")
   os.makedirs(os.path.join(out, TRANSFORMER), exist_ok=True)
   tdir = os.path.join(out, TRANSFORMER)
-  if not _release_architecture(model):
-    sd = convert.to_lightningdit(params, model)
-    _save_safetensors(os.path.join(tdir, "lightningdit.safetensors"), sd)
+  if not release_architecture(model):
+    _save_safetensors(os.path.join(tdir, "lightningdit.safetensors"),
+                      {k: _as_numpy(v) for k, v in lightningdit_sd.items()})
     _write_json(os.path.join(tdir, "dit_jax.json"), {
         "layout": "LightningDiT state dict (hustvl/LightningDiT models/lightningdit.py)",
-        "model_kwargs": {k: v for k, v in models.architecture(model).items()},
+        "model_kwargs": dict(models.architecture(model)),
         "objective": dict(objective or {}),
         "note": "diffusers has no class for these parts: transformer weights only, no pipeline"})
     return (f"{out}/transformer: LightningDiT-layout weights and dit_jax.json (diffusers has no "
             "class for its parts; no pipeline written)")
-  _save_safetensors(os.path.join(tdir, WEIGHTS), to_diffusers_state_dict(params, model))
+  _save_safetensors(os.path.join(tdir, WEIGHTS), to_diffusers_state_dict(release_sd, model))
   _write_json(os.path.join(tdir, "config.json"), transformer_config(model))
   if name != "adm":
     _write_json(os.path.join(tdir, "dit_jax.json"), {
@@ -214,7 +225,7 @@ def write_pipeline(out: str, params: Mapping, model: models.DiT,
 
 
 def read_transformer(path: str) -> tuple[models.DiT, dict]:
-  """(DiT, params) of a DiTPipeline folder or its transformer/ subfolder."""
+  """(DiT, the release's state dict) of a DiTPipeline folder or its transformer/ subfolder."""
   tdir = os.path.join(path, TRANSFORMER) if os.path.isdir(os.path.join(path, TRANSFORMER)) \
       else path
   cfg_path = os.path.join(tdir, "config.json")

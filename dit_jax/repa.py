@@ -258,30 +258,9 @@ def from_release(state_dict: Mapping[str, Any], encoder_depth: int, input_size: 
   `projectors.0.{0,2,4}`; encoder_depth (1-based, REPA's --encoder-depth: 8 for SiT-XL/2) is
   not in the weights: pass the training run's. num_heads: for widths other than the SiT
   grid's (S/B/L/XL, 64 per head). The model's t is the release's own (0 data,
-  1 noise; the flow objective's time='repa' samples it)."""
+  1 noise; the flow objective's network_time='repa' samples it)."""
   from dit_jax import convert  # pylint: disable=import-outside-toplevel
-  sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
-  proj = sorted({m.group(1) for k in sd if (m := re.match(r"projectors\.(\d+)\.", k))})
-  if proj != ["0"]:
-    raise ValueError(f"from_release: expected one projector (projectors.0.*), found "
-                     f"{proj or 'none'}: a REPA SiT state dict with one encoder")
-  p = {k: convert._as_numpy(v) for k, v in sd.items() if k.startswith("projectors.0.")}
-  dit_sd = {k: v for k, v in sd.items() if not k.startswith("projectors.")}
-  model = convert.infer_model(dit_sd, input_size=input_size, num_classes=num_classes,
-                              **({"num_heads": num_heads} if num_heads else {}))
-  if model.learn_sigma:
-    raise ValueError("from_release: the state dict predicts 2C channels; REPA's SiT has no "
-                     "learned sigma (is this a DiT release?)")
-  params = dict(convert.from_official(dit_sd, model))
-  if not 1 <= encoder_depth <= model.depth:
-    raise ValueError(f"from_release: encoder_depth={encoder_depth} outside 1 .. {model.depth}")
-  hidden, dim = p["projectors.0.0.weight"].shape[0], p["projectors.0.4.weight"].shape[0]
-  model = model.clone(projector_dim=int(dim), projector_hidden=int(hidden),
-                      projector_depth=int(encoder_depth))
-  params["projector"] = {
-      f"fc{i + 1}": {"kernel": np.ascontiguousarray(p[f"projectors.0.{2 * i}.weight"].T),
-                     "bias": p[f"projectors.0.{2 * i}.bias"]} for i in range(3)}
-  return model, params
+  return convert.from_repa(state_dict, encoder_depth, input_size, num_classes, num_heads)
 
 
 def forward_with_projection(model: models.DiT, params: Any, x: jax.Array, t: jax.Array,

@@ -53,9 +53,10 @@ def _vae_dir(path):
 def test_round_trip_is_bit_exact():
   model = _model(num_classes=10)
   params = _params(model)
-  sd = diffusers_format.to_diffusers_state_dict(params, model)
-  back_model, back = diffusers_format.from_diffusers_state_dict(
+  sd = diffusers_format.to_diffusers_state_dict(convert.to_official(params, model), model)
+  back_model, release_sd = diffusers_format.from_diffusers_state_dict(
       sd, diffusers_format.transformer_config(model))
+  back = convert.from_official(release_sd, back_model)
   assert models.architecture(back_model) == models.architecture(model)
   for (pa, a), (pb, b) in zip(jax.tree_util.tree_flatten_with_path(params)[0],
                               jax.tree_util.tree_flatten_with_path(back)[0]):
@@ -67,7 +68,7 @@ def test_transformer_loads_in_diffusers_and_gives_our_output(tmp_path):
   model = _model(num_classes=10)
   params = _params(model)
   out = str(tmp_path / "pipe")
-  line = diffusers_format.write_pipeline(out, params, model, None)
+  line = convert.to_diffusers(out, params, model, None)
   assert "no --vae given" in line
   ref = DiTTransformer2DModel.from_pretrained(os.path.join(out, "transformer")).eval()
   for block in ref.transformer_blocks:  # the release's timestep frequencies (see the module doc)
@@ -91,9 +92,9 @@ def test_dit_pipeline_loads_offline_and_samples_as_our_ddim(tmp_path, monkeypatc
   params = _params(model, seed=3)
   out = str(tmp_path / "pipe")
   id2label = {i: f"class {i}" for i in range(1000)}
-  line = diffusers_format.write_pipeline(out, params, model, {"name": "adm", "steps": 1000,
-                                                              "noise_schedule": "linear"},
-                                         _vae_dir(str(tmp_path / "vae")), id2label)
+  line = convert.to_diffusers(out, params, model, {"name": "adm", "steps": 1000,
+                                                   "noise_schedule": "linear"},
+                              _vae_dir(str(tmp_path / "vae")), id2label)
   assert "DiTPipeline" in line
   pipe = DiTPipeline.from_pretrained(out)
   assert pipe.get_label_ids(["class 7"]) == [7]
@@ -140,14 +141,14 @@ def test_cli_both_ways_and_flow_or_lightningdit_export_the_transformer_only(tmp_
     np.testing.assert_array_equal(a, np.asarray(b))
   assert convert.converted_objective(back)["name"] == "adm"
   # A flow checkpoint: the transformer, and a note that no pipeline was written.
-  line = diffusers_format.write_pipeline(str(tmp_path / "flow"), params, model,
-                                         {"name": "flow"}, str(tmp_path / "v"))
+  line = convert.to_diffusers(str(tmp_path / "flow"), params, model, {"name": "flow"},
+                              str(tmp_path / "v"))
   assert "no pipeline" in line and not os.path.exists(str(tmp_path / "flow" / "model_index.json"))
   assert DiTTransformer2DModel.from_pretrained(str(tmp_path / "flow" / "transformer"))
   # LightningDiT's parts: its own layout.
   ldit = model.clone(norm="rmsnorm", mlp="swiglu", rope=True)
   lp = _params(ldit)
-  line = diffusers_format.write_pipeline(str(tmp_path / "ldit"), lp, ldit, {"name": "flow"})
+  line = convert.to_diffusers(str(tmp_path / "ldit"), lp, ldit, {"name": "flow"})
   assert "LightningDiT" in line
   from safetensors.numpy import load_file
   sd = load_file(str(tmp_path / "ldit" / "transformer" / "lightningdit.safetensors"))
@@ -158,7 +159,8 @@ def test_cli_both_ways_and_flow_or_lightningdit_export_the_transformer_only(tmp_
 
 def test_from_diffusers_errors_name_the_key(tmp_path):
   model = _model(num_classes=10)
-  sd = diffusers_format.to_diffusers_state_dict(_params(model), model)
+  sd = diffusers_format.to_diffusers_state_dict(convert.to_official(_params(model), model),
+                                                model)
   cfg = diffusers_format.transformer_config(model)
   sd["transformer_blocks.1.norm1.emb.class_embedder.embedding_table.weight"] = (
       sd["transformer_blocks.1.norm1.emb.class_embedder.embedding_table.weight"] + 1)
