@@ -288,7 +288,7 @@ def test_auto_remat_takes_the_lightest_policy_that_fits(digits_dir, monkeypatch)
   tried = []
 
   def fake_compile(config, info, model, diffusion, tx, schedule, init_fn, boxed, mesh, layout,
-                   microbatches):
+                   microbatches, align=None):
     tried.append((mesh.shape["fsdp"], model.remat))
     return types.SimpleNamespace(model=model, mesh=mesh, memory_gib=gib[model.remat])
   monkeypatch.setattr(dit_step, "_compile", fake_compile)
@@ -324,7 +324,7 @@ def test_auto_microbatches_only_when_nothing_else_fits(digits_dir, monkeypatch):
   tried = []
 
   def fake_compile(config, info, model, diffusion, tx, schedule, init_fn, boxed, mesh, layout,
-                   microbatches):
+                   microbatches, align=None):
     tried.append((model.remat, microbatches))
     return types.SimpleNamespace(model=model, mesh=mesh, microbatches=microbatches,
                                  memory_gib=gib[model.remat] / microbatches)
