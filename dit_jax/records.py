@@ -187,7 +187,7 @@ def write_shard(path: str, labels: np.ndarray, mean: np.ndarray, std: np.ndarray
       "sha256": sha256(path),
       "latent_shape": [int(d) for d in mean.shape[2:]],
       "dtype": dtype,
-      # 'encoding' only where it is not raw: manifests without encoded extras stay as before.
+      # 'encoding' only where it is not raw: manifests of raw extras keep their three fields.
       "extras": {name: {"shape": [int(d) for d in v.shape[1:]], "dtype": v.dtype.name,
                         "flip": extras[name].flip,
                         **({"encoding": extras[name].encoding}

@@ -26,11 +26,13 @@ TINY = dict(depth=2, num_heads=2, head_dim=8, patch_size=2, input_size=8, num_cl
 SMALL_S2 = dict(depth=12, num_heads=6, head_dim=64, patch_size=2, input_size=16, num_classes=1000)
 
 
-def _reference(depth, num_heads, head_dim, patch_size, input_size, num_classes, seed=0):
+def _reference(depth, num_heads, head_dim, patch_size, input_size, num_classes, seed=0,
+               out_channels=8):
   """Randomized diffusers DiT (tied embedders) and its weights in the released state_dict layout."""
   torch.manual_seed(seed)
   ref = DiTTransformer2DModel(
-      num_attention_heads=num_heads, attention_head_dim=head_dim, in_channels=4, out_channels=8,
+      num_attention_heads=num_heads, attention_head_dim=head_dim, in_channels=4,
+      out_channels=out_channels,
       num_layers=depth, sample_size=input_size, patch_size=patch_size,
       num_embeds_ada_norm=num_classes, norm_eps=1e-6).eval()
   with torch.no_grad():
@@ -70,7 +72,7 @@ def _reference(depth, num_heads, head_dim, patch_size, input_size, num_classes, 
       official[o + f'adaLN_modulation.1.{s}'] = sd[b + f'norm1.linear.{s}']
   model = models.DiT(input_size=input_size, patch_size=patch_size, in_channels=4,
                      hidden_size=num_heads * head_dim, depth=depth, num_heads=num_heads,
-                     num_classes=num_classes)
+                     num_classes=num_classes, learn_sigma=out_channels == 8)
   return ref, official, model
 
 

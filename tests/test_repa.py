@@ -12,12 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers import DiTTransformer2DModel
 
 from dit_jax import (checkpointing, convert, guidance, input_pipeline, models, repa, step,
                      train)
 from dit_jax.encoders import digits_teacher
 from test_main_cli import ROOT, env, main_cmd, steps_saved
+from test_convert import _reference as _dit_reference
 from test_train import final_params, tiny_config
 
 
@@ -79,46 +79,17 @@ def test_projector_trains_and_is_left_out_of_sampling_and_release():
 # ------------------------------------------------------------ REPA's released SiT checkpoints
 def _repa_reference(depth=3, heads=2, head_dim=16, patch=2, size=8, classes=10, z_dim=24,
                     hidden=32, encoder_depth=2):
-  """A REPA SiT as torch modules: diffusers' DiT (no learned sigma) with REPA's projector MLP
-  on the hidden states after block encoder_depth; and its state dict in REPA's keys."""
-  torch.manual_seed(0)
-  ref = DiTTransformer2DModel(num_attention_heads=heads, attention_head_dim=head_dim,
-                              in_channels=4, out_channels=4, num_layers=depth, sample_size=size,
-                              patch_size=patch, num_embeds_ada_norm=classes, norm_eps=1e-6).eval()
+  """A REPA SiT as torch modules: diffusers' DiT without learned sigma (test_convert's
+  reference, in the release's keys) and REPA's projector MLP (Linear, SiLU, Linear, SiLU,
+  Linear) for the hidden states after block encoder_depth; the state dict in REPA's keys."""
+  ref, sd, _ = _dit_reference(depth, heads, head_dim, patch, size, classes, out_channels=4)
+  torch.manual_seed(1)
   proj = torch.nn.Sequential(torch.nn.Linear(heads * head_dim, hidden), torch.nn.SiLU(),
                              torch.nn.Linear(hidden, hidden), torch.nn.SiLU(),
                              torch.nn.Linear(hidden, z_dim))
-  with torch.no_grad():
-    for name, w in list(ref.named_parameters()) + list(proj.named_parameters()):
-      if w.ndim >= 2:
-        w.uniform_(-1, 1).mul_(float(np.sqrt(3.0 / np.prod(w.shape[1:]))))
-      else:
-        w.normal_(0.0, 0.1)
-    emb0 = ref.transformer_blocks[0].norm1.emb
-    for block in ref.transformer_blocks:
-      block.norm1.emb.load_state_dict(emb0.state_dict())
-      block.norm1.emb.time_proj.downscale_freq_shift = 0
-  sd = {k: v.numpy() for k, v in ref.state_dict().items()}
-  e = "transformer_blocks.0.norm1.emb."
-  out = {"pos_embed": ref.pos_embed.pos_embed.numpy(),
-         "x_embedder.proj.weight": sd["pos_embed.proj.weight"],
-         "x_embedder.proj.bias": sd["pos_embed.proj.bias"],
-         "y_embedder.embedding_table.weight": sd[e + "class_embedder.embedding_table.weight"],
-         "final_layer.adaLN_modulation.1.weight": sd["proj_out_1.weight"],
-         "final_layer.adaLN_modulation.1.bias": sd["proj_out_1.bias"],
-         "final_layer.linear.weight": sd["proj_out_2.weight"],
-         "final_layer.linear.bias": sd["proj_out_2.bias"]}
-  for s in ("weight", "bias"):
-    out[f"t_embedder.mlp.0.{s}"] = sd[e + f"timestep_embedder.linear_1.{s}"]
-    out[f"t_embedder.mlp.2.{s}"] = sd[e + f"timestep_embedder.linear_2.{s}"]
-    for i in range(depth):
-      b, o = f"transformer_blocks.{i}.", f"blocks.{i}."
-      out[o + f"attn.qkv.{s}"] = np.concatenate([sd[b + f"attn1.to_{c}.{s}"] for c in "qkv"])
-      out[o + f"attn.proj.{s}"] = sd[b + f"attn1.to_out.0.{s}"]
-      out[o + f"mlp.fc1.{s}"] = sd[b + f"ff.net.0.proj.{s}"]
-      out[o + f"mlp.fc2.{s}"] = sd[b + f"ff.net.2.{s}"]
-      out[o + f"adaLN_modulation.1.{s}"] = sd[b + f"norm1.linear.{s}"]
-    for j in (0, 2, 4):
+  out = dict(sd)
+  for j in (0, 2, 4):
+    for s in ("weight", "bias"):
       out[f"projectors.0.{j}.{s}"] = getattr(proj[j], s).detach().numpy()
   return ref, proj, out
 
