@@ -157,8 +157,8 @@ def encoder_module(config: ml_collections.ConfigDict,
   return module, lambda x: dinov2.preprocess(x, side), side
 
 
-def from_config(config: ml_collections.ConfigDict, model: models.DiT, manifest: Mapping[str, Any],
-                image_size: int) -> Alignment | None:
+def from_config(config: ml_collections.ConfigDict, model: models.DiT,
+                manifest: Mapping[str, Any]) -> Alignment | None:
   """The Alignment of config.repa for `model` on a dataset with `manifest` (None: no REPA).
   Errors name the field: a missing image extra, token grids that differ, a bad depth."""
   if not enabled(config):

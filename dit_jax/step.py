@@ -447,7 +447,7 @@ def build(config: ml_collections.ConfigDict, info: DataInfo,
                                                            devices[0].platform, tokens))
   objective = objectives.from_config(config)
   model = objective_model(model, objective, config.model.attention_impl)
-  align = repa_lib.from_config(config, model, info.manifest, config.data.image_size)
+  align = repa_lib.from_config(config, model, info.manifest)
   if align is not None and objective.needs_jvp:
     raise ValueError(f"config.repa.encoder={config.repa.encoder!r}: the {objective.name} "
                      "objective differentiates the network forward (jax.jvp); REPA runs with "
