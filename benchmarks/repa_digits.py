@@ -28,8 +28,8 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from configs import demo, mini  # noqa: E402
-from dit_jax import data_info, guidance, objectives, repa, sampling, step  # noqa: E402
-from dit_jax.encoders import digits_teacher  # noqa: E402
+from dit_jax import (data_info, demo_data, guidance, objectives, repa, sampling,  # noqa: E402
+                     step)
 from dit_jax.evaluation import proxy  # noqa: E402
 from dit_jax.grid import presets  # noqa: E402
 
@@ -69,7 +69,7 @@ def arm_config(arm: str):
 
 
 def main(_):
-  images, labels = digits_teacher.digit_images()
+  images, labels = demo_data.digit_images()
   x = images[..., 0].astype(np.float32) / 15.0 / 8.0 - 1.0
   mean = np.stack([x, x[:, :, ::-1]], axis=1)[..., None]
   want = jnp.repeat(jnp.arange(10, dtype=jnp.int32), FLAGS.per_class)

@@ -18,6 +18,14 @@ from dit_jax import records
 BUILTIN = ("digits",)
 
 
+def digit_images() -> tuple[np.ndarray, np.ndarray]:
+  """The digits as uint8 images [N, 8, 8, 1] (pixel 0..16 times 15) and their labels: the
+  'image' extra of `write_digits(with_images=True)` and the digits teacher's data."""
+  from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
+  d = load_digits()
+  return (d.images * 15).astype(np.uint8)[..., None], d.target
+
+
 def write_digits(out_dir: str, num_shards: int = 4, with_images: bool = False) -> dict:
   """Writes the digits as latent records: x = pixel / 8 - 1 in [-1, 1], [8, 8, 1]; with_images,
   each also carries its image as the extra 'image' (uint8 [8, 8, 1], pixel x 15, flipped with
@@ -26,7 +34,7 @@ def write_digits(out_dir: str, num_shards: int = 4, with_images: bool = False) -
   d = load_digits()
   x = (d.images.astype(np.float32) / 8.0 - 1.0)[..., None]          # [N, 8, 8, 1]
   mean = np.stack([x, x[:, :, ::-1]], axis=1)                          # [N, 2, 8, 8, 1]
-  images = (d.images * 15).astype(np.uint8)[..., None]
+  images, _ = digit_images()
   os.makedirs(out_dir, exist_ok=True)
   for i, idx in enumerate(np.array_split(np.arange(len(x)), num_shards)):
     path = os.path.join(out_dir, f"digits-{i:05d}-of-{num_shards:05d}.tfrecord")

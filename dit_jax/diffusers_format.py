@@ -99,8 +99,10 @@ def from_diffusers_state_dict(sd: Mapping[str, Any], config: Mapping[str, Any]
   `convert.from_official` makes params of it). Every block's copy of the embedders must be the
   same (block 0's is used): a model whose blocks differ there is not a DiT. Errors name the
   key."""
-  g = lambda k: _as_numpy(sd[k]) if k in sd else (_ for _ in ()).throw(
-      ValueError(f"from_diffusers: the state dict has no {k!r}"))
+  def g(key: str) -> np.ndarray:
+    if key not in sd:
+      raise ValueError(f"from_diffusers: the state dict has no {key!r}")
+    return _as_numpy(sd[key])
   depth = int(config["num_layers"])
   heads, head_dim = int(config["num_attention_heads"]), int(config["attention_head_dim"])
   if config.get("norm_type", "ada_norm_zero") != "ada_norm_zero":

@@ -101,9 +101,10 @@ def noisy_and_estimate(objective: Any, apply: Any, x0: jax.Array, noise: jax.Arr
                        f"prediction only (this one: {tr.path.name}, {tr.prediction})")
     s = float(t[0])
     xt = s * x0 + (1.0 - s) * noise
-    v = apply(xt, t, y)[..., :c]
-    if getattr(objective, "network_time", "sit") == "repa":
+    if getattr(objective, "network_time", "sit") == "repa":  # REPA's time: 1 - t, -v
       v = -apply(xt, 1.0 - t, y)[..., :c]
+    else:
+      v = apply(xt, t, y)[..., :c]
     return xt, xt + (1.0 - s) * v
   if name == "edm":
     from dit_jax.objectives import edm  # pylint: disable=import-outside-toplevel
@@ -216,8 +217,7 @@ def inspect(workdir: str, out: str, step: int | None = None, data: str = "",
                             "levels": list(map(float, levels)), "queries": list(map(int, queries))}
 
   # Loss by level (the objective's own draws over the held-out batch).
-  result["loss_by_level"] = loss_by_level(objective, lambda x, t, yy, **k: apply(x, t, yy, **k),
-                                          x0, y, jax.random.PRNGKey(seed))
+  result["loss_by_level"] = loss_by_level(objective, apply, x0, y, jax.random.PRNGKey(seed))
   image_io.save_png(os.path.join(out, "loss_by_level.png"),
                     _upscale(_bar_png([b["loss"] for b in result["loss_by_level"]]), 64))
 
@@ -227,13 +227,12 @@ def inspect(workdir: str, out: str, step: int | None = None, data: str = "",
   i = int(np.argmax(np.asarray(y) == label)) if (np.asarray(y) == label).any() else 0
   one, y1 = x0[i:i + 1], y[i:i + 1]
   grid = model.grid_size
+  internals = jax.jit(lambda x, t: intermediates(model, params, x, t, y1, **kw(t)))
   strip, attn_rows, attention, adaln = [], [], {}, {}
   for level in levels:
-    xt, est = noisy_and_estimate(objective, lambda x, t, yy, **k: apply(x, t, yy, **k), one,
-                                 noise, float(level), y1)
+    xt, est = noisy_and_estimate(objective, apply, one, noise, float(level), y1)
     t = model_time(objective, float(level), one)["t"]
-    _, inter = jax.jit(lambda x, t: intermediates(model, params, x, t, y1, **kw(t)))(
-        objective_input(objective, xt, float(level)), t)
+    _, inter = internals(objective_input(objective, xt, float(level)), t)
     images = np.asarray(decode(jnp.concatenate([xt, est])))
     strip.append(np.concatenate([images[0], images[1]], axis=0))
     w = np.asarray(inter["attention"][:, 0])  # [depth, heads, T, T]

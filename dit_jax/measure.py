@@ -17,6 +17,7 @@ import statistics
 import time
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -100,10 +101,8 @@ def measure(config: ml_collections.ConfigDict, devices: list[Any], plan: Any, st
       if "std" in batch:
         batch["std"] = jnp.zeros_like(batch["std"])
       if setup.align is not None:  # REPA: random encoder weights (the time does not depend)
-        setup.load_frozen(jax.tree.map(
-            lambda x: np.zeros(x.shape, np.float32),
-            jax.eval_shape(lambda: __import__("flax").linen.meta.unbox(
-                setup.align.abstract_params()))))
+        setup.load_frozen(jax.tree.map(lambda x: np.zeros(x.shape, np.float32),
+                                       nn.meta.unbox(setup.align.abstract_params())))
       holder = {"state": state}
 
       def train():

@@ -29,6 +29,7 @@ import numpy as np
 import optax
 from flax import serialization
 
+from dit_jax import demo_data
 from dit_jax.encoders import dinov2
 
 MODEL = dinov2.DinoV2(embed_dim=64, depth=4, num_heads=4, patch_size=2, in_channels=1,
@@ -40,14 +41,6 @@ MASK_RATIO = 0.5
 def preprocess(images: jax.Array) -> jax.Array:
   """uint8 [B, 8, 8, 1] -> [-1, 1] float32 (x / 255, mean 0.5, std 0.5)."""
   return (images.astype(jnp.float32) / 255.0 - MEAN[0]) / STD[0]
-
-
-def digit_images() -> tuple[np.ndarray, np.ndarray]:
-  """scikit-learn's digits as uint8 [N, 8, 8, 1] (pixel 0..16 times 15) and labels: the image
-  extra of the built-in digits records (`demo_data.write_digits(with_images=True)`)."""
-  from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
-  d = load_digits()
-  return (d.images * 15).astype(np.uint8)[..., None], d.target
 
 
 class _SimMIM(nn.Module):
@@ -69,7 +62,7 @@ def train(out: str, steps: int = 2000, batch_size: int = 128, seed: int = 0,
           learning_rate: float = 1e-3, log_every: int = 500) -> dict:
   """Trains the teacher on all 1,797 digits and writes OUT/params.msgpack, OUT/teacher.json;
   returns the json's dict."""
-  images, _ = digit_images()
+  images, _ = demo_data.digit_images()
   x_all = np.asarray(preprocess(images))
   tokens = (x_all.shape[1] // MODEL.patch_size) ** 2
   net = _SimMIM()
