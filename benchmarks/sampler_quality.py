@@ -30,7 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from dit_jax import checkpointing, guidance, sampling  # noqa: E402
+from dit_jax import checkpointing, guidance, latent_norm, sampling  # noqa: E402
 from dit_jax.diffusion import create_sampler, guidance_active  # noqa: E402
 from dit_jax.evaluation import proxy  # noqa: E402
 
@@ -54,7 +54,8 @@ def main(_):
   dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   model, params, meta = checkpointing.load_ema_model(FLAGS.workdir, dev)
   objective = checkpointing.read_objective(meta)
-  decoder = sampling.Decoder(meta.get("vae_path") or "identity", meta.get("scale_factor", 1.0))
+  decoder = sampling.Decoder(meta.get("vae_path") or "identity",
+                             latent_norm.from_record(meta, FLAGS.workdir))
   labels = jnp.repeat(jnp.arange(model.num_classes, dtype=jnp.int32), FLAGS.per_class)
   clf = proxy.classifier()
   print(f"{model.num_classes * FLAGS.per_class} samples per row; EMA step {meta['step']}; "

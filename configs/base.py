@@ -294,10 +294,12 @@ def get_config(model: str = "DiT-XL/2", image_size: int = 256) -> ml_collections
   c.eval.inception_batch_per_device = 32
 
   c.vae = ml_collections.ConfigDict()
-  # Decoder of sample grids and evaluation: a diffusers AutoencoderKL folder (sd-vae-ft-ema) or
-  # 'identity'; empty: the VAE folder recorded in the latents' manifest (identity for pixel data).
+  # Decoder of sample grids and evaluation: a diffusers AutoencoderKL folder (sd-vae-ft-ema), a
+  # named VAE 'NAME:WEIGHTS' (vavae_f16d32:PATH.pt) or 'identity'; empty: the VAE recorded in
+  # the latents' manifest (identity for pixel data).
   c.vae.path = ""
-  # Latent scale factor; None takes the manifest's value (0.18215 for the SD VAE).
+  # Latent scale factor; None takes the manifest's value (0.18215 for the SD VAE; 1 with
+  # per-channel statistics, which the manifest holds and training applies before it).
   c.vae.scale_factor = ml_collections.config_dict.placeholder(float)
   # The latents' shape when planning without data (dit_jax.aot, benchmarks): image_size /
   # downsample_factor square, latent_channels deep (SD-VAE: 8 and 4; VA-VAE f16d32: 16, 32).

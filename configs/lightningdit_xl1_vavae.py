@@ -2,6 +2,8 @@
 recipe (hustvl/LightningDiT configs/lightningdit_xl_vavae_f16d32.yaml; FID 2.11 reported there,
 cfg 10 with the guidance interval and timestep shift below).
 
+  python -m dit_jax.prepare_latents --source=/data/imagenet/train --vae=vavae_f16d32 \
+      --vae_weights=/ckpt/vavae-imagenet256-f16d32-dinov2.pt --out=VAVAE_LATENTS_256
   python -m dit_jax.main --config=configs/lightningdit_xl1_vavae.py --workdir=DIR \
       --config.data.dir=VAVAE_LATENTS_256
 
@@ -9,8 +11,9 @@ The architecture: SwiGLU, RoPE and RMSNorm on, qk-norm off, adaLN shift on (the 
 defaults). Training: flow matching (linear path, velocity), logit-normal t, the velocity-
 direction loss, AdamW with beta2 0.95, batch 1024, lr 2e-4, 80K steps (64 epochs of ImageNet).
 Sampling: Euler with 250 grid points, timestep shift 0.3, guidance from t = 0.11 (t = 0 is
-noise) on every latent channel. The latents must be 16x16x32 (e.g. the VA-VAE's, normalised per
-channel as LightningDiT does); dit_jax does not write VA-VAE latents yet (docs/modern_dit.md).
+noise) on every latent channel. The latents are the VA-VAE's (16x16x32), normalised per channel
+by the statistics prepare_latents records in the manifest, as LightningDiT does; samples are
+decoded after undoing it (dit_jax.latent_norm, docs/latents.md).
 """
 
 from configs import base

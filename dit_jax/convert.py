@@ -341,13 +341,32 @@ def to_lightningdit(params: Mapping, model: models.DiT) -> dict[str, np.ndarray]
   return out
 
 
+def read_latent_stats(path: str, latent_multiplier: float = 1.0):
+  """LightningDiT's `latents_stats.pt` ({'mean', 'std'}, each [1, C, 1, 1]) -> a
+  dit_jax.latent_norm.LatentNorm: x = (z - mean) / std * latent_multiplier."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from dit_jax import latent_norm  # pylint: disable=g-import-not-at-top
+  stats = torch.load(path, map_location='cpu', weights_only=True)
+  if not isinstance(stats, Mapping) or not {'mean', 'std'} <= set(stats):
+    raise ValueError(f'{path}: expected LightningDiT\'s latents_stats ({{"mean", "std"}}), got '
+                     f'{sorted(stats) if isinstance(stats, Mapping) else type(stats).__name__}')
+  mean, std = (np.asarray(stats[k], np.float64).reshape(-1) for k in ('mean', 'std'))
+  try:
+    return latent_norm.LatentNorm(float(latent_multiplier), tuple(mean.tolist()),
+                                  tuple(std.tolist()))
+  except ValueError as e:
+    raise ValueError(f'{path}: {e}') from None
+
+
 def convert_lightningdit(path: str, out_dir: str, input_size: int, num_classes: int,
-                         rope: bool = True,
-                         num_heads: int | None = None) -> tuple[models.DiT, dict]:
+                         rope: bool = True, num_heads: int | None = None,
+                         latent_stats: str | None = None) -> tuple[models.DiT, dict]:
   """A LightningDiT .pt (its EMA weights if the file holds them) -> a directory for
   load_converted, recorded as the flow objective (LightningDiT's transport: linear path,
-  velocity prediction). Returns (model, params)."""
+  velocity prediction). `latent_stats`: the latents_stats.pt its latents were normalised with
+  (recorded, so sampling undoes it). Returns (model, params)."""
   from dit_jax import objectives  # pylint: disable=g-import-not-at-top
+  norm = read_latent_stats(latent_stats) if latent_stats else None
   sd = _load_torch_state_dict(path)
   if 'x_embedder.proj.weight' not in sd or 'final_layer.linear.weight' not in sd:
     raise ValueError(f'{path}: not a LightningDiT checkpoint (no x_embedder.proj.weight or '
@@ -364,15 +383,18 @@ def convert_lightningdit(path: str, out_dir: str, input_size: int, num_classes: 
     name = lightningdit_name(model)
   except ValueError:  # another size: the recorded kwargs say it
     name = 'LightningDiT-B/2'
+  if norm is not None:
+    norm.check_channels(model.in_channels, f'{path}: the model\'s latents')
   objective = objectives.from_meta({'objective': {'name': 'flow'}}).to_meta()
-  save_converted(out_dir, params, name, objective=objective, **kwargs)
+  save_converted(out_dir, params, name, objective=objective, latent_norm=norm, **kwargs)
   return model, params
 
 
 def save_converted(out_dir: str, params: Mapping, model_name: str, objective: dict | None = None,
-                   **model_kwargs: Any) -> None:
+                   latent_norm: Any = None, **model_kwargs: Any) -> None:
   """Writes `out_dir/params` (orbax, item {'params': params}) and `out_dir/model.json`
-  (`objective`: objectives' to_meta() record; None: ADM, as the DiT release)."""
+  (`objective`: objectives' to_meta() record; None: ADM, as the DiT release; `latent_norm`: a
+  dit_jax.latent_norm.LatentNorm; None: the SD-VAE's scale factor)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   out_dir = os.path.abspath(out_dir)
   model = models.get_model(model_name, **model_kwargs)
@@ -393,6 +415,8 @@ def save_converted(out_dir: str, params: Mapping, model_name: str, objective: di
     record = {'model': model_name, 'kwargs': model_kwargs}
     if objective is not None:
       record['objective'] = objective
+    if latent_norm is not None:
+      record['latent_norm'] = latent_norm.to_meta()
     json.dump(record, f, indent=2)
 
 
@@ -426,6 +450,14 @@ def converted_objective(ckpt_dir: str) -> dict | None:
   """The objective record of a directory written by save_converted (None: ADM, the DiT
   release); objectives.from_meta({'objective': record, ...}) builds it."""
   return _read_model_json(ckpt_dir).get('objective')
+
+
+def converted_latent_norm(ckpt_dir: str):
+  """The latent normalisation a directory written by save_converted records (default: the
+  SD-VAE's scale factor 0.18215, the DiT release's)."""
+  from dit_jax import latent_norm  # pylint: disable=g-import-not-at-top
+  return latent_norm.from_record(_read_model_json(ckpt_dir), f'{ckpt_dir}/model.json',
+                                 default_scale=0.18215)
 
 
 def official_objective(path: str, objective: str = '') -> dict | None:
@@ -541,10 +573,12 @@ def main(argv: list[str]) -> None:
     if not flags.out:
       raise app.UsageError('--lightningdit needs --out DIR')
     model, params = convert_lightningdit(flags.lightningdit, flags.out, flags.image_size //
-                                         flags.vae_factor, flags.num_classes, flags.rope)
+                                         flags.vae_factor, flags.num_classes, flags.rope,
+                                         latent_stats=flags.latent_stats)
     print(f'converted {flags.lightningdit} -> {flags.out} (width {model.hidden_size}, depth '
           f'{model.depth}, patch {model.patch_size}, input_size {model.input_size}, '
-          f'{model.in_channels} channels; objective flow)')
+          f'{model.in_channels} channels; objective flow; latents normalised by '
+          f'{flags.latent_stats or "the SD-VAE scale factor 0.18215"})')
     return
   if flags.repa:
     if not flags.out or not flags.encoder_depth:
@@ -703,6 +737,8 @@ def run() -> None:
                            '--num_classes, --rope and --out.')
   absl_flags.DEFINE_integer('vae_factor', 16, '--lightningdit: the latents\' downsampling '
                             '(16: VA-VAE f16d32, 8: SD-VAE).')
+  absl_flags.DEFINE_string('latent_stats', None, '--lightningdit: the latents_stats.pt its '
+                           'latents were normalised with (recorded; sampling undoes it).')
   absl_flags.DEFINE_bool('rope', True, '--lightningdit: the model uses 2-D RoPE (its use_rope).')
   absl_flags.DEFINE_string('objective', '', "What the .pt was trained with, recorded for "
                            "dit_jax.sample: 'adm' (DiT), 'flow' (SiT: Linear path, velocity "

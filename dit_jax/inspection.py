@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dit_jax import checkpointing, image_io, models, sampling
+from dit_jax import checkpointing, image_io, latent_norm, models, sampling
 
 
 # ------------------------------------------------------------------ the model's internals
@@ -205,13 +205,13 @@ def inspect(workdir: str, out: str, step: int | None = None, data: str = "",
                                      process_index=0, start_step=0, shuffle_buffer=1024,
                                      cycle_length=2)
   batch = {k: np.asarray(v) for k, v in next(iter(ds)).items()}
-  scale = float(meta.get("scale_factor", 1.0))
-  x0 = jnp.asarray(batch["mean"][:, 0].astype(np.float32) * scale)
+  norm = latent_norm.from_record(meta, workdir)
+  x0 = norm.normalize(batch["mean"][:, 0].astype(np.float32))
   y = jnp.asarray(batch["label"], jnp.int32)
   os.makedirs(out, exist_ok=True)
   apply = jax.jit(lambda x, t, yy, **kw: model.apply({"params": params}, x, t, yy, **kw))
   kw = lambda t: ({"h": jnp.zeros_like(t)} if model.h_embedder else {})
-  decode = sampling.Decoder(meta.get("vae_path") or "identity", scale)
+  decode = sampling.Decoder(meta.get("vae_path") or "identity", norm)
   result: dict[str, Any] = {"step": int(meta["step"]), "objective": objective.name,
                             "label": label,
                             "levels": list(map(float, levels)), "queries": list(map(int, queries))}

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
 
+from dit_jax import latent_norm
 from dit_jax import preprocessing
 from dit_jax import records
 from dit_jax import runtime
@@ -123,31 +124,42 @@ def make_source(source: str, split: str = "train", data_dir: str | None = None,
   return ImageFolderSource(source)
 
 
-def make_encoder(vae: str, image_size: int, precision: str | None = "high"
-                 ) -> tuple[EncodeFn, dict[str, Any]]:
+def make_encoder(vae: str, image_size: int, precision: str | None = "high",
+                 norm: str = "auto") -> tuple[EncodeFn, dict[str, Any]]:
   """Returns (encode, info): encode maps images [B, H, W, 3] in [-1, 1] to (mean, std) [B, 2, h, w, c].
 
   Index 1 of axis 1 is the encoding of the horizontally flipped image. The batch is sharded over
   this process's devices (B must be a multiple of jax.local_device_count()). `vae` is a diffusers
-  AutoencoderKL folder or "identity" (latent = image, std = 0; for tests and debugging).
+  AutoencoderKL folder, a named VAE "NAME:WEIGHTS" (dit_jax.vae.named: the VA-VAE) or
+  "identity" (latent = image, std = 0; for tests and debugging). `norm` (latent_norm.RULES):
+  'channel' normalises by per-channel statistics (then a scale factor of 1, LightningDiT's
+  latent_multiplier), 'scale' by the VAE's scale factor, 'auto' as the VAE's release trains.
   """
+  if norm not in latent_norm.RULES:
+    raise ValueError(f"--latent_norm={norm!r} must be one of {latent_norm.RULES}")
   mesh = jax.sharding.Mesh(np.array(jax.local_devices()), ("batch",))
   batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   if vae == "identity":
     module, params = None, None
     info = {"vae": "identity", "scale_factor": 1.0, "latent_shape": [image_size, image_size, 3],
-            "downsample_factor": 1}
+            "downsample_factor": 1, "per_channel": norm == "channel"}
   else:
+    spec = vae_lib.named(vae)
     config = vae_lib.load_config(vae)
     module, params = vae_lib.load(vae, precision=precision)
     f = module.downsample_factor
     if image_size % f:
       raise ValueError(f"--image_size={image_size} is not a multiple of the VAE's downsampling factor {f}")
     params = jax.device_put(params, replicated)
-    info = {"vae": os.path.basename(os.path.normpath(vae)), "vae_path": vae,
+    name = spec[0] if spec else os.path.basename(os.path.normpath(vae))
+    if norm == "auto":
+      norm = vae_lib.LATENT_NORMS.get(spec[0] if spec else "", "scale")
+    scale = (1.0 if norm == "channel" else
+             float(config.get("scaling_factor", vae_lib.DEFAULT_SCALE_FACTOR)))
+    info = {"vae": name, "vae_path": vae,
             "vae_config": {k: v for k, v in config.items() if not k.startswith("_")},
-            "scale_factor": float(config.get("scaling_factor", vae_lib.DEFAULT_SCALE_FACTOR)),
+            "scale_factor": scale, "per_channel": norm == "channel",
             "latent_shape": [image_size // f, image_size // f, module.latent_channels],
             "downsample_factor": f}
 
@@ -272,10 +284,12 @@ def prepare(source: str, vae: str, out: str, image_size: int = 256, batch_size: 
             shard_size: int = 1024, dtype: str = "float16", split: str = "train",
             tfds_data_dir: str | None = None, tfds_manual_dir: str | None = None,
             num_workers: int = 16, precision: str | None = "high",
-            with_images: bool = False) -> dict | None:
+            with_images: bool = False, latent_norm_rule: str = "auto") -> dict | None:
   """Writes this process's shards under `out`; process 0 then writes and returns the manifest.
   with_images: each record also stores its center-cropped image (PNG, the extra 'image',
-  flipped with its latent), which REPA's encoder reads in the train step."""
+  flipped with its latent), which REPA's encoder reads in the train step. latent_norm_rule:
+  as make_encoder's `norm`; per-channel statistics are computed over every shard's stored
+  posteriors once all are written, and recorded in the manifest."""
   if dtype not in records.SUPPORTED_DTYPES:
     raise ValueError(f"--dtype={dtype!r} must be one of {records.SUPPORTED_DTYPES}")
   if batch_size < 1 or shard_size < 1:
@@ -285,9 +299,10 @@ def prepare(source: str, vae: str, out: str, image_size: int = 256, batch_size: 
     batch_size += n_dev - batch_size % n_dev
     logging.info("Rounded --batch_size up to %d, a multiple of the %d local devices", batch_size, n_dev)
   src = make_source(source, split, tfds_data_dir, tfds_manual_dir)
-  encode, info = make_encoder(vae, image_size, precision)
+  encode, info = make_encoder(vae, image_size, precision, latent_norm_rule)
   if info["vae"] != "identity":
-    weights = os.path.join(vae_lib.find_vae_dir(vae), vae_lib.WEIGHTS_NAME)
+    spec = vae_lib.named(vae)
+    weights = spec[1] if spec else os.path.join(vae_lib.find_vae_dir(vae), vae_lib.WEIGHTS_NAME)
     info["vae_weights_sha256"] = records.sha256(weights) if tf.io.gfile.exists(weights) else None
   tf.io.gfile.makedirs(out)
   pc, pi = jax.process_count(), jax.process_index()
@@ -356,9 +371,11 @@ def _write_manifest(out: str, plan, run: dict, src, info: dict) -> dict:
            "split": run["split"], "preprocessing": "adm_center_crop",
            "example_order": (f"permutation(seed={ORDER_SEED})"
                              if isinstance(src, ImageFolderSource) else "source order"),
-           **{k: v for k, v in info.items() if k not in ("vae", "scale_factor", "latent_shape")}}
+           **{k: v for k, v in info.items()
+              if k not in ("vae", "scale_factor", "latent_shape", "per_channel")}}
   manifest = records.write_manifest(out, vae=info["vae"], scale_factor=info["scale_factor"],
-                                    num_classes=src.num_classes, extra=extra)
+                                    num_classes=src.num_classes, extra=extra,
+                                    per_channel=info["per_channel"])
   logging.info("Wrote %s: %d records, %d skipped", os.path.join(out, records.MANIFEST),
                manifest["count"], manifest["num_skipped"])
   return manifest
@@ -366,7 +383,14 @@ def _write_manifest(out: str, plan, run: dict, src, info: dict) -> dict:
 
 _SOURCE = flags.DEFINE_string("source", None, "ImageFolder root (class sub-folders) or tfds:NAME.")
 _VAE = flags.DEFINE_string("vae", None, "diffusers AutoencoderKL folder (config.json + safetensors), "
-                           "or 'identity'.")
+                           "a named VAE (vavae_f16d32, with --vae_weights), or 'identity'.")
+_VAE_WEIGHTS = flags.DEFINE_string("vae_weights", None, "A named --vae's LDM checkpoint (.pt/.ckpt "
+                                   "or .safetensors), e.g. vavae-imagenet256-f16d32-dinov2.pt.")
+_LATENT_NORM = flags.DEFINE_enum("latent_norm", "auto", list(latent_norm.RULES),
+                                 "How training normalises the latents: 'channel' by per-channel "
+                                 "statistics computed here (LightningDiT's, for the VA-VAE), "
+                                 "'scale' by the VAE's scale factor (DiT's 0.18215), 'auto' as "
+                                 "the VAE's release does.")
 _OUT = flags.DEFINE_string("out", None, "Output directory for shards and manifest.json (local or gs://).")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 256, "Side of the center-cropped images.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Images per encoder call on this process "
@@ -389,11 +413,19 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   runtime.setup()  # hides GPUs from TensorFlow; jax.distributed on pods / clusters
-  prepare(_SOURCE.value, _VAE.value, _OUT.value, image_size=_IMAGE_SIZE.value,
+  vae = _VAE.value
+  if vae in vae_lib.CONFIGS:
+    if not _VAE_WEIGHTS.value:
+      raise app.UsageError(f"--vae={vae} needs --vae_weights=PATH (its LDM checkpoint)")
+    vae = f"{vae}{vae_lib.SPEC_SEPARATOR}{_VAE_WEIGHTS.value}"
+  elif _VAE_WEIGHTS.value:
+    raise app.UsageError(f"--vae_weights is for a named --vae ({', '.join(vae_lib.CONFIGS)}); "
+                         f"--vae={vae!r} is a folder that holds its own weights")
+  prepare(_SOURCE.value, vae, _OUT.value, image_size=_IMAGE_SIZE.value,
           batch_size=_BATCH_SIZE.value, shard_size=_SHARD_SIZE.value, dtype=_DTYPE.value,
           split=_SPLIT.value, tfds_data_dir=_TFDS_DATA_DIR.value, tfds_manual_dir=_TFDS_MANUAL_DIR.value,
           num_workers=_NUM_WORKERS.value, precision=_PRECISION.value,
-          with_images=_WITH_IMAGES.value)
+          with_images=_WITH_IMAGES.value, latent_norm_rule=_LATENT_NORM.value)
 
 
 def run() -> None:

@@ -10,7 +10,8 @@ One record per source image (a `tf.train.Example`):
 Index 0 of the leading axis is the image, index 1 its horizontal flip, so the training
 pipeline can draw the release's random flip and a fresh posterior sample
 `(mean + std * noise) * scale_factor` every step at precomputed cost. Values are stored
-UNSCALED; the scale factor (0.18215 for the SD VAE) lives in the manifest.
+UNSCALED; the normalisation lives in the manifest (dit_jax.latent_norm): the scale factor
+(0.18215 for the SD VAE) and, for per-channel normalisation (the VA-VAE), `latent_stats`.
 
 Extras are further per-example arrays for objectives that need more than the latents (a
 center-cropped uint8 image for a representation encoder, precomputed encoder features).
@@ -21,13 +22,14 @@ train step can use them where TensorFlow is not installed (TensorFlow is importe
 the functions that read or write files).
 
 Each shard `X.tfrecord` is written atomically (temporary file, then rename) together with
-a sidecar `X.tfrecord.json` (count, byte size, sha256, shape, dtype, extras, extra), so an
-interrupted writer can skip finished shards. `write_manifest` gathers the sidecars into
+a sidecar `X.tfrecord.json` (count, byte size, sha256, shape, dtype, extras, the per-channel
+moments of the stored posteriors, extra), so an interrupted writer can skip finished shards. `write_manifest` gathers the sidecars into
 `manifest.json`:
 
   {"format": "dit_jax.latents.v1", "latent_shape": [h, w, c], "dtype": "float16",
    "count": N, "num_classes": K, "vae": "...", "scale_factor": 0.18215,
    "num_skipped": 0, "shards": [{"file", "count", "bytes", "sha256"}, ...],
+   "latent_stats": {"mean": [c], "std": [c]},  # per-channel normalisation only
    "extras": {NAME: {"shape": [...], "dtype": "uint8", "flip": "width"[, "encoding": "png"]},
               ...},  # if any
    ...extra}
@@ -42,6 +44,8 @@ import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from dit_jax import latent_norm
 
 FORMAT = "dit_jax.latents.v1"
 MANIFEST = "manifest.json"
@@ -193,6 +197,8 @@ def write_shard(path: str, labels: np.ndarray, mean: np.ndarray, std: np.ndarray
                         **({"encoding": extras[name].encoding}
                            if extras[name].encoding != "raw" else {})}
                  for name, v in values.items()},
+      # Of the values as stored (after the cast): what training reads.
+      "channel_moments": latent_norm.channel_moments(mean, std),
       "extra": extra or {},
   }
   _atomic_write_text(path + ".json", json.dumps(info, indent=1))
@@ -214,11 +220,12 @@ def shard_done(path: str) -> bool:
 
 
 def write_manifest(out_dir: str, *, vae: str, scale_factor: float, num_classes: int,
-                   extra: dict | None = None) -> dict:
+                   extra: dict | None = None, per_channel: bool = False) -> dict:
   """Gathers every shard sidecar in `out_dir` into `out_dir/manifest.json`.
 
   Every shard must have the same latent shape, dtype and extras. `extra` adds free-form
-  top-level fields (class names, provenance).
+  top-level fields (class names, provenance). `per_channel`: the latents are normalised by
+  their per-channel statistics over every shard (`latent_stats`), then times `scale_factor`.
   """
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   if extra and "extras" in extra:
@@ -227,7 +234,7 @@ def write_manifest(out_dir: str, *, vae: str, scale_factor: float, num_classes: 
   sides = sorted(tf.io.gfile.glob(os.path.join(out_dir, "*.tfrecord.json")))
   if not sides:
     raise FileNotFoundError(f"{out_dir}: no finished shards (*.tfrecord.json) to list")
-  shards, shape, dtype, extras, skipped = [], None, None, None, 0
+  shards, shape, dtype, extras, skipped, moments = [], None, None, None, 0, []
   for side in sides:
     with tf.io.gfile.GFile(side) as f:
       info = json.load(f)
@@ -241,6 +248,12 @@ def write_manifest(out_dir: str, *, vae: str, scale_factor: float, num_classes: 
       raise ValueError(f"{side}: shard has extras {mine}, but other shards have {extras}; "
                        "every shard must carry the same extras (names, shapes, dtypes, flips)")
     skipped += int(info.get("extra", {}).get("skipped", 0))
+    if per_channel:
+      if "channel_moments" not in info:
+        raise ValueError(f"{side}: the shard records no channel_moments (written before "
+                         "per-channel statistics existed): rewrite it for per-channel "
+                         "normalisation")
+      moments.append(info["channel_moments"])
     shards.append({k: info[k] for k in ("file", "count", "bytes", "sha256")})
   manifest = {
       "format": FORMAT,
@@ -255,7 +268,11 @@ def write_manifest(out_dir: str, *, vae: str, scale_factor: float, num_classes: 
   }
   if extras:  # absent when none, so datasets without extras keep their manifests unchanged
     manifest["extras"] = extras
+  if per_channel:
+    manifest["latent_stats"] = latent_norm.stats_from_moments(moments)
   manifest.update(extra or {})
+  latent_norm.from_record(manifest, os.path.join(out_dir, MANIFEST)).check_channels(
+      shape[-1], f"{out_dir}: the shards' latents")
   _atomic_write_text(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=1))
   return manifest
 
@@ -313,6 +330,7 @@ def read_manifest(data_dir: str) -> dict:
     raise ValueError(f"{path}: shard counts do not add up to count={m['count']}")
   if "extras" in m:
     _check_extras_field(path, m["extras"])
+  latent_norm.from_record(m, path).check_channels(m["latent_shape"][-1], f"{path}: the latents")
   return m
 
 

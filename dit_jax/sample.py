@@ -22,6 +22,7 @@ all-gathered: 50K images at 256 px are 9.8 GB. Paths may be local or gs://.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -32,8 +33,8 @@ import tensorflow as tf
 from absl import app, flags, logging
 from jax.experimental import multihost_utils
 
-from dit_jax import (attention, checkpointing, guidance, image_io, models, objectives, runtime,
-                     sampling, sharding)
+from dit_jax import (attention, checkpointing, guidance, image_io, latent_norm, models,
+                     objectives, runtime, sampling, sharding)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training workdir: samples its newest checkpoint's EMA.")
@@ -67,14 +68,16 @@ flags.DEFINE_bool("release_cfg", None, "Guide only the first 3 channels as the r
 flags.DEFINE_integer("batch_size", 64, "Global batch per sampling call.", lower_bound=1)
 flags.DEFINE_integer("seed", 0, "Seed for labels and noise.")
 flags.DEFINE_list("labels", None, "Class labels to cycle through (default: uniform random).")
-flags.DEFINE_string("vae", None, "Decoder: diffusers AutoencoderKL folder or 'identity' "
-                    "(default: the VAE the training run used, from its checkpoint).")
+flags.DEFINE_string("vae", None, "Decoder: diffusers AutoencoderKL folder, a named VAE "
+                    "NAME:WEIGHTS (vavae_f16d32:PATH.pt) or 'identity' (default: the VAE the "
+                    "training run used, from its checkpoint).")
 flags.DEFINE_string("dtype", "float32", "Activation dtype of sampling (float32 as the release; "
                     "bfloat16 is faster on TPUs/GPUs).")
 flags.DEFINE_string("attention_impl", "auto", "Attention kernel (dit_jax/attention.py): 'auto' "
                     "picks cuDNN on GPUs and splash on TPUs from 1,024 tokens when --dtype is "
                     "bfloat16/float16, else the XLA path; 'xla', 'cudnn', 'splash'.")
-flags.DEFINE_float("scale_factor", None, "Latent scale factor (default: from the checkpoint).")
+flags.DEFINE_float("scale_factor", None, "Latent scale factor (default: from the checkpoint; "
+                   "per-channel statistics recorded there stay).")
 flags.DEFINE_string("out", "samples.npz", "Output .npz (ADM layout), local or gs://.")
 flags.DEFINE_bool("keep_parts", False, "Keep the per-process parts after merging them (several "
                   "hosts).")
@@ -95,9 +98,11 @@ def load_model(mesh) -> tuple[models.DiT, dict, dict]:
     from dit_jax import convert  # pylint: disable=import-outside-toplevel
     model, params = convert.load_converted(FLAGS.checkpoint, sharding=repl)
     if not FLAGS.vae:
-      raise app.UsageError("--checkpoint (a converted release model) samples SD-VAE latents: "
-                           "pass --vae=DIR (the sd-vae-ft-ema diffusers folder)")
-    meta = {"scale_factor": 0.18215, "model_kwargs": {"learn_sigma": model.learn_sigma},
+      raise app.UsageError("--checkpoint (a converted release model) samples latents: pass "
+                           "--vae=DIR (the sd-vae-ft-ema diffusers folder), or "
+                           "--vae=vavae_f16d32:PATH for a LightningDiT on VA-VAE latents")
+    norm = convert.converted_latent_norm(FLAGS.checkpoint)
+    meta = {"latent_norm": norm.to_meta(), "model_kwargs": {"learn_sigma": model.learn_sigma},
             "objective": convert.converted_objective(FLAGS.checkpoint)}
     model, params = models.without_projector(model, params)  # REPA's: training only
     return model.clone(dtype=dtype), params, meta
@@ -124,7 +129,9 @@ def main(argv):
   tokens = (model.input_size // model.patch_size) ** 2
   model = model.clone(attention_impl=attention.resolve_for(
       FLAGS.attention_impl, model.dtype, jax.default_backend(), tokens))
-  scale = FLAGS.scale_factor or meta.get("scale_factor", 0.18215)
+  norm = latent_norm.from_record(meta, FLAGS.checkpoint or FLAGS.workdir, default_scale=0.18215)
+  if FLAGS.scale_factor:
+    norm = dataclasses.replace(norm, scale_factor=FLAGS.scale_factor)
   bs = FLAGS.batch_size
   try:
     sampling.check_batch(model, FLAGS.cfg_scale, bs, mesh.size, ("--cfg_scale", "--batch_size"))
@@ -154,7 +161,7 @@ def main(argv):
         out_shardings=batch_sh)
   except ValueError as e:
     raise app.UsageError(f"{e} ({objective.name} objective of the checkpoint)") from None
-  decoder = sampling.Decoder(FLAGS.vae or meta.get("vae_path") or "identity", scale, repl,
+  decoder = sampling.Decoder(FLAGS.vae or meta.get("vae_path") or "identity", norm, repl,
                              matmul_precision=FLAGS.matmul_precision)
 
   rng = np.random.default_rng(FLAGS.seed)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dit_jax import latent_norm
 from dit_jax.models import DiT, has_null_class
 
 
@@ -70,16 +71,18 @@ def sample_batches(sample_fn: Callable, decoder: Callable, params: Any, labels: 
 class Decoder:
   """Latents (scaled, as the DiT sees them) -> uint8 images, on device, keeping the batch sharding.
 
-  'identity' for pixel-space data, else a diffusers AutoencoderKL folder (dit_jax.vae); the VAE
+  'identity' for pixel-space data, else a diffusers AutoencoderKL folder or a named VAE
+  ("NAME:WEIGHTS", dit_jax.vae.named). `norm` is the latents' normalisation (a
+  dit_jax.latent_norm.LatentNorm, or a scale factor), undone before decoding. The VAE
   parameters are passed as arguments, not folded into the executable as constants. Matmuls
   run at `matmul_precision` ('highest': float32 as the release decodes, also on TPUs, whose
   default is one bfloat16 pass). `compile(latents)` compiles ahead of time for one batch
   shape and sharding, so an error or out-of-memory shows before a training job starts.
   """
 
-  def __init__(self, path: str, scale_factor: float, params_sharding: Any = None,
-               matmul_precision: str | None = "highest"):
-    self.path, self.scale_factor = path, float(scale_factor)
+  def __init__(self, path: str, norm: "latent_norm.LatentNorm | float",
+               params_sharding: Any = None, matmul_precision: str | None = "highest"):
+    self.path, self.norm = path, latent_norm.as_norm(norm)
     self.matmul_precision = matmul_precision
     self._compiled: dict[Any, Any] = {}
     if path == "identity":
@@ -101,8 +104,7 @@ class Decoder:
     abstract = jax.ShapeDtypeStruct(latents.shape, latents.dtype,
                                     sharding=getattr(latents, "sharding", None))
     with jax.default_matmul_precision(self.matmul_precision):
-      lowered = self._jit.lower(*self._static, self._params, abstract,
-                                scale_factor=self.scale_factor)
+      lowered = self._jit.lower(*self._static, self._params, abstract, norm=self.norm)
       self._compiled[self._key(abstract)] = lowered.compile()
     return lowered.out_info
 
@@ -111,10 +113,11 @@ class Decoder:
     if compiled is not None:
       return compiled(self._params, latents)
     with jax.default_matmul_precision(self.matmul_precision):
-      return self._jit(*self._static, self._params, latents, scale_factor=self.scale_factor)
+      return self._jit(*self._static, self._params, latents, norm=self.norm)
 
 
-@functools.partial(jax.jit, static_argnames=("scale_factor",))
-def _identity_to_uint8(params: None, latents: jax.Array, scale_factor: float) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("norm",))
+def _identity_to_uint8(params: None, latents: jax.Array,
+                       norm: latent_norm.LatentNorm) -> jax.Array:
   del params  # the identity has none; same signature as the VAE's decoder
-  return jnp.clip(127.5 * (latents / scale_factor) + 128.0, 0, 255).astype(jnp.uint8)
+  return jnp.clip(127.5 * norm.denormalize(latents) + 128.0, 0, 255).astype(jnp.uint8)

@@ -24,8 +24,8 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
-from dit_jax import (attention, flops as flops_lib, hardware, models, objectives, records,
-                     repa as repa_lib, sharding)
+from dit_jax import (attention, flops as flops_lib, hardware, latent_norm, models, objectives,
+                     records, repa as repa_lib, sharding)
 from dit_jax.data_info import DataInfo
 from dit_jax.lr_schedule import learning_rate_schedule
 
@@ -158,11 +158,12 @@ def flip_inputs(batch: Mapping[str, jax.Array], flip: jax.Array | None,
   return out
 
 
-def sample_latents(batch: Mapping[str, jax.Array], key: jax.Array, scale: float,
-                   random_flip: bool,
+def sample_latents(batch: Mapping[str, jax.Array], key: jax.Array,
+                   scale: "latent_norm.LatentNorm | float", random_flip: bool,
                    flips: Mapping[str, str] = LATENT_FLIPS) -> tuple[jax.Array, dict]:
-  """The release's training input: random flip, fresh posterior sample, times the scale; and
-  every other per-example input of the batch, flipped with its latent.
+  """The release's training input: random flip, fresh posterior sample, normalised (`scale`:
+  a dit_jax.latent_norm.LatentNorm, e.g. per-channel statistics, or the release's scale
+  factor); and every other per-example input of the batch, flipped with its latent.
 
   batch mean/std [B, 2, h, w, c] (index 1 = flipped image) -> x0 [B, h, w, c] float32, and
   {name: array} of the batch's other inputs (labels, extra arrays) as `flip_inputs` lays them.
@@ -173,7 +174,8 @@ def sample_latents(batch: Mapping[str, jax.Array], key: jax.Array, scale: float,
   inputs = flip_inputs(batch, flip, {**flips, **LATENT_FLIPS})
   mean = inputs.pop("mean").astype(jnp.float32)
   std = inputs.pop("std").astype(jnp.float32)
-  return (mean + std * jax.random.normal(k_eps, mean.shape, jnp.float32)) * scale, inputs
+  z = mean + std * jax.random.normal(k_eps, mean.shape, jnp.float32)
+  return latent_norm.as_norm(scale).normalize(z), inputs
 
 
 def gather_params(params: Any, dtypes: Any, shardings: Any) -> Any:
@@ -266,7 +268,7 @@ def explicit_grads(params: Any, inputs: dict, loss_fn: Any, param_dtypes: Any, g
 
 def train_step(state: TrainState, batch: dict, frozen: Any = None, *, model: models.DiT,
                objective: objectives.Objective, tx: optax.GradientTransformation,
-               schedule: Any, ema_decay: float, scale: float, random_flip: bool,
+               schedule: Any, ema_decay: float, scale: Any, random_flip: bool,
                microbatches: int = 1,
                param_dtypes: Any = None, compute_sh: Any = None, grad_sh: Any = None,
                batch_axes: Any = None, explicit: bool = False,
@@ -541,7 +543,7 @@ def _compile(config: ml_collections.ConfigDict, info: DataInfo,
   step_fn = jax.jit(
       functools.partial(train_step, model=model, objective=objective, tx=tx,
                         schedule=schedule, ema_decay=config.ema_decay,
-                        scale=float(config.vae.scale_factor or info.scale_factor),
+                        scale=latent_norm.of_data(info, config.vae.scale_factor),
                         random_flip=config.data.random_flip, microbatches=microbatches,
                         param_dtypes=models.compute_dtypes(model, abstract.params),
                         compute_sh=compute_sh, grad_sh=state_sh.params,

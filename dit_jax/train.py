@@ -29,8 +29,8 @@ from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
 
 from dit_jax import (checkpointing, config_checks, convert, demo_data, hardware, input_pipeline,
-                     models, objectives, periodic, profiling, repa, runtime, sampling, stopping,
-                     workdir_lock)
+                     latent_norm, models, objectives, periodic, profiling, repa, runtime,
+                     sampling, stopping, workdir_lock)
 from dit_jax.data_info import DataInfo
 from dit_jax.step import TrainSetup, TrainState, abstract_state, build
 
@@ -148,7 +148,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   stopping.starting("compiling the sample grids and evaluation")
   if config.sample.num_images or config.eval.every_steps:
     decoder = sampling.Decoder(vae_path(config.vae.path, info, config.data.dir),
-                               latent_scale(config.vae.scale_factor, info), setup.repl,
+                               latent_norm.of_data(info, config.vae.scale_factor), setup.repl,
                                matmul_precision=config.sample.matmul_precision)
     if config.sample.num_images:
       grid = periodic.SampleGrid(config, setup, decoder, writer, workdir)
@@ -178,11 +178,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   writer.flush()
   multihost_utils.sync_global_devices("train_and_evaluate done")
   return metrics.history
-
-
-def latent_scale(configured: float | None, info: DataInfo) -> float:
-  """config.vae.scale_factor (`configured`), else the manifest's."""
-  return float(configured or info.scale_factor)
 
 
 def _train_part(s: Any) -> dict:
@@ -222,6 +217,12 @@ def restore_or_init(config: ml_collections.ConfigDict, info: DataInfo, setup: Tr
   state = TrainState(step=tr["step"], params=tr["params"], ema_params=ema,
                      opt_state=tr["opt_state"], rng=tr["rng"],
                      first_bad_step=jax.device_put(jnp.int32(-1), state_sh.first_bad_step))
+  if "latent_norm" in meta:  # checkpoints from before it record the scale factor only
+    latent_norm.check_same(
+        latent_norm.of_data(info, config.vae.scale_factor),
+        f"{config.data.dir}/manifest.json" + (" with config.vae.scale_factor"
+                                              if config.vae.scale_factor else ""),
+        latent_norm.from_record(meta, mngr.directory), f"the checkpoint in {mngr.directory}")
   nproc = jax.process_count()
   was = meta.get("data", {})
   if (was.get("local_batch_size"), was.get("process_count")) != (local_bs, nproc):
@@ -254,6 +255,7 @@ def save(config: ml_collections.ConfigDict, info: DataInfo, model: models.DiT,
   defaults to config's."""
   check_finite(state, mngr, step)  # a checkpoint never holds a diverged state
   epoch, offset = input_pipeline.stream_position(step, local_bs, info.local_count)
+  norm = latent_norm.of_data(info, config.vae.scale_factor)
   meta = {"step": step, "model": config.model.name, "model_kwargs": models.architecture(model),
           "data": {"dir": config.data.dir, "epoch": epoch, "offset": offset,
                    "local_batch_size": local_bs, "process_count": jax.process_count()},
@@ -261,7 +263,9 @@ def save(config: ml_collections.ConfigDict, info: DataInfo, model: models.DiT,
           # For readers from before objectives (ADM's process; unused with flow).
           "diffusion": {"steps": config.diffusion.steps,
                         "noise_schedule": config.diffusion.noise_schedule},
-          "scale_factor": latent_scale(config.vae.scale_factor, info),
+          # The normalisation training applied, undone at sampling (dit_jax.latent_norm);
+          # scale_factor alone for readers from before per-channel statistics.
+          "latent_norm": norm.to_meta(), "scale_factor": norm.scale_factor,
           "vae_path": vae_path(config.vae.path, info, config.data.dir, required=False)}
   checkpointing.save(mngr, step, _train_part(state), state.ema_params, meta)
 

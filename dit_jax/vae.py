@@ -387,6 +387,12 @@ VAVAE_F16D32 = {
     "down_block_types": ["DownEncoderBlock2D"] * 5, "up_block_types": ["UpDecoderBlock2D"] * 5,
 }
 CONFIGS = {"vavae_f16d32": VAVAE_F16D32}
+# How latents of each named VAE are normalised for the DiT (dit_jax.latent_norm): the VA-VAE per
+# channel, as LightningDiT trains on it (latents_stats, latent_multiplier 1.0).
+LATENT_NORMS = {"vavae_f16d32": "channel"}
+# A named VAE is given as "NAME:WEIGHTS" (e.g. "vavae_f16d32:/ckpt/vavae-imagenet256-f16d32-
+# dinov2.pt"): the config of NAME and an LDM-named checkpoint (.pt/.ckpt, or .safetensors).
+SPEC_SEPARATOR = ":"
 
 # LDM (taming / latent-diffusion) AutoencoderKL names -> diffusers names, for the parts whose
 # index does not move; the decoder's `up.{i}` is level i from the bottom, diffusers'
@@ -431,6 +437,47 @@ def from_ldm(config: Mapping[str, Any], state_dict: Mapping[str, Any],
   return from_diffusers(config, ldm_to_diffusers(state_dict, levels), **overrides)
 
 
+def named(spec: str) -> tuple[str, str] | None:
+  """(NAME, WEIGHTS) when `spec` names a config of CONFIGS ("NAME:WEIGHTS"), else None (a
+  diffusers folder, local or gs://)."""
+  name, sep, weights = spec.partition(SPEC_SEPARATOR)
+  if sep and name in CONFIGS:
+    if not weights:
+      raise ValueError(f"VAE {spec!r}: give the weights of {name} as {name}:PATH")
+    return name, weights
+  if spec in CONFIGS:
+    raise ValueError(f"VAE {spec!r}: give its weights as {spec}:PATH (an LDM checkpoint, "
+                     ".pt/.ckpt or .safetensors)")
+  return None
+
+
+def read_ldm_state_dict(path: str) -> dict[str, np.ndarray]:
+  """An LDM AutoencoderKL checkpoint -> {key: float32 array}: .safetensors (numpy, no torch)
+  or a torch .pt/.ckpt (its 'state_dict' entry when it is a training checkpoint)."""
+  if not _isfile(path):
+    raise FileNotFoundError(f"VAE weights {path!r}: no such file")
+  if path.endswith(".safetensors"):
+    import safetensors.numpy  # pylint: disable=g-import-not-at-top
+    sd = safetensors.numpy.load(_read(path))
+  else:
+    try:
+      import torch  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      raise ImportError(f"{path}: reading a torch checkpoint needs torch; or convert it once to "
+                        ".safetensors (docs/latents.md)") from None
+    import io  # pylint: disable=g-import-not-at-top
+    try:
+      sd = torch.load(io.BytesIO(_read(path)), map_location="cpu", weights_only=True)
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f"{path}: not a weights-only torch checkpoint ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0] if str(e) else ''}); convert it once to "
+                       ".safetensors (docs/latents.md)") from None
+    if isinstance(sd, Mapping) and isinstance(sd.get("state_dict"), Mapping):
+      sd = sd["state_dict"]
+    sd = {k: v.float().numpy() for k, v in sd.items() if hasattr(v, "numpy")}
+  return {k: np.asarray(v, np.float32) for k, v in sd.items()}
+
+
 def _gfile():
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   return tf.io.gfile
@@ -459,7 +506,11 @@ def find_vae_dir(path: str) -> str:
 
 
 def load_config(path: str) -> dict:
-  """The diffusers config dict of the VAE folder `path` (local or gs://)."""
+  """The diffusers config dict of the VAE folder `path` (local or gs://), or of a named
+  VAE ("NAME:WEIGHTS")."""
+  spec = named(path)
+  if spec is not None:
+    return dict(CONFIGS[spec[0]])
   config_path = os.path.join(find_vae_dir(path), CONFIG_NAME)
   try:
     return json.loads(_read(config_path, "r"))
@@ -471,10 +522,15 @@ def load(path: str, **overrides: Any) -> tuple[AutoencoderKL, dict]:
   """Loads a diffusers AutoencoderKL folder (`config.json` + `diffusion_pytorch_model.safetensors`).
 
   `path` may be local or remote (gs://, through tf.io.gfile). The weights are read with safetensors' numpy backend, without PyTorch. `overrides` as in
-  `from_diffusers`. Returns (module, params).
+  `from_diffusers`. Returns (module, params). `path` may also be a named VAE "NAME:WEIGHTS"
+  (`named`), e.g. the VA-VAE's LDM checkpoint.
   """
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
 
+  spec = named(path)
+  if spec is not None:  # "NAME:WEIGHTS": a named config and its LDM checkpoint
+    logging.info("Loading VAE %s weights from %s", *spec)
+    return from_ldm(CONFIGS[spec[0]], read_ldm_state_dict(spec[1]), **overrides)
   d = find_vae_dir(path)
   config = load_config(d)
   candidates = [WEIGHTS_NAME, "diffusion_pytorch_model.fp16.safetensors"]
@@ -491,12 +547,15 @@ def to_uint8(x: Array) -> Array:
   return jnp.clip(127.5 * x + 128.0, 0.0, 255.0).astype(jnp.uint8)
 
 
-@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("scale_factor",))
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("scale_factor", "norm"))
 def decode_to_uint8(module: AutoencoderKL, params: Any, latents: Array,
-                    scale_factor: float = DEFAULT_SCALE_FACTOR) -> Array:
+                    scale_factor: float = DEFAULT_SCALE_FACTOR, norm: Any = None) -> Array:
   """Scaled latents [N, h, w, latent] (as the diffusion model sees them) -> uint8 images [N, H, W, 3].
 
-  Jitted with the module static; a sharded `latents` batch keeps its sharding.
+  `norm` (a dit_jax.latent_norm.LatentNorm, e.g. per-channel statistics) is undone in place of
+  the division by `scale_factor`. Jitted with the module static; a sharded `latents` batch
+  keeps its sharding.
   """
-  x = module.apply(params, latents / scale_factor, method=AutoencoderKL.decode)
+  z = norm.denormalize(latents) if norm is not None else latents / scale_factor
+  x = module.apply(params, z, method=AutoencoderKL.decode)
   return to_uint8(x)

@@ -4,6 +4,7 @@ the step (1 vs 8 devices, resume), the main job and dit-sample."""
 import os
 import subprocess
 import sys
+import time
 
 import flax.linen as nn
 import jax
@@ -13,7 +14,7 @@ import pytest
 
 from dit_jax import checkpointing, flow, guidance, models, objectives, step, train
 from dit_jax.objectives import meanflow
-from test_main_cli import ROOT, env
+from test_main_cli import ROOT, assert_same_params, env, main_cmd, steps_saved
 from test_train import digits_dir, final_params, tiny_config  # noqa: F401  (fixture)
 
 MU, S = 0.3, 0.6  # data x ~ N(MU, S^2) per element; noise e ~ N(0, 1); z_t = (1 - t) x + t e
@@ -183,12 +184,36 @@ def test_meanflow_step_on_8_devices_equals_1_and_resumes_exactly(digits_dir, tmp
   jax.tree.map(np.testing.assert_array_equal, (pa, ea), (pb, eb))
 
 
-def test_meanflow_main_job_and_one_step_cli(digits_dir, tmp_path):  # noqa: F811
+def test_meanflow_main_job_resumes_after_kill_9_and_samples_at_one_step(digits_dir,  # noqa: F811
+                                                                        tmp_path):
+  # dit_jax.main with the MeanFlow objective, killed (SIGKILL, possibly mid-save), resumed to
+  # the same parameters as an uninterrupted run, then sampled at 1 NFE by dit-sample.
   wd = str(tmp_path / "mf")
-  hist = train.train_and_evaluate(_mf_config(digits_dir, total_steps=2, **{
-      "sample.num_images": 8}), wd)
-  assert {"loss", "v_loss"} <= set(hist[2]) and np.isfinite(hist[2]["v_loss"])
-  assert os.path.exists(os.path.join(wd, "samples", "step_00000002.png"))
+  flags = ["--config.objective.name=meanflow", "--config.model.learn_sigma=False",
+           "--config.checkpoint.every_steps=2"]
+  p = subprocess.Popen(main_cmd(wd, digits_dir, "--config.total_steps=100000", *flags),
+                       cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 400
+  while time.time() < deadline and not [s for s in steps_saved(wd) if s >= 4]:
+    time.sleep(0.2)
+  p.kill()
+  p.wait()
+  saved = steps_saved(wd)
+  assert saved and saved[-1] >= 4, saved
+  total = saved[-1] + 2
+  resumed = subprocess.run(main_cmd(wd, digits_dir, f"--config.total_steps={total}",
+                                    "--config.sample.num_images=8",
+                                    f"--config.sample.every_steps={total}", *flags),
+                           cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"Resumed from step {saved[-1]}" in resumed.stderr
+  assert os.path.exists(os.path.join(wd, "samples", f"step_{total:08d}.png"))
+  ref = str(tmp_path / "ref")
+  hist = train.train_and_evaluate(_mf_config(digits_dir, total_steps=total, **{
+      "checkpoint.every_steps": 2}), ref)
+  assert {"loss", "v_loss"} <= set(hist[total]) and np.isfinite(hist[total]["v_loss"])
+  assert steps_saved(wd)[-1] == total
+  assert_same_params(wd, ref)
   meta = checkpointing.read_meta(wd)
   assert meta["objective"]["name"] == "meanflow" and meta["model_kwargs"]["h_embedder"]
   out = str(tmp_path / "s.npz")

@@ -313,8 +313,21 @@ def test_a_lightningdit_pt_converts_to_a_flow_checkpoint_that_samples(tmp_path):
   sd = _lightning_state_dict(1, True, True, False, True, True, False)
   path = str(tmp_path / 'lightningdit.pt')
   torch.save({'ema': sd, 'model': {k: v * 0 for k, v in sd.items()}}, path)  # EMA is read
+  # LightningDiT's latents_stats.pt: mean and std [1, C, 1, 1].
+  stats = str(tmp_path / 'latents_stats.pt')
+  mean, std = torch.linspace(-1, 1, C).view(1, C, 1, 1), torch.linspace(0.5, 2, C).view(1, C, 1, 1)
+  torch.save({'mean': mean, 'std': std}, stats)
   model, params = convert.convert_lightningdit(path, str(tmp_path / 'conv'), SIZE, CLASSES,
-                                               num_heads=HEADS)
+                                               num_heads=HEADS, latent_stats=stats)
+  norm = convert.converted_latent_norm(str(tmp_path / 'conv'))
+  np.testing.assert_allclose(norm.mean, mean.flatten().numpy(), rtol=1e-6)
+  np.testing.assert_allclose(norm.std, std.flatten().numpy(), rtol=1e-6)
+  assert norm.scale_factor == 1.0
+  torch.save({'mean': mean[:, :2], 'std': std[:, :2]}, stats)
+  with pytest.raises(ValueError, match=f"latents have {C} channels but the per-channel latent "
+                                       "statistics have 2"):
+    convert.convert_lightningdit(path, str(tmp_path / 'conv2'), SIZE, CLASSES, num_heads=HEADS,
+                                 latent_stats=stats)
   loaded, loaded_params = convert.load_converted(str(tmp_path / 'conv'))
   assert loaded == model and (loaded.mlp, loaded.norm, loaded.rope) == ('swiglu', 'rmsnorm', True)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded_params)):

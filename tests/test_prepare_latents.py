@@ -173,6 +173,68 @@ def test_vae_records_match_diffusers_encodings(tree, tmp_path):
       assert np.abs(got - want).max() < 1e-4 * np.abs(want).max()
 
 
+def test_named_ldm_vae_writes_per_channel_statistics_and_decodes(tree, tmp_path, monkeypatch):
+  # A VA-VAE-shaped LDM checkpoint (named config, LDM key names) at a CPU test's size.
+  import safetensors.numpy  # pylint: disable=import-outside-toplevel
+  from dit_jax import latent_norm, sampling, vae  # pylint: disable=import-outside-toplevel
+  from test_vae import _to_ldm_names  # pylint: disable=import-outside-toplevel
+  root, good = tree
+  config = dict(block_out_channels=(16, 16, 32), down_block_types=("DownEncoderBlock2D",) * 3,
+                up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=1, norm_num_groups=8,
+                latent_channels=8)
+  model = TorchAutoencoderKL(**config).eval()
+  g = torch.Generator().manual_seed(5)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      base = 1.0 if (p.ndim == 1 and "norm" in name and name.endswith("weight")) else 0.0
+      noise = torch.randn(p.shape, generator=g)
+      p.copy_(base + (0.2 * noise if p.ndim == 1 else noise / np.sqrt(np.prod(p.shape[1:]))))
+  sd = {k: v.numpy() for k, v in model.state_dict().items()}
+  weights = str(tmp_path / "tiny-vavae.safetensors")
+  safetensors.numpy.save_file({f"first_stage_model.{k}": np.ascontiguousarray(v)
+                               for k, v in _to_ldm_names(sd, 3).items()}, weights)
+  monkeypatch.setitem(vae.CONFIGS, "tiny_f4d8", {**config, "in_channels": 3, "out_channels": 3})
+  monkeypatch.setitem(vae.LATENT_NORMS, "tiny_f4d8", "channel")
+  out = str(tmp_path / "latents")
+  spec = f"tiny_f4d8:{weights}"
+  manifest = prepare_latents.prepare(root, spec, out, image_size=SIZE, batch_size=4,
+                                     shard_size=5, dtype="float32", precision="highest")
+  assert manifest["vae"] == "tiny_f4d8" and manifest["vae_path"] == spec
+  assert manifest["scale_factor"] == 1.0 and manifest["latent_shape"] == [4, 4, 8]
+  assert manifest["vae_weights_sha256"] == hashlib.sha256(open(weights, "rb").read()).hexdigest()
+
+  # The statistics: per channel, of posterior samples of every image and its flip, from
+  # diffusers' encoder (its posterior mean and variance) over the whole record set.
+  images = _expected_images(good)
+  both = np.concatenate([images, images[:, :, ::-1]])
+  with torch.no_grad():
+    post = model.encode(torch.from_numpy(np.ascontiguousarray(both.transpose(0, 3, 1, 2)))).latent_dist
+  mu, var = (v.numpy().transpose(0, 2, 3, 1).reshape(-1, 8) for v in (post.mean, post.var))
+  want_mean = mu.mean(0)
+  want_std = np.sqrt((mu ** 2 + var).mean(0) - want_mean ** 2)
+  stats = manifest["latent_stats"]
+  np.testing.assert_allclose(stats["mean"], want_mean, rtol=1e-3, atol=1e-4)
+  np.testing.assert_allclose(stats["std"], want_std, rtol=1e-3)
+
+  # Training reads that rule; decoding undoes it: diffusers' decoder of z = x * std + mean.
+  info = input_pipeline.get_info(out)
+  norm = latent_norm.of_data(info)
+  assert norm.per_channel and norm.same_as(latent_norm.from_record(manifest, out))
+  x = np.random.default_rng(4).normal(size=(2, 4, 4, 8)).astype(np.float32)
+  got = np.asarray(sampling.Decoder(info.manifest["vae_path"], norm)(x)).astype(int)
+  z = x * np.asarray(stats["std"], np.float32) + np.asarray(stats["mean"], np.float32)
+  with torch.no_grad():
+    ref = model.decode(torch.from_numpy(z.transpose(0, 3, 1, 2))).sample.numpy()
+  ref = np.clip(127.5 * ref.transpose(0, 2, 3, 1) + 128.0, 0, 255).astype(int)
+  assert np.abs(got - ref).max() <= 1
+  # Rewriting the manifest by the scale rule keeps the shards and drops the statistics.
+  again = prepare_latents.prepare(root, spec, out, image_size=SIZE, batch_size=4, shard_size=5,
+                                  dtype="float32", latent_norm_rule="scale")
+  assert "latent_stats" not in again and again["scale_factor"] == 0.18215
+  with pytest.raises(ValueError, match="give its weights as tiny_f4d8:PATH"):
+    prepare_latents.prepare(root, "tiny_f4d8", out, image_size=SIZE)
+
+
 def test_interrupted_run_resumes_without_duplicates(tree, tmp_path, monkeypatch):
   root, _ = tree
   kw = dict(image_size=SIZE, batch_size=8, shard_size=4)

@@ -159,7 +159,7 @@ class ProxySampler:
     """
     # pylint: disable=import-outside-toplevel
     import jax
-    from dit_jax import checkpointing, guidance, sampling
+    from dit_jax import checkpointing, guidance, latent_norm, sampling
     from dit_jax.evaluation import proxy
     p = self.preset
     dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -172,7 +172,8 @@ class ProxySampler:
       self._fn = guidance.make_sample_fn(
           objective, model, **p.sampler_kwargs(objective),
           guided=p.cfg_scale != 1.0, release_cfg=False, out_shardings=dev)
-    decoder = sampling.Decoder(meta.get("vae_path") or "identity", meta.get("scale_factor", 1.0))
+    decoder = sampling.Decoder(meta.get("vae_path") or "identity",
+                               latent_norm.from_record(meta, self.workdir))
     labels = np.arange(p.num_samples, dtype=np.int32) % model.num_classes
     images = np.concatenate([np.asarray(batch) for _, batch in sampling.sample_batches(
         self._fn, decoder, params, labels, batch_size=p.sample_batch,
