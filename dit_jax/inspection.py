@@ -1,6 +1,7 @@
 """`dit-inspect`: a look inside a trained DiT, as PNGs, JSON and TensorBoard images.
 
   dit-inspect --workdir=RUN --out=RUN/inspect [--step=N] [--queries=0,5] [--levels=0.9,0.5,0.1]
+      [--sampler=NAME --steps=K]
 
 From a checkpoint's EMA weights and held-out latents of its dataset (the records of
 meta["data"]["dir"], or --data), it writes:
@@ -14,10 +15,13 @@ meta["data"]["dir"], or --data), it writes:
 - adaln.png / adaln.json: per block, the mean |gate| and |scale| of the attention and MLP
   branches across noise levels (the modulations adaLN-Zero computes from t and y): which blocks
   each noise level uses;
-- trajectory.png / .json: for one held-out latent and one noise draw, x_t at each --levels
-  value along the objective's forward process and the model's one-call estimate of x0 from it
-  (ADM: from eps; flow: x_t + (1 - t) v on the linear path; EDM: the denoiser; MeanFlow:
-  x_t - t u): what each level's single network call recovers.
+- trajectory.png / .json: the objective's own sampler (--sampler, --steps; unguided, label
+  --label) from one noise draw, every network call it makes recorded: x_t at each call (top)
+  and the model's estimate of x0 from that call (bottom; ADM: from eps; flow: x_t + (1 - t) v
+  on the linear path; EDM: the denoiser; MeanFlow: x_t - t u(x_t, t, t)), at most 10 columns;
+- estimates.png / .json: for one held-out latent and one noise draw, x_t at each --levels
+  value along the objective's forward process and the model's one-call estimate of x0 from it:
+  what each level's single network call recovers from a real image.
 
 The attention maps come from `models.Attention`'s `attention_weights` (sown only when the
 'intermediates' collection is mutable, so training is unchanged), the adaLN statistics from
@@ -95,10 +99,7 @@ def noisy_and_estimate(objective: Any, apply: Any, x0: jax.Array, noise: jax.Arr
     eps = apply(xt, t, y)[..., :c]
     return xt, (xt - np.sqrt(1.0 - abar) * eps) / np.sqrt(abar)
   if name == "flow":
-    tr = objective.transport
-    if tr.path.name != "Linear" or tr.prediction != "velocity":
-      raise ValueError("dit-inspect's trajectory: flow on the Linear path with velocity "
-                       f"prediction only (this one: {tr.path.name}, {tr.prediction})")
+    _check_linear_velocity(objective)
     s = float(t[0])
     xt = s * x0 + (1.0 - s) * noise
     if getattr(objective, "network_time", "sit") == "repa":  # REPA's time: 1 - t, -v
@@ -119,6 +120,76 @@ def noisy_and_estimate(objective: Any, apply: Any, x0: jax.Array, noise: jax.Arr
     u = apply(xt, t, y, h=jnp.zeros_like(t))[..., :c]
     return xt, xt - s * u
   raise ValueError(f"dit-inspect: no trajectory for the {name} objective")
+
+
+def estimate_from_call(objective: Any, x: np.ndarray, t: np.ndarray, out: np.ndarray,
+                       channels: int) -> tuple[np.ndarray, np.ndarray, float]:
+  """(x_t, x0 estimate, level 0 data .. 1 noise) of one network call that a sampler made, from
+  what the network saw (x, t) and returned (out); MeanFlow's estimate needs its own call
+  (`sampler_trajectory`)."""
+  eps_or_v = out[..., :channels]
+  name = objective.name
+  if name == "adm":
+    abar = float(np.cumprod(1.0 - _betas(objective))[int(t[0])])
+    x0 = (x - np.sqrt(1.0 - abar) * eps_or_v) / np.sqrt(abar)
+    return x, x0, float(t[0]) / (objective.steps - 1)
+  if name == "flow":
+    _check_linear_velocity(objective)
+    if getattr(objective, "network_time", "sit") == "repa":  # REPA's time: 1 - t, -v
+      s, v = 1.0 - float(t[0]), -eps_or_v
+    else:
+      s, v = float(t[0]), eps_or_v
+    return x, x + (1.0 - s) * v, 1.0 - s
+  if name == "edm":
+    from dit_jax.objectives import edm  # pylint: disable=import-outside-toplevel
+    sigma = np.exp(4.0 * np.asarray(t, np.float64) / objective.time_scale).astype(np.float32)
+    c_skip, c_out, c_in, _ = (np.asarray(c).reshape(-1, 1, 1, 1)
+                              for c in edm.precondition(sigma, objective.sigma_data))
+    xt = x / c_in  # the network saw c_in * x_t
+    lo, hi = np.log(edm.SIGMA_MIN), np.log(edm.SIGMA_MAX)
+    return xt, c_skip * xt + c_out * eps_or_v, float((np.log(sigma[0]) - lo) / (hi - lo))
+  raise ValueError(f"dit-inspect: no estimate from a {name} call")
+
+
+def sampler_trajectory(objective: Any, apply: Any, noise: jax.Array, y: jax.Array,
+                       sampler: str | None = None, steps: int | None = None,
+                       key: jax.Array | None = None) -> tuple[np.ndarray, list[dict]]:
+  """The objective's own sampler (unguided) from `noise`, with every network call it makes
+  recorded: (the sample, [{'level', 'x_t', 'x0'} per call, in call order]). x0 is the model's
+  estimate of the data from that call's x_t (MeanFlow: x_t - t u(x_t, t, h = t), one more call
+  per step). apply(x, t, y, **kw) is the DiT."""
+  calls = []
+  c = noise.shape[-1]
+
+  def record(x, t, out, h):
+    calls.append((np.asarray(x), np.asarray(t), np.asarray(out), np.asarray(h)))
+
+  def model_fn(x, t, yy=None, **kw):
+    kw.pop("force_drop_ids", None)
+    out = apply(x, t, y if yy is None else yy, **kw)
+    jax.debug.callback(record, x, t, out, kw.get("h", jnp.zeros_like(t)), ordered=True)
+    return out
+  final = objective.sample(model_fn, noise, key if key is not None else jax.random.PRNGKey(0),
+                           sampler=sampler, steps=steps)
+  final = np.asarray(jax.block_until_ready(final))
+  jax.effects_barrier()
+  out = []
+  for x, t, o, _ in calls:
+    if objective.name == "meanflow":
+      tt = jnp.asarray(t)
+      u = np.asarray(apply(jnp.asarray(x), tt, y, h=tt))[..., :c]
+      out.append({"level": float(t[0]), "x_t": x, "x0": x - float(t[0]) * u})
+    else:
+      xt, x0, level = estimate_from_call(objective, x, t, o, c)
+      out.append({"level": level, "x_t": xt, "x0": x0})
+  return final, out
+
+
+def _check_linear_velocity(objective: Any) -> None:
+  tr = objective.transport
+  if tr.path.name != "Linear" or tr.prediction != "velocity":
+    raise ValueError("dit-inspect's trajectory: flow on the Linear path with velocity "
+                     f"prediction only (this one: {tr.path.name}, {tr.prediction})")
 
 
 def _betas(objective: Any) -> np.ndarray:
@@ -187,7 +258,8 @@ def _bar_png(values: Sequence[float], height: int = 64) -> np.ndarray:
 
 def inspect(workdir: str, out: str, step: int | None = None, data: str = "",
             queries: Sequence[int] = (0,), levels: Sequence[float] = (0.9, 0.5, 0.1),
-            num_examples: int = 256, label: int = 0, seed: int = 0) -> dict:
+            num_examples: int = 256, label: int = 0, seed: int = 0,
+            sampler: str | None = None, steps: int | None = 10) -> dict:
   """Writes the pictures and JSON of the module docstring into `out`; returns the JSON dict."""
   from dit_jax import input_pipeline  # pylint: disable=import-outside-toplevel
   dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -244,8 +316,25 @@ def inspect(workdir: str, out: str, step: int | None = None, data: str = "",
              for layer in range(w.shape[0]) for head in range(w.shape[1])]
       attn_rows.append(np.concatenate(row, axis=1))
   result["attention"], result["adaln"] = attention, adaln
-  image_io.save_png(os.path.join(out, "trajectory.png"),
+  image_io.save_png(os.path.join(out, "estimates.png"),
                     _upscale(np.concatenate(strip, axis=1), 64 * len(levels)))
+
+  # The sampler's own trajectory from one noise draw, every network call recorded.
+  final, calls = sampler_trajectory(objective, apply, noise, y1, sampler, steps,
+                                    jax.random.PRNGKey(seed + 11))
+  shown = sorted(set(np.linspace(0, len(calls) - 1, min(len(calls), 10)).round().astype(int)))
+  columns = []
+  for i in shown:
+    images = np.asarray(decode(jnp.concatenate([jnp.asarray(calls[i]["x_t"]),
+                                                jnp.asarray(calls[i]["x0"])])))
+    columns.append(np.concatenate([images[0], images[1]], axis=0))
+  sample = np.asarray(decode(jnp.asarray(final)))[0]
+  columns.append(np.concatenate([sample, sample], axis=0))  # the sampler's output
+  image_io.save_png(os.path.join(out, "trajectory.png"),
+                    _upscale(np.concatenate(columns, axis=1), 64 * len(columns)))
+  result["trajectory"] = {"sampler": sampler or "default", "steps": steps,
+                          "calls": len(calls), "levels": [c["level"] for c in calls],
+                          "shown": [int(i) for i in shown]}
   image_io.save_png(os.path.join(out, "attention.png"), np.concatenate(attn_rows, axis=0))
   bars = [_bar_png([adaln[str(l)][k][b] for b in range(model.depth)])
           for l in levels for k in sorted(adaln[str(levels[0])])]
@@ -253,9 +342,13 @@ def inspect(workdir: str, out: str, step: int | None = None, data: str = "",
   for name in ("loss_by_level", "attention", "adaln"):
     with open(os.path.join(out, f"{name}.json"), "w") as f:
       json.dump({k: result[k] for k in ("step", "objective", name)}, f)
-  with open(os.path.join(out, "trajectory.json"), "w") as f:
+  with open(os.path.join(out, "estimates.json"), "w") as f:
     json.dump({"step": result["step"], "levels": result["levels"],
                "note": "each column: x_t (top) and the model's one-call x0 estimate (bottom)"}, f)
+  with open(os.path.join(out, "trajectory.json"), "w") as f:
+    json.dump({"step": result["step"], **result["trajectory"],
+               "note": "each column: a network call of the sampler, x_t (top) and the model's "
+                       "x0 estimate from it (bottom); the last column is the sample"}, f)
   _to_tensorboard(out, result["step"])
   return result
 
@@ -274,7 +367,7 @@ def _to_tensorboard(out: str, step: int) -> None:
   from PIL import Image  # pylint: disable=import-outside-toplevel
   writer = metric_writers.create_default_writer(out, just_logging=False)
   images = {name: np.asarray(Image.open(os.path.join(out, f"{name}.png")).convert("RGB"))[None]
-            for name in ("attention", "loss_by_level", "adaln", "trajectory")}
+            for name in ("attention", "loss_by_level", "adaln", "trajectory", "estimates")}
   writer.write_images(step, images)
   writer.flush()
 
@@ -285,10 +378,11 @@ def main(argv: Sequence[str]) -> None:
   f = flags.FLAGS
   result = inspect(f.workdir, f.out or os.path.join(f.workdir, "inspect"), f.step, f.data,
                    [int(q) for q in f.queries], [float(x) for x in f.levels],
-                   f.num_examples, f.label)
+                   f.num_examples, f.label, sampler=f.sampler or None, steps=f.steps)
   worst = max(result["loss_by_level"], key=lambda b: b["loss"])
   print(f"wrote {f.out or os.path.join(f.workdir, 'inspect')}: attention, loss_by_level, adaln, "
-        f"trajectory (.png, .json, TensorBoard) of step {result['step']}; the highest loss is at "
+        f"trajectory ({result['trajectory']['calls']} network calls), estimates (.png, .json, "
+        f"TensorBoard) of step {result['step']}; the highest loss is at "
         f"levels {worst['level_lo']:.3g}..{worst['level_hi']:.3g} ({worst['loss']:.4g})")
 
 
@@ -303,7 +397,10 @@ def run() -> None:
   flags.DEFINE_list("queries", ["0"], "Query tokens of the attention maps (raster order).")
   flags.DEFINE_list("levels", ["0.9", "0.5", "0.1"], "Noise levels: 0 data, 1 noise.")
   flags.DEFINE_integer("num_examples", 256, "Held-out latents for the loss by level.")
-  flags.DEFINE_integer("label", 0, "Class of the example traced through the levels.")
+  flags.DEFINE_integer("label", 0, "Class of the example traced through the levels, and of "
+                       "the sampler's trajectory.")
+  flags.DEFINE_string("sampler", "", "The trajectory's sampler (default: the objective's).")
+  flags.DEFINE_integer("steps", 10, "The trajectory's sampler steps.")
   flags.mark_flags_as_required(["workdir"])
   runtime.run(main)
 
