@@ -332,9 +332,13 @@ def inspect(workdir: str, out: str, step: int | None = None, data: str = "",
   columns.append(np.concatenate([sample, sample], axis=0))  # the sampler's output
   image_io.save_png(os.path.join(out, "trajectory.png"),
                     _upscale(np.concatenate(columns, axis=1), 64 * len(columns)))
+  norm = float(np.linalg.norm(final)) or 1.0
   result["trajectory"] = {"sampler": sampler or "default", "steps": steps,
                           "calls": len(calls), "levels": [c["level"] for c in calls],
-                          "shown": [int(i) for i in shown]}
+                          "shown": [int(i) for i in shown],
+                          # How far each call's estimate is from where the sampler ends.
+                          "x0_to_sample": [float(np.linalg.norm(c["x0"] - final)) / norm
+                                           for c in calls]}
   image_io.save_png(os.path.join(out, "attention.png"), np.concatenate(attn_rows, axis=0))
   bars = [_bar_png([adaln[str(l)][k][b] for b in range(model.depth)])
           for l in levels for k in sorted(adaln[str(levels[0])])]

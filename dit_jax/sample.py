@@ -114,6 +114,18 @@ def load_model(mesh) -> tuple[models.DiT, dict, dict]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  # The flags that need no checkpoint are checked before one is read.
+  try:
+    attention.check_implementation(FLAGS.attention_impl)
+  except ValueError as e:
+    raise app.UsageError(f"--attention_impl: {e}") from None
+  try:
+    extra = objectives.parse_options(FLAGS.sampler_options)
+  except ValueError as e:
+    raise app.UsageError(f"--sampler_options: {e}") from None
+  if ((FLAGS.respacing or extra.get("respacing"))
+      and (FLAGS.steps is not None or FLAGS["sampler"].present)):
+    raise app.UsageError("--respacing replaces --sampler/--steps: pass one or the other")
   runtime.setup()
   if FLAGS.compilation_cache_dir or FLAGS.workdir:
     runtime.enable_compilation_cache(
@@ -122,10 +134,6 @@ def main(argv):
   mesh = sharding.create_mesh(-1, 1)
   batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
   model, params, meta = load_model(mesh)
-  try:
-    attention.check_implementation(FLAGS.attention_impl)
-  except ValueError as e:
-    raise app.UsageError(f"--attention_impl: {e}") from None
   tokens = (model.input_size // model.patch_size) ** 2
   model = model.clone(attention_impl=attention.resolve_for(
       FLAGS.attention_impl, model.dtype, jax.default_backend(), tokens))
@@ -137,13 +145,6 @@ def main(argv):
     sampling.check_batch(model, FLAGS.cfg_scale, bs, mesh.size, ("--cfg_scale", "--batch_size"))
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  try:
-    extra = objectives.parse_options(FLAGS.sampler_options)
-  except ValueError as e:
-    raise app.UsageError(f"--sampler_options: {e}") from None
-  if ((FLAGS.respacing or extra.get("respacing"))
-      and (FLAGS.steps is not None or FLAGS["sampler"].present)):
-    raise app.UsageError("--respacing replaces --sampler/--steps: pass one or the other")
   objective = objectives.from_meta(meta)
   if FLAGS.sampler and FLAGS.sampler not in objective.samplers:
     raise app.UsageError(f"--sampler={FLAGS.sampler}: the checkpoint was trained with the "
