@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import re
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn

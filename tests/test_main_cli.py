@@ -131,18 +131,26 @@ def test_sigint_after_a_log_line_saves_within_2_steps(digits_dir, tmp_path):  # 
   assert saved[0] < 200 and not os.path.exists(os.path.join(wd, "lock.json"))
 
 
-def test_kill_9_resumes_with_nothing_lost(digits_dir, tmp_path):  # noqa: F811
-  wd = str(tmp_path / "run")
-  p = subprocess.Popen(main_cmd(wd, digits_dir, "--config.total_steps=100000",
-                                "--config.checkpoint.every_steps=2"),
+def kill_9_after_step_4(wd, data, *flags):
+  """Runs dit_jax.main with `flags` (checkpoints every 2 steps) until a checkpoint of step 4 or
+  later exists, kills it with SIGKILL (possibly in the middle of writing a checkpoint) and
+  returns the steps saved."""
+  p = subprocess.Popen(main_cmd(wd, data, "--config.total_steps=100000",
+                                "--config.checkpoint.every_steps=2", *flags),
                        cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 400
   while time.time() < deadline and not [s for s in steps_saved(wd) if s >= 4]:
     time.sleep(0.2)
-  p.kill()  # SIGKILL, possibly in the middle of writing a checkpoint
+  p.kill()
   p.wait()
   saved = steps_saved(wd)
   assert saved and saved[-1] >= 4, saved
+  return saved
+
+
+def test_kill_9_resumes_with_nothing_lost(digits_dir, tmp_path):  # noqa: F811
+  wd = str(tmp_path / "run")
+  saved = kill_9_after_step_4(wd, digits_dir)
   total = saved[-1] + 3
   resumed = subprocess.run(main_cmd(wd, digits_dir, f"--config.total_steps={total}",
                                     "--config.checkpoint.every_steps=2"),

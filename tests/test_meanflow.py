@@ -4,7 +4,6 @@ the step (1 vs 8 devices, resume), the main job and dit-sample."""
 import os
 import subprocess
 import sys
-import time
 
 import flax.linen as nn
 import jax
@@ -14,7 +13,7 @@ import pytest
 
 from dit_jax import checkpointing, flow, guidance, models, objectives, step, train
 from dit_jax.objectives import meanflow
-from test_main_cli import ROOT, env, main_cmd, steps_saved
+from test_main_cli import ROOT, env, kill_9_after_step_4, main_cmd, steps_saved
 from test_train import digits_dir, final_params, tiny_config  # noqa: F401  (fixture)
 
 MU, S = 0.3, 0.6  # data x ~ N(MU, S^2) per element; noise e ~ N(0, 1); z_t = (1 - t) x + t e
@@ -186,15 +185,7 @@ def test_meanflow_main_job_resumes_after_kill_9_and_samples_at_one_step(digits_d
   wd = str(tmp_path / "mf")
   flags = ["--config.objective.name=meanflow", "--config.model.learn_sigma=False",
            "--config.checkpoint.every_steps=2"]
-  p = subprocess.Popen(main_cmd(wd, digits_dir, "--config.total_steps=100000", *flags),
-                       cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + 400
-  while time.time() < deadline and not [s for s in steps_saved(wd) if s >= 4]:
-    time.sleep(0.2)
-  p.kill()
-  p.wait()
-  saved = steps_saved(wd)
-  assert saved and saved[-1] >= 4, saved
+  saved = kill_9_after_step_4(wd, digits_dir, *flags)
   total = saved[-1] + 2
   resumed = subprocess.run(main_cmd(wd, digits_dir, f"--config.total_steps={total}",
                                     "--config.sample.num_images=8",

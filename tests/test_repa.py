@@ -4,7 +4,6 @@ their latents, the REPA step on 8 devices against 1, and REPA through dit_jax.ma
 
 import os
 import subprocess
-import time
 
 import flax.linen as nn
 import jax
@@ -16,7 +15,7 @@ import torch
 from dit_jax import (checkpointing, convert, guidance, input_pipeline, models, repa, step,
                      train)
 from dit_jax.encoders import digits_teacher
-from test_main_cli import ROOT, env, main_cmd, steps_saved
+from test_main_cli import ROOT, env, kill_9_after_step_4, main_cmd, steps_saved
 from test_convert import _reference as _dit_reference
 from test_train import final_params, tiny_config
 
@@ -240,15 +239,7 @@ def test_repa_through_main_resumes_after_kill_9_and_samples(images_dir, teacher,
            f"--config.repa.encoder_path={teacher}", "--config.repa.projector_hidden=32",
            "--config.checkpoint.every_steps=2"]
   wd = str(tmp_path / "run")
-  p = subprocess.Popen(main_cmd(wd, images_dir, "--config.total_steps=100000", *flags),
-                       cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + 400
-  while time.time() < deadline and not [s for s in steps_saved(wd) if s >= 4]:
-    time.sleep(0.2)
-  p.kill()
-  p.wait()
-  saved = steps_saved(wd)
-  assert saved and saved[-1] >= 4, saved
+  saved = kill_9_after_step_4(wd, images_dir, *flags)
   total = saved[-1] + 3
   resumed = subprocess.run(main_cmd(wd, images_dir, f"--config.total_steps={total}", *flags),
                            cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
