@@ -50,7 +50,9 @@ setup(
         # torch and then breaks diffusers' imports. README's test command installs it --no-deps.
         # transformers: the DINOv2 reference of dit_jax.encoders (REPA's encoder).
         # torchdiffeq: SiT's ODE solver, the reference of the flow samplers' heun2 and dopri5.
-        "test": ["pytest", "torch==2.13.0", "diffusers", "transformers", "jax[tpu]", "torchdiffeq"],
+        # pytest-xdist: the suite runs in 2 worker processes (README's `-n 2`).
+        "test": ["pytest", "pytest-xdist", "torch==2.13.0", "diffusers", "transformers", "jax[tpu]",
+                 "torchdiffeq"],
         # Reading the released .pt checkpoints (dit_jax.convert) and Inception weights.
         "torch": ["torch"],
         # TPU VMs, and AOT compilation for TPU topologies on any machine (python -m dit_jax.aot).

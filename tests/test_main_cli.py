@@ -43,11 +43,13 @@ def steps_saved(workdir):
 
 
 def assert_same_params(a, b):
+  """The newest parameters and EMA of workdirs a and b are equal bit for bit (the same program
+  on the same devices, interrupted and resumed or not)."""
   _, pa, ea = final_params(a)
   _, pb, eb = final_params(b)
   for x, y in ((pa, pb), (ea, eb)):
     for u, v in zip(__import__("jax").tree.leaves(x), __import__("jax").tree.leaves(y)):
-      np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-7)
+      np.testing.assert_array_equal(u, v)
 
 
 def test_sigterm_saves_and_resumes(digits_dir, tmp_path):  # noqa: F811

@@ -13,7 +13,8 @@ import pytest
 
 from dit_jax import checkpointing, flow, guidance, models, objectives, step, train
 from dit_jax.objectives import meanflow
-from test_main_cli import ROOT, env, kill_9_after_step_4, main_cmd, steps_saved
+from test_main_cli import (ROOT, assert_same_params, env, kill_9_after_step_4, main_cmd,
+                           steps_saved)
 from test_train import digits_dir, final_params, tiny_config  # noqa: F401  (fixture)
 
 MU, S = 0.3, 0.6  # data x ~ N(MU, S^2) per element; noise e ~ N(0, 1); z_t = (1 - t) x + t e
@@ -199,10 +200,7 @@ def test_meanflow_main_job_resumes_after_kill_9_and_samples_at_one_step(digits_d
       "checkpoint.every_steps": 2}), ref)
   assert {"loss", "v_loss"} <= set(hist[total]) and np.isfinite(hist[total]["v_loss"])
   assert steps_saved(wd)[-1] == total
-  # Bit for bit: the same program on the same 8 devices, resumed or straight.
-  _, pa, ea = final_params(wd)
-  _, pb, eb = final_params(ref)
-  jax.tree.map(np.testing.assert_array_equal, (pa, ea), (pb, eb))
+  assert_same_params(wd, ref)
   meta = checkpointing.read_meta(wd)
   assert meta["objective"]["name"] == "meanflow" and meta["model_kwargs"]["h_embedder"]
   out = str(tmp_path / "s.npz")
