@@ -161,20 +161,20 @@ def sampler_trajectory(objective: Any, apply: Any, noise: jax.Array, y: jax.Arra
   calls = []
   c = noise.shape[-1]
 
-  def record(x, t, out, h):
-    calls.append((np.asarray(x), np.asarray(t), np.asarray(out), np.asarray(h)))
+  def record(x, t, out):
+    calls.append((np.asarray(x), np.asarray(t), np.asarray(out)))
 
   def model_fn(x, t, yy=None, **kw):
     kw.pop("force_drop_ids", None)
     out = apply(x, t, y if yy is None else yy, **kw)
-    jax.debug.callback(record, x, t, out, kw.get("h", jnp.zeros_like(t)), ordered=True)
+    jax.debug.callback(record, x, t, out, ordered=True)
     return out
   final = objective.sample(model_fn, noise, key if key is not None else jax.random.PRNGKey(0),
                            sampler=sampler, steps=steps)
   final = np.asarray(jax.block_until_ready(final))
   jax.effects_barrier()
   out = []
-  for x, t, o, _ in calls:
+  for x, t, o in calls:
     if objective.name == "meanflow":
       tt = jnp.asarray(t)
       u = np.asarray(apply(jnp.asarray(x), tt, y, h=tt))[..., :c]
