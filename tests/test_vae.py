@@ -205,12 +205,24 @@ def _to_ldm_names(sd: dict, levels: int) -> dict:
   return out
 
 
-def test_vavae_ldm_checkpoint_matches_diffusers():
+def test_vavae_ldm_checkpoint_matches_diffusers(tmp_path):
   from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint  # pylint: disable=import-outside-toplevel
+  import safetensors.numpy  # pylint: disable=import-outside-toplevel
   model = _random_torch_vae(VAVAE_SMALL, seed=3)
   sd = _state_dict(model)
   ldm = {f"first_stage_model.{k}": v for k, v in _to_ldm_names(sd, 5).items()}
-  ldm["loss.logvar"] = np.zeros(())  # the training loss's entries are dropped
+  ldm["loss.logvar"] = np.zeros((), np.float32)  # the training loss's entries are dropped
+  # The checkpoint files a named VAE reads: a Lightning-style .pt ({'state_dict': ...}) and a
+  # .safetensors of the same keys give the same arrays.
+  pt, st = str(tmp_path / "vavae.pt"), str(tmp_path / "vavae.safetensors")
+  torch.save({"state_dict": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in ldm.items()},
+              "global_step": 7}, pt)
+  safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in ldm.items()}, st)
+  for path in (pt, st):
+    read = vae.read_ldm_state_dict(path)
+    assert set(read) == set(ldm)
+    for k, v in ldm.items():
+      np.testing.assert_array_equal(read[k], v, err_msg=f"{path}: {k}")
   # diffusers' own LDM conversion gives back the diffusers weights: the LDM names are right.
   back = convert_ldm_vae_checkpoint({k: torch.from_numpy(np.asarray(v)) for k, v in ldm.items()},
                                     dict(model.config))
